@@ -1,0 +1,40 @@
+r"""The main job: a small version of every experiment, written up as one report.
+
+  python experiments/demo.py --workdir=/tmp/curvopt_demo                 # default, < 10 min on 2 cores
+  python experiments/demo.py --workdir=/tmp/demo --config=configs/demo.py:smoke   # seconds, for tests
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _load_config(name: str, arg: str) -> ml_collections.ConfigDict:
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'curvopt_configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
+  if arg not in ('default', 'smoke'):
+    raise ValueError(f"unknown configs/demo.py variant {arg!r}; valid: ['default', 'smoke']")
+  config = ml_collections.ConfigDict()
+  # LM section: the tiny decoder on the code corpus, once per optimizer below.
+  config.lm = _load_config('lm', 'tiny')
+  config.lm.total_steps = 300
+  config.lm.eval_every = 50
+  config.lm.checkpoint.every = 100
+  config.lm_runs = ml_collections.ConfigDict({
+      'adamw': {'name': 'adamw', 'learning_rate': 3e-3},
+      'optax_muon': {'name': 'optax_muon', 'learning_rate': 0.02, 'adam_learning_rate': 3e-3},
+  })
+  if arg == 'smoke':
+    config.lm.model.update(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64)
+    config.lm.data.name = 'code_corpus/mini'
+    config.lm.data.update(batch_size=8, seq_len=32, eval_batches=1)
+    config.lm.update(total_steps=6, log_every=2, eval_every=3)
+    config.lm.schedule.warmup_steps = 2
+    config.lm.checkpoint.every = 3
+  return config

@@ -1,0 +1,23 @@
+"""Reference LLaMA-style decoder (flax.linen) for the experiments and tests."""
+
+from curvopt.models._attention import causal_padding_mask
+from curvopt.models._attention import dot_product_attention
+from curvopt.models._cache import init_cache
+from curvopt.models._config import DecoderConfig
+from curvopt.models._config import model_config
+from curvopt.models._config import PRESET_NAMES
+from curvopt.models._decoder import Decoder
+from curvopt.models._params import count_params
+from curvopt.models._rope import positions_from_mask
+
+__all__ = (
+    'DecoderConfig',
+    'Decoder',
+    'PRESET_NAMES',
+    'causal_padding_mask',
+    'count_params',
+    'dot_product_attention',
+    'init_cache',
+    'model_config',
+    'positions_from_mask',
+)

@@ -1,0 +1,563 @@
+"""LANTON: noise-adaptive layerwise learning rates on LMO steps.
+
+Spec: shared/specs/lanton.md. Per step t and leaf l of group g:
+  B_t = b1 B_{t-1} + (1 - b1) G_t                       (momentum)
+  O_t = LMO_l(B_t)                                      (direction)
+  D_t = G_t - G~_t                                      (noise sample)
+  H_t = b2 H_{t-1} + (1 - b2) dual_norm_l(D_t)^2        (noise estimate)
+  s_t = mapping({H^_t^j : j in g})_l                    (group reduction)
+  X_{t+1} = X_t + eta_t s_t O_t - eta_t s_t wd X_t
+G~ is the previous step's gradient (noise='previous', default; no sample at
+t = 1) or a second, independent minibatch gradient passed to `update` as the
+extra argument `noise_grads` (noise='independent'). The mapping sees the
+bias-corrected H^ = H / (1 - b2^n), n = number of samples the leaf has had;
+until every leaf of a group has a sample, the group's scales are 1.
+`scale_by_lanton` returns s_t (-O_t + wd X_t); `lanton` chains it with the
+learning rate and gives vector leaves to AdamW (or to the bias_rms LMO).
+"""
+
+import collections
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvopt.optim import _batched
+from curvopt.optim import _groups
+from curvopt.optim import _lmo
+from curvopt.optim import _mapping
+from curvopt.optim import _matrix
+from curvopt.optim import _newton_schulz
+from curvopt.optim import _paths
+
+NOISE_OPTIONS = ('previous', 'independent')
+VECTOR_OPTIONS = ('adamw', 'bias_rms')
+DEFAULT_GROUP_LMOS = {
+    _groups.HIDDEN: 'spectral',
+    _groups.EMBED_HEAD: 'sign',
+    _groups.VECTOR: 'bias_rms',
+}
+
+
+class ScaleByLantonState(NamedTuple):
+  """State of `scale_by_lanton`; per-leaf scalars are float32 / int32."""
+  count: jax.Array  # steps taken (int32 scalar)
+  momentum: Any  # B, like the params
+  prev_grad: Any  # G_{t-1} (noise='previous'); () for noise='independent'
+  noise: Any  # H per leaf: EMA of the squared dual norm of noise samples
+  noise_count: Any  # noise samples per leaf (int32)
+  lr_scale: Any  # s per leaf used by the last step
+
+
+class _Leaf(NamedTuple):
+  path: tuple[Any, ...]
+  group: str
+  lmo: _lmo.LMO
+  view: _matrix.MatrixView | None  # matrix LMOs only
+
+
+def scale_by_lanton(
+    *,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    nesterov: bool = False,
+    noise: str = 'previous',
+    mapping: str | _mapping.Mapping = 'min_ratio',
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    group_lmos: Mapping[str, str | _lmo.LMO] | None = None,
+    group_lr_scales: Mapping[str, float] | None = None,
+    param_labels: _groups.LabelSpec = None,
+    weight_dimension_numbers: _matrix.DimSpec = None,
+    ns_steps: int = 5,
+    ns_coeffs: _newton_schulz.Coeffs = _newton_schulz.DEFAULT_NS_COEFFS,
+    ns_dtype: Any = 'auto',
+    ns_eps: float = 1e-8,
+    noise_ns_steps: int | None = None,
+    noise_every: int = 1,
+    polar: str = 'newton_schulz',
+    ns_sharding: str = 'batch',
+    mu_dtype: Any = None,
+    noise_buffer_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """The LANTON direction, scaled per layer by its group's noise mapping.
+
+  Every leaf it receives must have a group label (see `param_groups`) whose
+  LMO is in `group_lmos`. Its output, multiplied by -learning_rate (e.g. by
+  `optax.scale_by_learning_rate`), is the spec's update.
+
+  Args:
+    b1: momentum decay.
+    b2: decay of the noise estimate H.
+    nesterov: step along b1 B_t + (1 - b1) G_t instead of B_t.
+    noise: 'previous' (G~ = previous gradient; one extra buffer) or
+      'independent' (G~ passed as `update(..., noise_grads=tree)`, a gradient
+      at the same parameters from an independent minibatch).
+    mapping: 'min_ratio' (default), 'mean_ratio' or a callable h_N -> s_N
+      applied to each group's bias-corrected H on every step.
+    weight_decay: decoupled weight decay, scaled by the layer's s (and by the
+      learning rate downstream).
+    weight_decay_mask: None (all leaves), or a bool tree / callable
+      params -> bool tree (full or masked tree).
+    group_lmos: LMO (name or `LMO`) per group; defaults: hidden 'spectral',
+      embed_head 'sign', vector 'bias_rms'.
+    group_lr_scales: constant learning-rate multiplier per group (default 1
+      everywhere, as in the spec).
+    param_labels: None (`param_groups`), a callable params -> labels or a
+      label tree (full or masked).
+    weight_dimension_numbers: matrix view of n-D leaves for matrix LMOs (see
+      `scale_by_dmuon`).
+    ns_steps, ns_coeffs, ns_dtype, ns_eps: Newton-Schulz options of the
+      spectral LMO when it is given by name.
+    noise_ns_steps: Newton-Schulz steps of the nuclear-norm estimate
+      <D, NS(D)> (None: ns_steps). With the same steps and noise_every=1, the
+      noise matrices share the directions' batched Newton-Schulz calls.
+    noise_every: take each spectral leaf's noise sample every k steps; the
+      spectral leaves are split into k round-robin buckets (a 1/k share of
+      every shape) so that each step costs the same. Cheap LMOs' samples are
+      taken on every step.
+    polar: 'newton_schulz' or 'svd' (exact, slow) for the spectral LMO.
+    ns_sharding: 'batch', 'replicated' or 'none' (see `orthogonalize_many`).
+    mu_dtype: momentum dtype (None: like the params).
+    noise_buffer_dtype: dtype of the previous-gradient buffer (None: like
+      the params).
+
+  Returns:
+    An optax.GradientTransformationExtraArgs; its update accepts the extra
+    keyword argument `noise_grads`.
+  """
+  if noise not in NOISE_OPTIONS:
+    raise ValueError(f'unknown noise option {noise!r}; valid: {NOISE_OPTIONS}')
+  if not isinstance(noise_every, int) or noise_every < 1:
+    raise ValueError(f'noise_every must be an int >= 1, got {noise_every!r}')
+  map_fn = _mapping.as_mapping(mapping)
+  lmos = _resolve_lmos(group_lmos, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
+                       ns_dtype=ns_dtype, ns_eps=ns_eps, polar=polar)
+  lr_scales = dict(group_lr_scales or {})
+  unknown = set(lr_scales) - set(_groups.GROUPS)
+  if unknown:
+    raise ValueError(f'group_lr_scales has unknown groups {sorted(unknown)}; '
+                     f'valid: {list(_groups.GROUPS)}')
+  _batched.check_options(polar=polar, ns_sharding=ns_sharding)
+  mu_dtype = jnp.dtype(mu_dtype) if mu_dtype is not None else None
+  noise_buffer_dtype = (jnp.dtype(noise_buffer_dtype)
+                        if noise_buffer_dtype is not None else None)
+
+  def plan(tree) -> list[_Leaf]:
+    labeled = _groups.resolve_labels(tree, param_labels)
+    leaves = [x for _, x in _paths.leaves_with_paths(tree)]
+    matrix_paths = [p for (p, g) in labeled if lmos[g].matrix]
+    dims = dict(zip(matrix_paths, _matrix.resolve_dimension_numbers(
+        tree, weight_dimension_numbers, matrix_paths)))
+    out = []
+    for (path, group), x in zip(labeled, leaves):
+      lmo = lmos[group]
+      view = None
+      if lmo.matrix:
+        view = _matrix.matrix_view(x.shape, dims[path],
+                                   path=_paths.path_str(path))
+      out.append(_Leaf(path, group, lmo, view))
+    return out
+
+  def init_fn(params):
+    plan(params)  # Checks labels and ranks early, naming the leaf.
+    scalar = lambda v, dtype: jax.tree.map(  # noqa: E731
+        lambda _: jnp.full([], v, dtype), params)
+    return ScaleByLantonState(
+        count=jnp.zeros([], jnp.int32),
+        momentum=optax.tree.zeros_like(params, dtype=mu_dtype),
+        prev_grad=(optax.tree.zeros_like(params, dtype=noise_buffer_dtype)
+                   if noise == 'previous' else ()),
+        noise=scalar(0.0, jnp.float32),
+        noise_count=scalar(0, jnp.int32),
+        lr_scale=scalar(1.0, jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None, *, noise_grads=None,
+                **extra_args):
+    del extra_args
+    leaves = plan(updates)
+    paths = [leaf.path for leaf in leaves]
+    treedef = jax.tree.structure(updates)
+    flat = lambda tree: jax.tree.leaves(tree)  # noqa: E731
+    grads = flat(updates)
+    if noise == 'independent':
+      if noise_grads is None:
+        raise ValueError("noise='independent' needs update(..., "
+                         'noise_grads=<gradient of an independent minibatch>)')
+      tilde = _paths.lookup_by_path(noise_grads, paths, what='noise_grads')
+      has_prev = jnp.array(True)
+    else:
+      if noise_grads is not None:
+        raise ValueError("noise_grads was given but noise='previous'; use "
+                         "noise='independent' to pass G~ explicitly")
+      tilde = flat(state.prev_grad)
+      has_prev = state.count > 0
+    decay = _weight_decay_terms(updates, params, paths, weight_decay,
+                                weight_decay_mask)
+
+    finite = jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(x)) for x in grads]
+        + ([jnp.all(jnp.isfinite(x)) for x in tilde]
+           if noise == 'independent' else [])))
+
+    momentum = [
+        ((1 - b1) * g + b1 * b).astype(b.dtype)
+        for g, b in zip(grads, flat(state.momentum))]
+    if nesterov:
+      ahead = [b1 * b + (1 - b1) * g for g, b in zip(grads, momentum)]
+    else:
+      ahead = momentum
+    samples = [g.astype(jnp.float32) - t.astype(jnp.float32)
+               for g, t in zip(grads, tilde)]
+
+    directions, duals, sampled = _directions_and_duals(
+        leaves, ahead, samples, state.count, noise_ns_steps=noise_ns_steps,
+        noise_every=noise_every, ns_sharding=ns_sharding)
+
+    noise_old = flat(state.noise)
+    count_old = flat(state.noise_count)
+    noise_new, count_new = [], []
+    for h, n, dual, hit in zip(noise_old, count_old, duals, sampled):
+      take = jnp.logical_and(has_prev, hit)
+      noise_new.append(jnp.where(take, b2 * h + (1 - b2) * jnp.square(dual),
+                                 h).astype(jnp.float32))
+      count_new.append(n + take.astype(jnp.int32))
+
+    scales = _group_scales(leaves, noise_new, count_new, b2, map_fn,
+                           lr_scales)
+    out = []
+    for d, wd_x, s in zip(directions, decay, scales):
+      step = -d if wd_x is None else wd_x - d
+      out.append((s * step).astype(d.dtype))
+
+    def keep(new, old):
+      return [jnp.where(finite, a, b) for a, b in zip(new, old)]
+
+    out = [jnp.where(finite, u, jnp.zeros_like(u)) for u in out]
+    new_state = ScaleByLantonState(
+        count=optax.safe_increment(state.count),
+        momentum=jax.tree.unflatten(
+            treedef, keep(momentum, flat(state.momentum))),
+        prev_grad=(jax.tree.unflatten(treedef, keep(
+            [g.astype(p.dtype) for g, p in zip(grads, flat(state.prev_grad))],
+            flat(state.prev_grad))) if noise == 'previous' else ()),
+        noise=jax.tree.unflatten(treedef, keep(noise_new, noise_old)),
+        noise_count=jax.tree.unflatten(treedef, keep(count_new, count_old)),
+        lr_scale=jax.tree.unflatten(
+            treedef, keep([s.astype(jnp.float32) for s in scales],
+                          flat(state.lr_scale))),
+    )
+    new_state = new_state._replace(
+        count=jnp.where(finite, new_state.count, state.count))
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _resolve_lmos(group_lmos, *, ns_steps, ns_coeffs, ns_dtype, ns_eps, polar
+                  ) -> dict[str, _lmo.LMO]:
+  """LMO objects per group; 'spectral' by name gets the ns_* options."""
+  spec = dict(DEFAULT_GROUP_LMOS)
+  if group_lmos is not None:
+    unknown = set(group_lmos) - set(_groups.GROUPS)
+    if unknown:
+      raise ValueError(f'group_lmos has unknown groups {sorted(unknown)}; '
+                       f'valid: {list(_groups.GROUPS)}')
+    spec.update(group_lmos)
+  _newton_schulz.resolve_ns_dtype(ns_dtype)
+  _newton_schulz.coeff_schedule(ns_coeffs, ns_steps)
+  out = {}
+  for group, value in spec.items():
+    if isinstance(value, str) and value == 'spectral':
+      out[group] = _lmo.spectral(steps=ns_steps, coeffs=ns_coeffs,
+                                 dtype=ns_dtype, eps=ns_eps, polar=polar)
+    else:
+      out[group] = _lmo.as_lmo(value)
+  return out
+
+
+def _weight_decay_terms(updates, params, paths, weight_decay, mask):
+  """wd * X per leaf, or None where the leaf is not decayed."""
+  static_zero = isinstance(weight_decay, (int, float)) and weight_decay == 0
+  if static_zero:
+    return [None] * len(paths)
+  if params is None:
+    raise ValueError('weight decay needs the params: call update(grads, '
+                     'state, params)')
+  xs = _paths.lookup_by_path(params, paths, what='params')
+  if mask is None:
+    decayed = [True] * len(paths)
+  else:
+    tree = mask(updates) if callable(mask) else mask
+    decayed = _paths.lookup_by_path(tree, paths, what='weight_decay_mask')
+  return [weight_decay * x if m else None for x, m in zip(xs, decayed)]
+
+
+def _bucket_of(leaves: list[_Leaf], spectral: list[int], k: int
+               ) -> dict[int, int]:
+  """Round-robin buckets: a 1/k share of every oriented shape per bucket."""
+  seen = collections.Counter()
+  bucket = {}
+  for i in spectral:
+    v = leaves[i].view
+    key = (v.batch_rank, tuple(sorted((v.d_in, v.d_out))), v.flat_shape[0])
+    bucket[i] = seen[key] % k
+    seen[key] += 1
+  return bucket
+
+
+def _spectral_key(lmo: _lmo.LMO) -> tuple[Any, ...]:
+  o = lmo.options
+  return (o['steps'], repr(o['coeffs']), str(o['dtype']), o['eps'],
+          o['polar'])
+
+
+def _polars(leaves, items, *, steps_override, ns_sharding):
+  """Polar factors of (leaf index, matrix) items, batched per LMO options."""
+  by_options = collections.defaultdict(list)
+  for pos, (i, _) in enumerate(items):
+    by_options[_spectral_key(leaves[i].lmo)].append(pos)
+  out = [None] * len(items)
+  for positions in by_options.values():
+    options = leaves[items[positions[0]][0]].lmo.options
+    results = _batched.orthogonalize_many(
+        [items[p][1] for p in positions],
+        steps=(options['steps'] if steps_override is None
+               else steps_override),
+        coeffs=options['coeffs'], dtype=options['dtype'], eps=options['eps'],
+        polar=options['polar'], ns_sharding=ns_sharding)
+    for p, r in zip(positions, results):
+      out[p] = r
+  return out
+
+
+def _directions_and_duals(leaves, ahead, samples, count, *, noise_ns_steps,
+                          noise_every, ns_sharding):
+  """LMO directions O, dual norms of the noise samples, and which are fresh."""
+  n = len(leaves)
+  directions: list[Any] = [None] * n
+  duals: list[Any] = [None] * n
+  sampled: list[Any] = [jnp.array(True)] * n
+  spectral = [i for i, leaf in enumerate(leaves)
+              if leaf.lmo.name == 'spectral' and 'steps' in leaf.lmo.options]
+
+  for i, leaf in enumerate(leaves):
+    if i in spectral:
+      continue
+    if leaf.view is None:
+      directions[i] = leaf.lmo.direction(ahead[i])
+      duals[i] = leaf.lmo.dual_norm(samples[i])
+    else:
+      directions[i] = leaf.view.from_matrices(
+          leaf.lmo.direction(leaf.view.to_matrices(ahead[i])), like=ahead[i])
+      duals[i] = leaf.lmo.dual_norm(leaf.view.to_matrices(samples[i]))
+
+  if not spectral:
+    return directions, duals, sampled
+
+  b_mats = [(i, leaves[i].view.to_matrices(ahead[i])) for i in spectral]
+  d_mats = [(i, leaves[i].view.to_matrices(samples[i])) for i in spectral]
+  shared = noise_every == 1 and (
+      noise_ns_steps is None
+      or all(noise_ns_steps == leaves[i].lmo.options['steps']
+             for i in spectral))
+  if shared:
+    # One batched Newton-Schulz per shape for momenta and noise samples.
+    polars = _polars(leaves, b_mats + d_mats, steps_override=None,
+                     ns_sharding=ns_sharding)
+    b_polars, d_polars = polars[:len(spectral)], polars[len(spectral):]
+    noise_duals = [_nuclear(d, o) for (_, d), o in zip(d_mats, d_polars)]
+    fresh = [jnp.array(True)] * len(spectral)
+  else:
+    b_polars = _polars(leaves, b_mats, steps_override=None,
+                       ns_sharding=ns_sharding)
+    noise_duals, fresh = _round_robin_duals(
+        leaves, spectral, d_mats, count, noise_ns_steps=noise_ns_steps,
+        noise_every=noise_every, ns_sharding=ns_sharding)
+
+  for j, i in enumerate(spectral):
+    view = leaves[i].view
+    scale = _lmo.spectral_scale(view.d_in, view.d_out)
+    directions[i] = -scale * view.from_matrices(b_polars[j], like=ahead[i])
+    duals[i] = scale * noise_duals[j]
+    sampled[i] = fresh[j]
+  return directions, duals, sampled
+
+
+def _nuclear(d: jax.Array, o: jax.Array) -> jax.Array:
+  """<D, polar(D)>: the nuclear norm (summed over the stack)."""
+  return jnp.sum(d.astype(jnp.float32) * o.astype(jnp.float32))
+
+
+def _round_robin_duals(leaves, spectral, d_mats, count, *, noise_ns_steps,
+                       noise_every, ns_sharding):
+  """Nuclear norms of one round-robin bucket of noise samples per step."""
+  bucket = _bucket_of(leaves, spectral, noise_every)
+
+  def branch(b):
+    members = [j for j, i in enumerate(spectral) if bucket[i] == b]
+
+    def run(mats):
+      polars = _polars(leaves, [(spectral[j], mats[j]) for j in members],
+                       steps_override=noise_ns_steps, ns_sharding=ns_sharding)
+      values = [jnp.zeros([], jnp.float32)] * len(spectral)
+      for j, o in zip(members, polars):
+        values[j] = _nuclear(mats[j], o)
+      hit = [jnp.array(j in members) for j in range(len(spectral))]
+      return values, hit
+    return run
+
+  mats = [m for _, m in d_mats]
+  if noise_every == 1:
+    return branch(0)(mats)
+  return jax.lax.switch(count % noise_every,
+                        [branch(b) for b in range(noise_every)], mats)
+
+
+def _group_scales(leaves, noise, counts, b2, map_fn, lr_scales):
+  """Per-leaf scales: the mapping of each group's bias-corrected H."""
+  members = collections.defaultdict(list)
+  for i, leaf in enumerate(leaves):
+    members[leaf.group].append(i)
+  scales: list[Any] = [None] * len(leaves)
+  for group, idx in members.items():
+    h = jnp.stack([noise[i] for i in idx])
+    n = jnp.stack([counts[i] for i in idx])
+    correction = jnp.where(n > 0, 1 - b2 ** n.astype(jnp.float32), 1.0)
+    h_hat = jnp.where(n > 0, h / correction, 0.0)
+    s = jnp.asarray(map_fn(h_hat), jnp.float32)
+    if s.shape != h_hat.shape:
+      raise ValueError(f'the learning-rate mapping returned shape {s.shape} '
+                       f'for the {len(idx)} leaves of group {group!r}; it '
+                       f'must return one scale per leaf {h_hat.shape}')
+    ready = jnp.all(n > 0)
+    s = jnp.where(ready, s, 1.0) * lr_scales.get(group, 1.0)
+    for k, i in enumerate(idx):
+      scales[i] = s[k]
+  return scales
+
+
+def lanton(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    nesterov: bool = False,
+    noise: str = 'previous',
+    mapping: str | _mapping.Mapping = 'min_ratio',
+    weight_decay: float = 0.1,
+    weight_decay_mask: Any = None,
+    vector: str = 'adamw',
+    hidden_lmo: str | _lmo.LMO = 'spectral',
+    embed_head_lmo: str | _lmo.LMO = 'sign',
+    group_lr_scales: Mapping[str, float] | None = None,
+    adam_b1: float = 0.9,
+    adam_b2: float = 0.95,
+    adam_eps: float = 1e-8,
+    adam_weight_decay: float | None = None,
+    adam_weight_decay_mask: Any = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    param_labels: _groups.LabelSpec = None,
+    weight_dimension_numbers: _matrix.DimSpec = None,
+    ns_steps: int = 5,
+    ns_coeffs: _newton_schulz.Coeffs = _newton_schulz.DEFAULT_NS_COEFFS,
+    ns_dtype: Any = 'auto',
+    ns_eps: float = 1e-8,
+    noise_ns_steps: int | None = None,
+    noise_every: int = 1,
+    polar: str = 'newton_schulz',
+    ns_sharding: str = 'batch',
+    mu_dtype: Any = None,
+    noise_buffer_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """LANTON: `scale_by_lanton` times the learning rate; AdamW for vectors.
+
+  Args:
+    learning_rate: a float or a schedule (eta_t).
+    vector: 'adamw' (default) puts 'vector' leaves on AdamW; 'bias_rms' puts
+      them on LANTON with the bias-RMS LMO (a third noise-adaptive group).
+    hidden_lmo, embed_head_lmo: the LMOs of those groups.
+    weight_decay: decoupled weight decay of LANTON's leaves.
+    adam_b1, adam_b2, adam_eps: AdamW options for vector leaves.
+    adam_weight_decay: their weight decay (None: `weight_decay`).
+    adam_weight_decay_mask: optax mask for it.
+    adam_learning_rate: their learning rate (None: `learning_rate`).
+    Others: see `scale_by_lanton`.
+
+  Returns:
+    An optax.GradientTransformationExtraArgs (an `optax.partition`); pass
+    `noise_grads=` to `update` with noise='independent'.
+  """
+  if vector not in VECTOR_OPTIONS:
+    raise ValueError(f'unknown vector option {vector!r}; valid: '
+                     f'{VECTOR_OPTIONS}')
+  if adam_learning_rate is None:
+    adam_learning_rate = learning_rate
+  if adam_weight_decay is None:
+    adam_weight_decay = weight_decay
+  rename = {_groups.HIDDEN: 'lanton', _groups.EMBED_HEAD: 'lanton',
+            _groups.VECTOR: 'adam' if vector == 'adamw' else 'lanton'}
+
+  def partition_labels(params):
+    return _groups.label_tree(params, param_labels, rename=rename)
+
+  core = scale_by_lanton(
+      b1=b1, b2=b2, nesterov=nesterov, noise=noise, mapping=mapping,
+      weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+      group_lmos={_groups.HIDDEN: hidden_lmo,
+                  _groups.EMBED_HEAD: embed_head_lmo,
+                  _groups.VECTOR: 'bias_rms'},
+      group_lr_scales=group_lr_scales, param_labels=param_labels,
+      weight_dimension_numbers=weight_dimension_numbers, ns_steps=ns_steps,
+      ns_coeffs=ns_coeffs, ns_dtype=ns_dtype, ns_eps=ns_eps,
+      noise_ns_steps=noise_ns_steps, noise_every=noise_every, polar=polar,
+      ns_sharding=ns_sharding, mu_dtype=mu_dtype,
+      noise_buffer_dtype=noise_buffer_dtype)
+  transforms = {
+      'lanton': optax.chain(core,
+                            optax.scale_by_learning_rate(learning_rate)),
+  }
+  if vector == 'adamw':
+    transforms['adam'] = optax.adamw(
+        learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
+        eps=adam_eps, weight_decay=adam_weight_decay,
+        mask=adam_weight_decay_mask, mu_dtype=mu_dtype)
+  return optax.partition(transforms, partition_labels,
+                         mask_compatible_extra_args=True)
+
+
+def _find_states(tree: Any) -> list[ScaleByLantonState]:
+  is_state = lambda x: isinstance(x, ScaleByLantonState)  # noqa: E731
+  return [x for x in jax.tree.leaves(tree, is_leaf=is_state) if is_state(x)]
+
+
+def lanton_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
+  """Per-leaf noise estimate H and learning-rate scale s, for logging.
+
+  Finds every `ScaleByLantonState` inside `opt_state` (through chains,
+  partitions, inject_hyperparams, MultiSteps, ...).
+
+  Args:
+    opt_state: an optimizer state.
+
+  Returns:
+    {'h': {leaf path: H}, 'lr_scale': {leaf path: s}}, leaf paths like
+    'layers_0/attn/q/kernel'. Jit-able.
+
+  Raises:
+    ValueError: opt_state holds no LANTON state.
+  """
+  states = _find_states(opt_state)
+  if not states:
+    raise ValueError('no ScaleByLantonState found in the optimizer state '
+                     f'(of type {type(opt_state).__name__})')
+  out: dict[str, dict[str, jax.Array]] = {'h': {}, 'lr_scale': {}}
+  for state in states:
+    for path, h in _paths.leaves_with_paths(state.noise):
+      out['h'][_paths.path_str(path)] = h
+    for path, s in _paths.leaves_with_paths(state.lr_scale):
+      out['lr_scale'][_paths.path_str(path)] = s
+  return out
+

@@ -1,0 +1,192 @@
+"""The language-model training loop behind experiments/train_lm.py."""
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from curvopt import data as data_lib
+from curvopt import models
+from curvopt.train import _checkpoint
+from curvopt.train import _metrics
+from curvopt.train import _optimizers
+from curvopt.train import _sharding
+from curvopt.train import _step
+
+# Config sections that must match a checkpoint's for a resume to be the same run.
+_RUN_DEFINING = ('model', 'data', 'optimizer', 'schedule', 'seed', 'total_steps')
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient went non-finite; the state of that step is never checkpointed."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  halted: bool
+  train_loss: float
+  eval_loss: float
+  tokens_per_s: float
+
+
+def resolve_dtype(name: str) -> str:
+  """'auto' is bf16 compute on accelerators and fp32 on the CPU."""
+  if name == 'auto':
+    return 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+  return name
+
+
+def model_config_from(cfg: ml_collections.ConfigDict) -> 'models.DecoderConfig':
+  overrides = {k: v for k, v in cfg.items() if k != 'name' and v is not None}
+  overrides['dtype'] = resolve_dtype(overrides.get('dtype', 'auto'))
+  return models.model_config(cfg.name, **overrides)
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def _check_resume_compatible(saved: dict, config: dict) -> None:
+  for key in _RUN_DEFINING:
+    if saved.get(key) != config.get(key):
+      raise ValueError(
+          f'config.{key} differs from the checkpoint\'s: {config.get(key)!r} vs saved '
+          f'{saved.get(key)!r}; use a new workdir for a different run')
+
+
+def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+  """Fetches pending step metrics; raises NonFiniteError naming the first bad step and quantity."""
+  fetched = jax.device_get(pending)
+  for step, metrics in fetched:
+    for name in ('loss', 'grad_norm'):
+      if not math.isfinite(float(metrics[name])):
+        raise NonFiniteError(
+            f'non-finite {name} ({float(metrics[name])}) at step {step}; stopping without '
+            f'checkpointing this state (last checkpoint is unchanged)')
+  return fetched
+
+
+def _mean_metrics(fetched: list[tuple[int, dict]]) -> dict[str, float]:
+  keys = fetched[-1][1].keys()
+  return {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
+
+
+def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
+  """Trains (or resumes training of) a decoder LM as the config says; returns the final numbers."""
+  if config.total_steps < 1:
+    raise ValueError(f'total_steps must be >= 1, got {config.total_steps}')
+  os.makedirs(workdir, exist_ok=True)
+  mesh = _sharding.make_mesh(**config.mesh)
+  model_cfg = model_config_from(config.model)
+  model = models.Decoder(model_cfg)
+  tokenizer = data_lib.ByteTokenizer()
+  if model_cfg.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f'model vocab_size {model_cfg.vocab_size} < tokenizer vocab_size '
+                     f'{tokenizer.vocab_size}')
+
+  data_dir = config.data.data_dir or data_lib.default_data_dir(workdir)
+  batches = data_lib.PackedBatches(
+      data_lib.text_source(config.data.name, 'train', data_dir=data_dir), tokenizer,
+      batch_size=config.data.batch_size, seq_len=config.data.seq_len, seed=config.seed)
+  eval_set = data_lib.eval_batches(
+      data_lib.text_source(config.data.name, config.data.eval_split, data_dir=data_dir),
+      tokenizer, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
+      num_batches=config.data.eval_batches)
+
+  optimizer, learning_rate = _optimizers.make_optimizer(
+      config.optimizer, config.total_steps, config.schedule)
+
+  def logits_fn(params, tokens):
+    return model.apply({'params': params}, tokens)[0]
+
+  init_state = _step.make_init_state(model, optimizer, seq_len=config.data.seq_len)
+  rng = jax.random.key(config.seed)
+  state_shapes = jax.eval_shape(init_state, rng)
+  state_shardings = _sharding.fsdp_shardings(state_shapes, mesh)
+  batch_sharding = _sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      _step.make_train_step(logits_fn, optimizer, pad_id=tokenizer.pad_id,
+                            learning_rate=learning_rate),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(_step.make_eval_step(logits_fn, pad_id=tokenizer.pad_id),
+                      in_shardings=(state_shardings.params, batch_sharding))
+
+  config_json = _config_json(config)
+  ckpt = _checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
+                                  save_every=config.checkpoint.every,
+                                  async_save=config.checkpoint.async_save)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+    logging.info('initialized %s (%d parameters) on mesh %s', config.model.name,
+                 models.count_params(state.params), dict(mesh.shape))
+  else:
+    _check_resume_compatible(ckpt.saved_config(latest), config_json)
+    state, data_pos = ckpt.restore(
+        latest, _checkpoint.abstract_like(state_shapes, state_shardings))
+    batches.set_state(data_pos)
+    logging.info('resumed from step %d in %s', latest, ckpt.directory)
+
+  def evaluate(params) -> float:
+    total, count = 0.0, 0.0
+    for tokens in eval_set:
+      s, c = eval_step(params, _sharding.put_global_batch(tokens, batch_sharding))
+      total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+  writer = _metrics.MetricWriter(workdir, tensorboard=config.tensorboard)
+  step = int(state.step)
+  stop_at = config.total_steps
+  if config.halt_after_steps:
+    stop_at = min(stop_at, config.halt_after_steps)
+  progress = _metrics.Progress(step, config.total_steps,
+                               config.data.batch_size * config.data.seq_len)
+  pending: list[tuple[int, dict]] = []
+  clock_started = False
+  train_loss, eval_loss, last_saved = float('nan'), float('nan'), latest
+  try:
+    while step < stop_at:
+      tokens = _sharding.put_global_batch(next(batches), batch_sharding)
+      state, metrics = train_step(state, tokens)
+      step += 1
+      pending.append((step, metrics))
+      if not clock_started:
+        jax.block_until_ready(metrics)
+        progress.start(step)  # after the first (compiling) step, so rates are steady-state
+        clock_started = True
+      is_last = step == stop_at
+      log_now = step % config.log_every == 0 or is_last
+      eval_now = (config.eval_every and step % config.eval_every == 0) or is_last
+      save_now = ckpt.should_save(step) or is_last
+      if log_now or eval_now or save_now:
+        fetched = _check_finite(pending)
+        pending = []
+        scalars = _mean_metrics(fetched)
+        train_loss = scalars['loss']
+        scalars.update(progress.rates(step))
+        if eval_now:
+          eval_loss = evaluate(state.params)
+          scalars['eval_loss'] = eval_loss
+        writer.write(step, scalars)
+        progress.log(step, {k: v for k, v in scalars.items()
+                            if k in ('loss', 'eval_loss', 'learning_rate', 'grad_norm')})
+      if save_now:
+        ckpt.save(step, state, batches.get_state(), config_json)
+        last_saved = step
+  finally:
+    writer.close()
+    ckpt.close()
+  rates = progress.rates(step)
+  halted = step < config.total_steps
+  logging.info('%s at step %d (last checkpoint %s)', 'halted' if halted else 'finished', step,
+               last_saved)
+  return RunResult(step=step, halted=halted, train_loss=train_loss, eval_loss=eval_loss,
+                   tokens_per_s=rates.get('tokens_per_s', float('nan')))

@@ -1,0 +1,63 @@
+"""Report pieces for experiment write-ups: run summaries, markdown tables, PNG curves."""
+import math
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from curvopt.train import _metrics
+
+
+def run_summary(workdir: str) -> dict[str, float]:
+  """Last train / eval loss and mean throughput of a run, from its metrics.jsonl.
+
+  Reading the file (not the return value of the run) makes a resumed or already-finished run
+  summarize the same way as a fresh one; a step logged twice (before and after a crash) counts once.
+  """
+  by_step = {r['step']: r for r in _metrics.read_metrics(workdir)}
+  records = [by_step[s] for s in sorted(by_step)]
+
+  def last(key):
+    values = [r[key] for r in records if key in r]
+    return values[-1] if values else math.nan
+
+  rates = [r['tokens_per_s'] for r in records if 'tokens_per_s' in r]
+  return {'step': records[-1]['step'] if records else 0, 'train_loss': last('loss'),
+          'eval_loss': last('eval_loss'),
+          'tokens_per_s': float(np.mean(rates)) if rates else math.nan}
+
+
+def curve(workdir: str, key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of one logged scalar, each step once (the latest record wins)."""
+  by_step = {r['step']: r[key] for r in _metrics.read_metrics(workdir) if key in r}
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+  def fmt(x):
+    return f'{x:.4g}' if isinstance(x, float) else str(x)
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+  lines += ['| ' + ' | '.join(fmt(x) for x in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
+                title: str, xlabel: str, ylabel: str, logy: bool = False) -> str:
+  """Writes one line per named (x, y) curve to a PNG at `path`; returns the path."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for name, (xs, ys) in curves.items():
+    ax.plot(xs, ys, marker='o', markersize=3, label=name)
+  ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+  if logy:
+    ax.set_yscale('log')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path

@@ -1,0 +1,70 @@
+"""Pure train and eval steps for next-token prediction, built once and jit'd by the caller."""
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from curvopt.train import _state
+
+# (params, tokens_BxT) -> logits_BxTxV
+LogitsFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def lm_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
+            pad_id: int) -> tuple[jax.Array, jax.Array]:
+  """Mean next-token cross-entropy over non-pad targets, in fp32; returns (loss, token count)."""
+  weights_BxT = (targets_BxT != pad_id).astype(jnp.float32)
+  losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxTxV.astype(jnp.float32), targets_BxT)
+  count = weights_BxT.sum()
+  return (losses_BxT * weights_BxT).sum() / jnp.maximum(count, 1.0), count
+
+
+def make_init_state(model, optimizer: optax.GradientTransformation, *, seq_len: int):
+  """Returns init(rng) -> TrainState for a flax `model` that maps tokens_BxT to (logits, ...)."""
+
+  def init_state(rng: jax.Array) -> _state.TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))['params']
+    return _state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=optimizer.init(params),
+                             rng=jax.random.key_data(state_rng))
+
+  return init_state
+
+
+def make_train_step(logits_fn: LogitsFn, optimizer: optax.GradientTransformation, *,
+                    pad_id: int, learning_rate: Callable[[jax.Array], jax.Array]):
+  """Returns step(state, tokens_BxTp1) -> (state, metrics), pure and ready for jax.jit."""
+
+  def train_step(state: _state.TrainState, tokens_BxTp1: jax.Array):
+    inputs_BxT, targets_BxT = tokens_BxTp1[:, :-1], tokens_BxTp1[:, 1:]
+
+    def loss_fn(params):
+      return lm_loss(logits_fn(params, inputs_BxT), targets_BxT, pad_id)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': loss,
+        'grad_norm': optax.global_norm(grads),
+        'update_norm': optax.global_norm(updates),
+        'param_norm': optax.global_norm(params),
+        'learning_rate': learning_rate(state.step),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(logits_fn: LogitsFn, *, pad_id: int):
+  """Returns eval_step(params, tokens_BxTp1) -> (summed loss, token count), for exact averaging."""
+
+  def eval_step(params, tokens_BxTp1: jax.Array):
+    loss, count = lm_loss(logits_fn(params, tokens_BxTp1[:, :-1]), tokens_BxTp1[:, 1:], pad_id)
+    return loss * count, count
+
+  return eval_step

@@ -1,0 +1,71 @@
+r"""The main job: runs a small version of each experiment and writes DIR/report.md with plots.
+
+  python experiments/demo.py --workdir=/tmp/curvopt_demo
+
+Run again with the same workdir, finished runs are reused and interrupted ones resume.
+"""
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from curvopt import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'demo.py'),
+    'Demo config, e.g. configs/demo.py or configs/demo.py:smoke.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where runs, report.md and plots go.')
+flags.mark_flag_as_required('workdir')
+
+
+def lm_section(config, workdir: str) -> str:
+  """Pretrains the tiny decoder with each optimizer of `config.lm_runs`; table + eval-loss plot."""
+  rows, curves = [], {}
+  for name, optimizer in config.lm_runs.items():
+    run = config.lm.copy_and_resolve_references()
+    run.optimizer.update(optimizer)
+    run.data.data_dir = run.data.data_dir or os.path.join(workdir, 'tfds')
+    run_dir = os.path.join(workdir, 'lm', name)
+    logging.info('LM run %s in %s', name, run_dir)
+    train.train_lm(run, run_dir)
+    summary = train.run_summary(run_dir)
+    rows.append([name, optimizer.learning_rate, summary['step'], summary['train_loss'],
+                 summary['eval_loss'], round(summary['tokens_per_s'])])
+    curves[name] = train.curve(run_dir, 'eval_loss')
+  plot = train.plot_curves(curves, os.path.join(workdir, 'lm_eval_loss.png'),
+                           title=f'{config.lm.model.name} decoder on {config.lm.data.name}',
+                           xlabel='step', ylabel='eval loss (nats/token)')
+  table = train.markdown_table(
+      ['optimizer', 'peak lr', 'steps', 'final train loss', 'final eval loss', 'tokens/s'], rows)
+  tokens = config.lm.data.batch_size * config.lm.data.seq_len
+  return (f'## Language-model pretraining\n\n{config.lm.model.name} decoder, '
+          f'{config.lm.total_steps} steps of {tokens} tokens, {config.lm.schedule.name} '
+          f'schedule.\n\n{table}\n\n![eval loss]({os.path.basename(plot)})\n')
+
+
+SECTIONS = (lm_section,)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  train.quiet_library_logs()
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  parts = ['# curvopt demo report\n']
+  for section in SECTIONS:
+    parts.append(section(_CONFIG.value, workdir))
+  parts.append(f'_Total wall time: {time.perf_counter() - start:.0f} s._\n')
+  report = os.path.join(workdir, 'report.md')
+  with open(report + '.tmp', 'w') as f:
+    f.write('\n'.join(parts))
+  os.replace(report + '.tmp', report)  # a crash never leaves a half-written report
+  print(f'wrote {report}', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,179 @@
+"""Unit tests of the training plumbing that need no model or data: schedules, registry, sharding,
+metrics, checkpoints, the loss."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from curvopt import train
+
+
+def _schedule_cfg(name, warmup=10, final=0.1, decay=0.2):
+  return ml_collections.ConfigDict(dict(name=name, warmup_steps=warmup, final_fraction=final,
+                                        decay_fraction=decay))
+
+
+def _optimizer_cfg(name='adamw', **kw):
+  cfg = dict(name=name, learning_rate=1e-2, adam_learning_rate=None, weight_decay=0.0, b1=0.9,
+             b2=0.95, eps=1e-8, momentum=0.95, consistent_rms=None, grad_clip_norm=0.0)
+  cfg.update(kw)
+  return ml_collections.ConfigDict(cfg)
+
+
+def test_warmup_cosine_schedule_shape():
+  lr = train.make_schedule(1.0, 100, _schedule_cfg('warmup_cosine'))
+  values = np.array([float(lr(s)) for s in range(101)])
+  assert values[0] == 0.0
+  np.testing.assert_allclose(values[10], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(values[100], 0.1, rtol=1e-5)
+  assert np.all(np.diff(values[10:]) <= 1e-7)  # monotone decay after warmup
+
+
+def test_wsd_schedule_is_stable_then_decays():
+  lr = train.make_schedule(2.0, 100, _schedule_cfg('wsd', warmup=10, final=0.0, decay=0.2))
+  np.testing.assert_allclose([float(lr(s)) for s in (5, 10, 50, 80)], [1.0, 2.0, 2.0, 2.0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(lr(90)), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(100)), 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize('bad, match', [
+    (dict(name='linear_warmup'), 'unknown schedule'),
+    (dict(name='wsd', warmup=-1), 'warmup_steps=-1'),
+    (dict(name='wsd', final=1.5), 'final_fraction=1.5'),
+])
+def test_bad_schedule_raises(bad, match):
+  kwargs = dict(name=bad.pop('name'), **bad)
+  with pytest.raises(ValueError, match=match):
+    train.make_schedule(1.0, 100, _schedule_cfg(**kwargs))
+
+
+@pytest.mark.parametrize('name', sorted(train.OPTIMIZERS))
+def test_every_registered_optimizer_reduces_a_quadratic(name):
+  params = {'w': jnp.ones((4, 4)), 'b': jnp.ones((4,))}
+  tx, _ = train.make_optimizer(_optimizer_cfg(name, learning_rate=0.05), 50,
+                               _schedule_cfg('constant', warmup=0))
+  loss = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  start = float(loss(params))
+  for _ in range(50):
+    params, state = step(params, state)
+  assert float(loss(params)) < 0.5 * start
+
+
+def test_unknown_optimizer_lists_valid_names():
+  with pytest.raises(ValueError, match=r"unknown optimizer 'sgdd'.*adamw.*optax_muon"):
+    train.make_optimizer(_optimizer_cfg('sgdd'), 10, _schedule_cfg('constant'))
+
+
+def test_non_positive_learning_rate_raises():
+  with pytest.raises(ValueError, match='learning_rate must be positive, got -1'):
+    train.make_optimizer(_optimizer_cfg(learning_rate=-1.0), 10, _schedule_cfg('constant'))
+
+
+@pytest.mark.parametrize('shape, fsdp, expected', [
+    ((384, 128), 4, jax.sharding.PartitionSpec('fsdp', None)),
+    ((128, 384), 4, jax.sharding.PartitionSpec(None, 'fsdp')),
+    ((6, 10), 4, jax.sharding.PartitionSpec()),
+    ((128,), 4, jax.sharding.PartitionSpec('fsdp')),
+    ((), 4, jax.sharding.PartitionSpec()),
+    ((384, 128), 1, jax.sharding.PartitionSpec()),
+])
+def test_fsdp_spec_shards_largest_divisible_dim(shape, fsdp, expected):
+  assert train.fsdp_spec(shape, fsdp) == expected
+
+
+def test_mesh_shapes_and_errors():
+  assert dict(train.make_mesh(data=-1, fsdp=4).shape) == {'data': 2, 'fsdp': 4}
+  assert dict(train.make_mesh(data=1, fsdp=-1, num_devices=2).shape) == {'data': 1, 'fsdp': 2}
+  with pytest.raises(ValueError, match='data=3 x fsdp=1'):
+    train.make_mesh(data=3, fsdp=1)
+  with pytest.raises(ValueError, match='num_devices=9'):
+    train.make_mesh(num_devices=9)
+
+
+def test_put_global_batch_places_shards(mesh8):
+  batch = np.arange(16 * 5, dtype=np.int32).reshape(16, 5)
+  placed = train.put_global_batch(batch, train.batch_sharding(mesh8))
+  assert len(placed.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(placed), batch)
+  with pytest.raises(ValueError, match='global batch size 12'):
+    train.put_global_batch(batch[:12], train.batch_sharding(mesh8))
+
+
+def test_lm_loss_matches_numpy_and_ignores_pad():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 7)).astype(np.float32)
+  targets = np.array([[1, 2, 6], [0, 6, 6]])  # 6 is the pad id
+  loss, count = train.lm_loss(jnp.asarray(logits), jnp.asarray(targets), pad_id=6)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = [logp[0, 0, 1], logp[0, 1, 2], logp[1, 0, 0]]
+  np.testing.assert_allclose(float(loss), -np.mean(picked), rtol=1e-5)
+  assert float(count) == 3
+
+
+def test_metric_writer_jsonl_and_tensorboard(tmp_path):
+  writer = train.MetricWriter(str(tmp_path))
+  writer.write(1, {'loss': 2.5})
+  writer.write(2, {'loss': 2.0, 'eval_loss': 2.2})
+  writer.close()
+  assert train.read_metrics(str(tmp_path)) == [
+      {'step': 1, 'loss': 2.5}, {'step': 2, 'loss': 2.0, 'eval_loss': 2.2}]
+  assert any(f.startswith('events.out.tfevents')
+             for f in os.listdir(tmp_path / 'tensorboard'))
+
+
+def test_progress_line_has_rate_and_eta():
+  progress = train.Progress(0, 100, tokens_per_step=1000)
+  progress.start(1)
+  line = progress.line(1, {'loss': 2.0})
+  assert line.startswith('step 1/100') and 'loss 2' in line
+  import time
+  time.sleep(0.01)
+  assert 'ETA' in progress.line(11, {'loss': 1.5}) and 'tok/s' in progress.line(11, {})
+
+
+def test_checkpointer_roundtrip_into_shardings(tmp_path, mesh8):
+  params = {'w': jnp.arange(32.0).reshape(8, 4), 'b': jnp.ones((3,))}
+  state = train.TrainState(step=jnp.array(7, jnp.int32), params=params,
+                           opt_state=optax.adam(1e-3).init(params),
+                           rng=jax.random.key_data(jax.random.key(3)))
+  shardings = train.fsdp_shardings(state, mesh8)
+  ckpt = train.Checkpointer(str(tmp_path), keep=2, save_every=10)
+  ckpt.save(7, state, {'epoch': 1, 'rows': [1, 2]}, {'seed': 0})
+  ckpt.wait()
+  assert ckpt.latest_step() == 7
+  restored, data = ckpt.restore(7, train.abstract_like(state, shardings))
+  config = ckpt.saved_config(7)
+  ckpt.close()
+  assert data == {'epoch': 1, 'rows': [1, 2]} and config == {'seed': 0}
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert restored.params['w'].sharding.spec == jax.sharding.PartitionSpec('fsdp', None)
+
+
+def test_checkpointer_keeps_last_k(tmp_path):
+  state = {'x': jnp.zeros(2)}
+  ckpt = train.Checkpointer(str(tmp_path), keep=2, save_every=1, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, state, {}, {})
+  ckpt.close()
+  assert sorted(int(d) for d in os.listdir(ckpt.directory) if d.isdigit()) == [2, 3]
+
+
+def test_distributed_needs_complete_arguments():
+  with pytest.raises(ValueError, match='num_processes=None'):
+    train.initialize_distributed(coordinator_address='127.0.0.1:1')
+  with pytest.raises(ValueError, match='process_id=2'):
+    train.initialize_distributed(coordinator_address='127.0.0.1:1', num_processes=2, process_id=2)
