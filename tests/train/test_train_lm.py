@@ -92,8 +92,8 @@ def test_halt_and_resume_equals_uninterrupted(lm_test_config, tmp_path):
 
 
 def test_sigkill_after_checkpoint_then_restart_matches(lm_test_config, tmp_path):
-  config = lm_test_config(total_steps=200, log_every=50, eval_every=0)
-  config.checkpoint.every = 10
+  config = lm_test_config(total_steps=100, log_every=50, eval_every=0)
+  config.checkpoint.every = 5
   config_file = _write_config_file(config, str(tmp_path / 'config.py'))
   killed = str(tmp_path / 'killed')
   cmd = [sys.executable, TRAIN_LM, f'--config={config_file}', f'--workdir={killed}']
@@ -108,14 +108,14 @@ def test_sigkill_after_checkpoint_then_restart_matches(lm_test_config, tmp_path)
   _, err = proc.communicate()
   assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
   latest = train.Checkpointer(killed).latest_step()
-  assert latest is not None and latest < 200, f'killed too late: latest checkpoint {latest}'
+  assert latest is not None and latest < 100, f'killed too late: latest checkpoint {latest}'
 
   subprocess.run(cmd, check=True, capture_output=True)
   straight = str(tmp_path / 'straight')
   train.train_lm(config, straight)
   _, state_a, data_a = _final_state(straight)
   step_b, state_b, data_b = _final_state(killed)
-  assert step_b == 200 and data_a == data_b
+  assert step_b == 100 and data_a == data_b
   _assert_trees_equal(state_a, state_b)
 
 

@@ -1,0 +1,313 @@
+"""CAPO token stats, mask and shadow update against numpy token loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from curvopt import rl
+
+B, T, H, V, K = 3, 5, 8, 40, 6
+B1, B2, EPS = 0.9, 0.999, 1e-8
+
+
+def _top_k_set(h, head, a, k):
+  logits = head @ h
+  ids = list(np.argsort(-logits, kind='stable')[:k])
+  if a not in ids:
+    ids[-1] = a
+  ids = np.asarray(ids)
+  z = logits[ids] - logits[ids].max()
+  pi = np.exp(z) / np.exp(z).sum()
+  v = (ids == a).astype(np.float64) - pi
+  return ids, pi, v
+
+
+def reference_stats(hidden, head, actions, adv, mu, nu, count, lr, k):
+  """m_H, m_F of the spec, one token at a time, in float64."""
+  hidden, head, mu, nu = (np.asarray(x, np.float64)
+                          for x in (hidden, head, mu, nu))
+  m_h = np.zeros(actions.shape)
+  m_f = np.zeros(actions.shape)
+  for b in range(actions.shape[0]):
+    for t in range(actions.shape[1]):
+      h, a, A = hidden[b, t], int(actions[b, t]), float(adv[b])
+      if A == 0:
+        continue
+      ids, pi, v = _top_k_set(h, head, a, k)
+      g = A * np.outer(v, h)
+      if count == 0:
+        d = g
+      else:
+        m_hat = (B1 * mu[ids] + (1 - B1) * g) / (1 - B1**(count + 1))
+        v_hat = (B2 * nu[ids] + (1 - B2) * g**2) / (1 - B2**(count + 1))
+        d = m_hat / (np.sqrt(v_hat) + EPS)
+      u = d @ h
+      vu = v @ u
+      quad = u @ (np.diag(pi) - np.outer(pi, pi)) @ u
+      m_h[b, t] = lr * A * vu + 0.5 * lr**2 * A * (vu**2 - quad)
+      m_f[b, t] = 0.5 * lr**2 * vu**2
+  return m_h, m_f
+
+
+def reference_update(mu, nu, hidden, head, actions, adv, mask, k):
+  """Mean kept g per vocabulary row, then the Adam moment update."""
+  hidden, head = np.asarray(hidden, np.float64), np.asarray(head, np.float64)
+  total = np.zeros((V, H))
+  count = np.zeros(V)
+  for b in range(actions.shape[0]):
+    for t in range(actions.shape[1]):
+      if not mask[b, t]:
+        continue
+      ids, _, v = _top_k_set(hidden[b, t], head, int(actions[b, t]), k)
+      g = float(adv[b]) * np.outer(v, hidden[b, t])
+      for j, row in enumerate(ids):
+        total[row] += g[j]
+        count[row] += 1
+  mu, nu = np.array(mu, np.float64), np.array(nu, np.float64)
+  for row in np.flatnonzero(count):
+    g_bar = total[row] / count[row]
+    mu[row] = B1 * mu[row] + (1 - B1) * g_bar
+    nu[row] = B2 * nu[row] + (1 - B2) * g_bar**2
+  return mu, nu
+
+
+def make_inputs(seed=0, batch=B, length=T):
+  rng = np.random.default_rng(seed)
+  hidden = rng.normal(size=(batch, length, H)).astype(np.float32)
+  head = rng.normal(size=(V, H)).astype(np.float32)
+  actions = rng.integers(0, V, size=(batch, length))
+  # Half the actions are the argmax (inside S); the rest are random ids, most
+  # of them outside the top-K.
+  argmax = np.argmax(hidden @ head.T, axis=-1)
+  actions[:, ::2] = argmax[:, ::2]
+  adv = rng.normal(size=batch).astype(np.float32)
+  adv[1] = 0.0
+  mu = rng.normal(scale=0.1, size=(V, H)).astype(np.float32)
+  nu = rng.uniform(0.01, 0.1, size=(V, H)).astype(np.float32)
+  mask = rng.uniform(size=(batch, length)) < 0.7
+  return hidden, head, actions, adv, mu, nu, mask
+
+
+@pytest.fixture(scope='module')
+def stats_fn():
+  return jax.jit(rl.capo_token_stats,
+                 static_argnames=('top_k', 'b1', 'b2', 'eps', 'chunk_size'))
+
+
+@pytest.fixture(scope='module')
+def update_fn():
+  return jax.jit(rl.capo_shadow_update,
+                 static_argnames=('top_k', 'b1', 'b2', 'chunk_size',
+                                  'axis_name'))
+
+
+# chunk_size 4 -> one position per chunk; 7 -> two (T padded from 5 to 6).
+@pytest.mark.parametrize('chunk_size', [4, 7])
+@pytest.mark.parametrize('count', [0, 3])
+def test_token_stats_match_reference(stats_fn, chunk_size, count):
+  hidden, head, actions, adv, mu, nu, _ = make_inputs()
+  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu),
+                         jnp.asarray(count, jnp.int32))
+  # bf16 hidden states: the result must be the fp32 computation on them.
+  hidden_bf16 = jnp.asarray(hidden, jnp.bfloat16)
+  lr = 0.05
+  m_h, m_f = stats_fn(hidden_bf16, jnp.asarray(head), jnp.asarray(actions),
+                      jnp.asarray(adv), shadow, lr, top_k=K,
+                      chunk_size=chunk_size)
+  assert m_h.dtype == m_f.dtype == jnp.float32 and m_h.shape == (B, T)
+  want_h, want_f = reference_stats(np.asarray(hidden_bf16, np.float32), head,
+                                   actions, adv, mu, nu, count, lr, K)
+  np.testing.assert_allclose(m_h, want_h, rtol=2e-4, atol=1e-9)
+  np.testing.assert_allclose(m_f, want_f, rtol=2e-4, atol=1e-9)
+  # The fixture covers what it claims: zero advantage -> zero stats, nonzero
+  # stats elsewhere, and actions outside the top-K set.
+  m_h, m_f = np.asarray(m_h), np.asarray(m_f)
+  np.testing.assert_array_equal(m_h[1], 0.0)
+  assert np.all(m_f[[0, 2]] > 0)
+  outside = [a not in np.argsort(-(hidden[b, t] @ head.T))[:K]
+             for b in range(B) for t in range(T) for a in [actions[b, t]]]
+  assert 3 <= sum(outside) < B * T
+
+
+def test_fresh_shadow_step_model_is_the_gradient(stats_fn):
+  """At s = 0 the step is d = g: m_H is the 2nd-order change of A * ratio.
+
+  Taking the step W[S] += lr * g on the head changes the token's ratio
+  pi'(a) / pi(a) (softmax over S); A * (ratio - 1) must match m_H to O(lr^3).
+  """
+  hidden, head, actions, adv, _, _, _ = make_inputs(seed=1)
+  shadow = rl.capo_shadow_init(V, H)
+  lr = 1e-3
+  m_h, _ = stats_fn(jnp.asarray(hidden), jnp.asarray(head),
+                    jnp.asarray(actions), jnp.asarray(adv), shadow, lr,
+                    top_k=K, chunk_size=4)
+  h64, w64 = hidden.astype(np.float64), head.astype(np.float64)
+  for b in (0, 2):
+    for t in range(T):
+      a = int(actions[b, t])
+      ids, pi, v = _top_k_set(h64[b, t], w64, a, K)
+      w_new = w64.copy()
+      w_new[ids] += lr * adv[b] * np.outer(v, h64[b, t])
+      z = w_new[ids] @ h64[b, t]
+      pi_new = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+      pos = int(np.flatnonzero(ids == a)[0])
+      actual = adv[b] * (pi_new[pos] / pi[pos] - 1)
+      np.testing.assert_allclose(m_h[b, t], actual, rtol=2e-3)
+
+
+@pytest.mark.parametrize('chunk_size', [4, 7])
+def test_shadow_update_matches_reference(update_fn, chunk_size):
+  hidden, head, actions, adv, mu, nu, mask = make_inputs(seed=2)
+  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu),
+                         jnp.asarray(3, jnp.int32))
+  new = update_fn(shadow, jnp.asarray(hidden), jnp.asarray(head),
+                  jnp.asarray(actions), jnp.asarray(adv), jnp.asarray(mask),
+                  top_k=K, chunk_size=chunk_size)
+  want_mu, want_nu = reference_update(mu, nu, hidden, head, actions, adv, mask,
+                                      K)
+  assert int(new.count) == 4
+  assert new.mu.dtype == new.nu.dtype == jnp.float32
+  np.testing.assert_allclose(new.mu, want_mu, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(new.nu, want_nu, rtol=1e-5, atol=1e-8)
+  # Some rows occurred (changed) and some did not (unchanged).
+  changed = np.any(want_mu != mu, axis=1)
+  assert 0 < changed.sum() < V
+  np.testing.assert_array_equal(np.asarray(new.mu)[~changed], mu[~changed])
+
+
+def test_shadow_init_then_update_then_stats_uses_adam(update_fn, stats_fn):
+  hidden, head, actions, adv, _, _, mask = make_inputs(seed=3)
+  shadow = rl.capo_shadow_init(V, H)
+  assert shadow.mu.shape == (V, H) and int(shadow.count) == 0
+  args = (jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(actions),
+          jnp.asarray(adv))
+  shadow = update_fn(shadow, *args, jnp.asarray(mask), top_k=K, chunk_size=4)
+  zeros = np.zeros((V, H), np.float32)
+  want_mu, want_nu = reference_update(zeros, zeros, hidden, head, actions, adv,
+                                      mask, K)
+  np.testing.assert_allclose(shadow.mu, want_mu, rtol=1e-5, atol=1e-8)
+  m_h, m_f = stats_fn(*args, shadow, 0.01, top_k=K, chunk_size=4)
+  ref_h, ref_f = reference_stats(hidden, head, actions, adv, want_mu, want_nu,
+                                 1, 0.01, K)
+  np.testing.assert_allclose(m_h, ref_h, rtol=2e-4, atol=1e-9)
+  np.testing.assert_allclose(m_f, ref_f, rtol=2e-4, atol=1e-9)
+
+
+def test_mask_thresholds():
+  m_h = jnp.asarray([0.0, 0.005, -0.005, 0.02, -0.02, 0.005, np.nan, -0.0])
+  m_f = jnp.asarray([0.0, 5e-5, 5e-5, 0.0, 0.0, 2e-4, 0.0, 0.0])
+  sym = rl.capo_mask(m_h, m_f, tau_H=0.01, tau_F=1e-4)
+  np.testing.assert_array_equal(sym, [1, 1, 1, 0, 0, 0, 0, 1])
+  one_sided = rl.capo_mask(m_h, m_f, tau_H=0.01, tau_F=1e-4, symmetric=False)
+  np.testing.assert_array_equal(one_sided, [1, 1, 0, 0, 0, 0, 0, 1])
+  with pytest.raises(ValueError, match='tau_H and tau_F must be > 0'):
+    rl.capo_mask(m_h, m_f, tau_H=0.0)
+  with pytest.raises(ValueError, match='same shape'):
+    rl.capo_mask(m_h, m_f[:3])
+
+
+def test_metrics():
+  m_h = jnp.asarray([[0.1, -0.2, 0.3], [0.0, 5.0, 9.0]])
+  m_f = jnp.asarray([[1.0, 2.0, 3.0], [0.0, 0.0, 9.0]])
+  keep = jnp.asarray([[1, 0, 1], [1, 1, 0]], bool)
+  mask = jnp.asarray([[1, 1, 1], [1, 1, 0]])
+  out = rl.capo_metrics(m_h, m_f, keep, mask, quantiles=(0.0, 0.5, 1.0))
+  np.testing.assert_allclose(out['capo/masked_frac'], 0.2)
+  np.testing.assert_allclose(out['capo/m_H_q0'], -0.2)
+  np.testing.assert_allclose(out['capo/m_H_q1'], 5.0)
+  np.testing.assert_allclose(out['capo/abs_m_H_q0.5'], 0.2)
+  np.testing.assert_allclose(out['capo/m_F_q1'], 3.0)
+
+
+@pytest.mark.parametrize('call, error', [
+    (lambda x: x.update(hidden=np.zeros((B, T))),
+     r'hidden must be \[B, T, H\]'),
+    (lambda x: x.update(head=np.zeros((H, V))), r'head must be \[V, H\]'),
+    (lambda x: x.update(actions=np.zeros((B, T))), 'actions must be integer'),
+    (lambda x: x.update(advantages=np.zeros(B + 1)),
+     r'advantages must be \[B\]'),
+    (lambda x: x.update(top_k=V + 1), rf'top_k must be in \[1, vocab={V}\]'),
+    (lambda x: x.update(chunk_size=0), 'chunk_size must be >= 1, got 0'),
+    (lambda x: x.update(shadow=rl.capo_shadow_init(V + 1, H)),
+     r'shadow.mu has shape \(41, 8\)'),
+])
+def test_bad_inputs(call, error):
+  hidden, head, actions, adv, _, _, _ = make_inputs()
+  kwargs = dict(hidden=hidden, head=head, actions=actions, advantages=adv,
+                shadow=rl.capo_shadow_init(V, H), lr=0.1, top_k=K)
+  call(kwargs)
+  with pytest.raises((ValueError, TypeError), match=error):
+    rl.capo_token_stats(**kwargs)
+
+
+def test_peak_memory_never_holds_the_full_token_tensor():
+  """Compiled temp memory stays far below one [B, T, K, H] float32 tensor."""
+  batch, length, width, vocab, k = 4, 512, 128, 256, 50
+  full_bytes = batch * length * k * width * 4  # 52 MB
+  shapes = (jax.ShapeDtypeStruct((batch, length, width), jnp.float32),
+            jax.ShapeDtypeStruct((vocab, width), jnp.float32),
+            jax.ShapeDtypeStruct((batch, length), jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.float32))
+  shadow = jax.eval_shape(lambda: rl.capo_shadow_init(vocab, width))
+  mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
+
+  def stats(h, w, a, adv, s):
+    return rl.capo_token_stats(h, w, a, adv, s, 1e-3, top_k=k, chunk_size=64)
+
+  def update(h, w, a, adv, s, m):
+    return rl.capo_shadow_update(s, h, w, a, adv, m, top_k=k, chunk_size=64)
+
+  for fn, args in ((stats, shapes + (shadow,)),
+                   (update, shapes + (shadow, mask))):
+    analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+    assert analysis.temp_size_in_bytes < full_bytes / 8, (
+        fn.__name__, analysis.temp_size_in_bytes, full_bytes)
+
+
+def test_sharded_stats_mask_and_update_match_unsharded(mesh8, stats_fn,
+                                                       update_fn):
+  """Batch over 'data', head and shadow rows over 'fsdp': same numbers."""
+  hidden, head, actions, adv, mu, nu, mask = make_inputs(seed=4, batch=4)
+  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu),
+                         jnp.asarray(2, jnp.int32))
+  args = tuple(map(jnp.asarray, (hidden, head, actions, adv)))
+
+  def stats_mask_update(h, w, a, adv, s, m):
+    m_h, m_f = rl.capo_token_stats(h, w, a, adv, s, 0.05, top_k=K,
+                                   chunk_size=8)
+    keep = rl.capo_mask(m_h, m_f, tau_H=0.05, tau_F=1e-3) & m
+    return m_h, m_f, keep, rl.capo_shadow_update(s, h, w, a, adv, keep,
+                                                 top_k=K, chunk_size=8)
+
+  fn = jax.jit(stats_mask_update)
+  want = fn(*args, shadow, jnp.asarray(mask))
+  keep = np.asarray(want[2])
+  assert 0 < keep.sum() < mask.sum()  # the thresholds mask some tokens
+
+  spec = jax.sharding.PartitionSpec
+  named = lambda *s: jax.sharding.NamedSharding(mesh8, spec(*s))
+  put = jax.device_put
+  sharded_args = (put(hidden, named('data')), put(head, named('fsdp')),
+                  put(actions, named('data')), put(adv, named('data')))
+  sharded_shadow = rl.CapoShadow(put(mu, named('fsdp')), put(nu, named('fsdp')),
+                                 put(shadow.count, named()))
+  got = fn(*sharded_args, sharded_shadow, put(mask, named('data')))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-9)
+
+  # Inside shard_map each device sees its batch shard; axis_name sums the
+  # shadow statistics over the data axis.
+  def local_update(s, h, w, a, adv, m):
+    return rl.capo_shadow_update(s, h, w, a, adv, m, top_k=K, chunk_size=8,
+                                 axis_name='data')
+
+  mapped = jax.jit(jax.shard_map(
+      local_update, mesh=mesh8,
+      in_specs=(spec(), spec('data'), spec(), spec('data'), spec('data'),
+                spec('data')),
+      out_specs=spec()))
+  got = mapped(shadow, sharded_args[0], args[1], *sharded_args[2:],
+               put(keep, named('data')))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want[3])):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-9)
