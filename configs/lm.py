@@ -11,8 +11,8 @@ from ml_collections import config_dict
 
 # variant -> (model size, batch size, sequence length, total steps, eval batches)
 _VARIANTS = {
-    'tiny': ('tiny', 16, 128, 300, 4),
-    'small': ('small', 32, 256, 2000, 8),
+    'tiny': ('tiny', 16, 128, 300, 16),
+    'small': ('small', 32, 256, 2000, 16),
     'gpt2s': ('gpt2s', 64, 1024, 5000, 16),
 }
 

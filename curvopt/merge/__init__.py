@@ -1,0 +1,73 @@
+"""Model merging over pytrees: OTA + FFG (curvature-informed) and baselines.
+
+Every operator is a pure function of pytrees with keyword-only options; it
+computes in fp32 and returns each leaf in its input dtype. Each has a
+per-leaf core (`*_leaf`) that a streaming merge can call one tensor at a
+time; FFG's global threshold is its own function (`ffg_threshold`).
+"""
+
+from curvopt.merge._dare import COMBINES
+from curvopt.merge._dare import dare
+from curvopt.merge._dare import dare_keep_masks
+from curvopt.merge._dare import dare_leaf
+from curvopt.merge._dare import leaf_key
+from curvopt.merge._estimate_fisher import estimate_fisher
+from curvopt.merge._ffg import ffg_graft
+from curvopt.merge._ffg import ffg_graft_leaf
+from curvopt.merge._ffg import ffg_mask
+from curvopt.merge._ffg import ffg_mask_leaf
+from curvopt.merge._ffg import ffg_saliency
+from curvopt.merge._ffg import ffg_threshold
+from curvopt.merge._ffg import SCOPES
+from curvopt.merge._ffg import SCORES
+from curvopt.merge._fisher_merge import fisher
+from curvopt.merge._fisher_merge import fisher_leaf
+from curvopt.merge._linear import linear
+from curvopt.merge._linear import linear_leaf
+from curvopt.merge._linear import task_arithmetic
+from curvopt.merge._linear import task_arithmetic_leaf
+from curvopt.merge._ota import NORMALISE
+from curvopt.merge._ota import ota
+from curvopt.merge._ota import ota_expert_weight
+from curvopt.merge._ota import ota_leaf
+from curvopt.merge._rank1 import Rank1
+from curvopt.merge._rank1 import rank1_compress
+from curvopt.merge._rank1 import rank1_compress_leaf
+from curvopt.merge._rank1 import rank1_expand
+from curvopt.merge._rank1 import rank1_expand_leaf
+from curvopt.merge._ties import ties
+from curvopt.merge._ties import ties_leaf
+
+__all__ = (
+    'COMBINES',
+    'NORMALISE',
+    'Rank1',
+    'SCOPES',
+    'SCORES',
+    'dare',
+    'dare_keep_masks',
+    'dare_leaf',
+    'estimate_fisher',
+    'ffg_graft',
+    'ffg_graft_leaf',
+    'ffg_mask',
+    'ffg_mask_leaf',
+    'ffg_saliency',
+    'ffg_threshold',
+    'fisher',
+    'fisher_leaf',
+    'leaf_key',
+    'linear',
+    'linear_leaf',
+    'ota',
+    'ota_expert_weight',
+    'ota_leaf',
+    'rank1_compress',
+    'rank1_compress_leaf',
+    'rank1_expand',
+    'rank1_expand_leaf',
+    'task_arithmetic',
+    'task_arithmetic_leaf',
+    'ties',
+    'ties_leaf',
+)

@@ -1,0 +1,247 @@
+"""OTA: merging weighted elementwise by the experts' Adam second moments.
+
+Mahdavi et al. 2025 (arXiv 2509.11167), spec in specs/ota_ffg.md. Per tensor
+and expert: P_t = (c_t v_t)^p * scale_t (c_t an optional Adam bias
+correction), optionally P_t / (mean(P_t) + eps); w_t = (P_t + eps) * m_t with
+m_t an optional (FFG) mask; then
+
+  with a base:    theta* = theta0 + sum_t w_t tau_t / sum_t w_t
+  without a base: theta* = sum_t w_t theta_t / sum_t w_t.
+
+Entries where every expert is masked (sum_t w_t <= T * eps * 1.1, the
+reference's test) take theta0 (fallback_to_base) or the mean of the theta_t.
+"""
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvopt.merge import _options
+from curvopt.merge import _rank1
+from curvopt.merge import _tree
+
+F32 = jnp.float32
+NORMALISE = ('none', 'mean')
+
+
+def ota_expert_weight(moment: Any, *, power, eps, scale=1.0, correction=1.0,
+                      normalise: str = 'none', mask: Any = None):
+  """w_t = (P_t + eps) * m_t for one expert and tensor, in fp32 (traceable).
+
+  Args:
+    moment: the second moment v_t (array or `Rank1` factors).
+    power: p in P = v^p.
+    eps: added to P before masking, and to the mean when normalising.
+    scale: scale_t multiplying v^p.
+    correction: multiplies v before the power (Adam bias correction
+      1 / (1 - b2^count); 1 for none).
+    normalise: 'none' or 'mean' (P / (mean(P) + eps), per tensor).
+    mask: None, or a bool / 0-1 array m_t.
+
+  Returns:
+    The fp32 weight tensor w_t.
+  """
+  v = _rank1.dense_moment(moment) * correction
+  precond = jnp.power(v, power) * scale
+  if normalise == 'mean':
+    precond = precond / (jnp.mean(precond) + eps)
+  weight = precond + eps
+  if mask is not None:
+    weight = weight * jnp.asarray(mask).astype(F32)
+  return weight
+
+
+@functools.partial(jax.jit,
+                   static_argnames=('normalise', 'fallback_to_base'))
+def _ota_kernel(base, experts, moments, masks, power, eps, scales_T,
+                corrections_T, *, normalise, fallback_to_base):
+  num = len(experts)
+  reference = experts[0] if base is None else base
+  base32 = None if base is None else base.astype(F32)
+  numerator = jnp.zeros(reference.shape, F32)
+  denominator = jnp.zeros(reference.shape, F32)
+  oks = []
+  for t, expert in enumerate(experts):
+    oks.append(_rank1.moment_is_valid(moments[t]))
+    weight = ota_expert_weight(moments[t], power=power, eps=eps,
+                               scale=scales_T[t], correction=corrections_T[t],
+                               normalise=normalise, mask=masks[t])
+    theta = expert.astype(F32)
+    numerator = numerator + weight * (theta if base is None else theta - base32)
+    denominator = denominator + weight
+  if any(m is not None for m in masks):
+    fully_masked = denominator <= num * eps * 1.1
+    safe = jnp.where(fully_masked, 1.0, denominator)
+    merged = numerator / safe
+    if base is not None:
+      merged = base32 + merged
+    if fallback_to_base and base is not None:
+      fallback = base32
+    else:
+      fallback = sum(e.astype(F32) for e in experts) / num
+    merged = jnp.where(fully_masked, fallback, merged)
+  else:
+    merged = numerator / denominator
+    if base is not None:
+      merged = base32 + merged
+  return merged.astype(reference.dtype), jnp.stack(oks)
+
+
+def bias_corrections(bias_correction: Any, num: int) -> np.ndarray:
+  """1 / (1 - b2^count) per expert from T (b2, count) pairs; ones for None."""
+  if bias_correction is None:
+    return np.ones((num,), np.float32)
+  try:
+    pairs = [tuple(pair) for pair in bias_correction]
+  except TypeError as e:
+    raise ValueError('bias_correction must be None or one (b2, count) pair '
+                     f'per expert, got {bias_correction!r}') from e
+  if len(pairs) != num or any(len(pair) != 2 for pair in pairs):
+    raise ValueError(f'bias_correction needs one (b2, count) pair per expert '
+                     f'({num}), got {bias_correction!r}')
+  out = []
+  for b2, count in pairs:
+    if not 0.0 <= float(b2) < 1.0 or int(count) != count or count < 1:
+      raise ValueError('bias_correction needs 0 <= b2 < 1 and an integer '
+                       f'count >= 1, got (b2, count) = ({b2!r}, {count!r})')
+    out.append(1.0 / (1.0 - float(b2) ** int(count)))
+  return np.asarray(out, np.float32)
+
+
+def _options_for(num, power, eps, normalise, bias_correction, scales):
+  power = _options.positive(power, what='power')
+  eps = _options.positive(eps, what='eps')
+  normalise = _options.choice(normalise, NORMALISE, what='normalise')
+  corrections = bias_corrections(bias_correction, num)
+  scales = _options.per_expert(scales, num, what='scales', low=0.0,
+                               low_open=True)
+  return power, eps, normalise, corrections, scales
+
+
+def _describe(masks: Any) -> str:
+  if isinstance(masks, Sequence):
+    return f'a {type(masks).__name__} of {len(masks)}'
+  return f'a {type(masks).__name__}'
+
+
+def _leaf_masks(masks, num, *, name, shape):
+  if masks is None:
+    return (None,) * num
+  if not isinstance(masks, Sequence) or len(masks) != num:
+    raise ValueError(f'masks needs one array (or None) per expert ({num}), '
+                     f'got {_describe(masks)}')
+  for t, mask in enumerate(masks):
+    if mask is not None:
+      _tree.check_mask(mask, shape, name=name, what=f'mask of expert {t}')
+  return tuple(masks)
+
+
+def _gather_masks(gathered: _tree.Gathered, masks: Any) -> list[tuple]:
+  """Per leaf, one mask (or None) per expert, checked against the weights."""
+  num, count = gathered.num_experts, len(gathered.names)
+  if masks is None:
+    return [(None,) * num] * count
+  if not isinstance(masks, Sequence) or len(masks) != num:
+    raise ValueError(f'masks needs one tree (or None) per expert ({num}), '
+                     f'got {_describe(masks)}')
+  per_expert = []
+  for t, tree in enumerate(masks):
+    if tree is None:
+      per_expert.append((None,) * count)
+      continue
+    leaves = _tree.align(gathered.reference, tree, what=f'masks of expert {t}',
+                         missing='mask')
+    for name, weight, mask in zip(gathered.names, gathered.reference.leaves,
+                                  leaves):
+      _tree.check_mask(mask, tuple(weight.shape), name=name,
+                       what=f'mask of expert {t}')
+    per_expert.append(leaves)
+  return list(zip(*per_expert))
+
+
+def ota_leaf(base: Any, experts: Sequence[Any], second_moments: Sequence[Any],
+             *, power: float = 0.5, eps: float = 1e-8,
+             masks: Sequence[Any] | None = None, normalise: str = 'none',
+             fallback_to_base: bool = True, bias_correction: Any = None,
+             scales: Any = None, name: str = 'leaf'):
+  """`ota` on one tensor: arrays (base may be None), per-expert moments.
+
+  Moments may be `Rank1` factors for 2-D tensors; `masks` holds one bool
+  array (or None) per expert. Values are checked at the end of the call
+  unless traced.
+  """
+  reference = _tree.check_leaf_group(base, experts, name=name)
+  shape = tuple(reference.shape)
+  num = len(experts)
+  _tree.check_moment_group(second_moments, num, shape, name=name,
+                           what='second moment')
+  leaf_masks = _leaf_masks(masks, num, name=name, shape=shape)
+  power, eps, normalise, corrections, scales = _options_for(
+      num, power, eps, normalise, bias_correction, scales)
+  out, ok = _ota_kernel(base, tuple(experts), tuple(second_moments),
+                        leaf_masks, power, eps, scales, corrections,
+                        normalise=normalise,
+                        fallback_to_base=bool(fallback_to_base))
+  checks = _tree.ValueChecks()
+  checks.add(ok, _tree.moment_message(name, 'second moment'))
+  checks.raise_if_failed()
+  return out
+
+
+def ota(base: Any, experts: Sequence[Any], second_moments: Sequence[Any], *,
+        power: float = 0.5, eps: float = 1e-8,
+        masks: Sequence[Any] | None = None, normalise: str = 'none',
+        fallback_to_base: bool = True, bias_correction: Any = None,
+        scales: Any = None) -> Any:
+  """OTA merge: an elementwise average weighted by (v_t)^p (module docstring).
+
+  Args:
+    base: the pytree all experts were fine-tuned from, or None for the
+      no-base form (sum_t w_t theta_t / sum_t w_t).
+    experts: a list of T >= 1 pytrees with the same paths, shapes, dtypes.
+    second_moments: T pytrees of raw Adam second moments (optax `nu`, torch
+      `exp_avg_sq`): per leaf an array of the weight's shape, or `Rank1`
+      factors (`rank1_compress`) for 2-D leaves.
+    power: p > 0 in P_t = v_t^p (0.5: P = sqrt(v), the Adam preconditioner).
+    eps: > 0; added to P before masking (the reference used 1e-26 with a
+      base model and 1e-8 as its default).
+    masks: None, or T pytrees of bool masks (e.g. `ffg_mask`; None entries
+      mean unmasked). With masks, fully masked entries fall back.
+    normalise: 'none', or 'mean' for P_t / (mean(P_t) + eps) per tensor
+      (which cancels `scales`, as in the reference implementation).
+    fallback_to_base: where every expert is masked, use theta0 (True, needs
+      a base) or the plain mean of the experts (False, or no base).
+    bias_correction: None (default; the raw v, as the reference), or one
+      (b2, count) pair per expert: v_t is divided by 1 - b2^count_t.
+    scales: None, a scalar, or T per-expert scalars > 0 multiplying v_t^p.
+
+  Returns:
+    A pytree like `base` (or `experts[0]`), each leaf in its input dtype.
+
+  Raises:
+    ValueError: fewer than one expert; trees, shapes or dtypes that differ;
+      a missing, negative or non-finite second moment; bad options. The
+      message names the leaf or holds the value.
+  """
+  gathered = _tree.gather(base, experts)
+  num = gathered.num_experts
+  leaf_moments = _tree.gather_moments(gathered, second_moments,
+                                      what='second moments')
+  leaf_masks = _gather_masks(gathered, masks)
+  power, eps, normalise, corrections, scales = _options_for(
+      num, power, eps, normalise, bias_correction, scales)
+  bases = gathered.base or (None,) * len(gathered.names)
+  checks = _tree.ValueChecks()
+  outs = []
+  for name, b, leaves, moments, masks_t in zip(
+      gathered.names, bases, gathered.experts, leaf_moments, leaf_masks):
+    out, ok = _ota_kernel(b, leaves, moments, masks_t, power, eps,
+                          scales, corrections, normalise=normalise,
+                          fallback_to_base=bool(fallback_to_base))
+    checks.add(ok, _tree.moment_message(name, 'second moment'))
+    outs.append(out)
+  checks.raise_if_failed()
+  return gathered.reference.unflatten(outs)
