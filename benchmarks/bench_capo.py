@@ -14,7 +14,6 @@ and prints their time ratio (target <= 1.03, the paper's overhead being under
 3% of the step on a 7B model) and the masked-token fraction.
 """
 import functools
-import time
 
 from absl import app
 from absl import flags
@@ -25,6 +24,7 @@ import optax
 
 from curvopt import models
 from curvopt import rl
+import _timing  # benchmarks/_timing.py, beside this script
 
 _MODEL = flags.DEFINE_string('model', 'tiny', 'Decoder preset (tiny, small, gpt2s).')
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Completions per update step.')
@@ -96,13 +96,6 @@ def make_steps(model, cfg, optimizer, prompt_len):
           jax.jit(capo_step, donate_argnums=(0, 1, 2)))
 
 
-def _time(fn, steps):
-  start = time.perf_counter()
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
-
 
 def main(argv):
   del argv
@@ -149,8 +142,8 @@ def main(argv):
   jax.block_until_ready((run_grpo(), run_capo()))  # compile
   times = {'grpo': [], 'capo': []}
   for _ in range(_REPEATS.value):
-    times['grpo'].append(_time(run_grpo, _STEPS.value))
-    times['capo'].append(_time(run_capo, _STEPS.value))
+    times['grpo'].append(_timing.seconds_per_call(run_grpo, _STEPS.value))
+    times['capo'].append(_timing.seconds_per_call(run_capo, _STEPS.value))
   t_grpo, t_capo = np.median(times['grpo']), np.median(times['capo'])
   print(f'backend {jax.default_backend()}, device {jax.devices()[0].device_kind}; model '
         f'{_MODEL.value} ({n_params / 1e6:.2f}M params, vocab {cfg.vocab_size}, '

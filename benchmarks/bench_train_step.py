@@ -8,7 +8,6 @@ AdamW update, norms: what train_lm runs) and its anchor, a bare forward + backwa
 model, and prints tokens/s and their ratio. On an accelerator it also prints MFU: model FLOPs
 (6 N + 12 L d T per token, the PaLM count) over the chip's peak bf16 rate.
 """
-import time
 
 from absl import app
 from absl import flags
@@ -19,6 +18,7 @@ import optax
 
 from curvopt import models
 from curvopt import train
+import _timing  # benchmarks/_timing.py, beside this script
 
 _MODELS = flags.DEFINE_list('models', None, 'Model sizes (default: tiny,small on CPU, gpt2s else).')
 _BATCH = flags.DEFINE_integer('batch_size', None, 'Sequences per step (default per model).')
@@ -38,13 +38,6 @@ def _peak_tflops():
   kind = jax.devices()[0].device_kind
   return next((v for k, v in _PEAK_TFLOPS.items() if k in kind), None)
 
-
-def _time(fn, steps):
-  start = time.perf_counter()
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
 
 
 def bench(name: str):
@@ -78,8 +71,8 @@ def bench(name: str):
   jax.block_until_ready(holder['state'])
   times = {'train_step': [], 'fwd_bwd': []}
   for _ in range(_REPEATS.value):
-    times['train_step'].append(_time(run_step, _STEPS.value))
-    times['fwd_bwd'].append(_time(run_grad, _STEPS.value))
+    times['train_step'].append(_timing.seconds_per_call(run_step, _STEPS.value))
+    times['fwd_bwd'].append(_timing.seconds_per_call(run_grad, _STEPS.value))
   t_step, t_grad = np.median(times['train_step']), np.median(times['fwd_bwd'])
   tokens_per_step = batch_size * seq_len
   n_params = models.count_params(holder['state'].params)

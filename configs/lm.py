@@ -47,7 +47,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.data.eval_batches = eval_batches
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'adamw'
+  config.optimizer.name = 'adamw'  # or optax_muon, dmuon, lanton, lanton_mean
   config.optimizer.learning_rate = 3e-3
   config.optimizer.adam_learning_rate = config_dict.placeholder(float)  # muon's Adam leaves
   config.optimizer.weight_decay = 0.1
@@ -55,7 +55,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.95
   config.optimizer.eps = 1e-8
   config.optimizer.momentum = 0.95
-  config.optimizer.consistent_rms = config_dict.placeholder(float)
+  config.optimizer.consistent_rms = config_dict.placeholder(float)  # optax_muon only
+  config.optimizer.lanton_mapping = 'min_ratio'  # lanton: layer lr = lr * s(H); lanton_mean: mean
   config.optimizer.grad_clip_norm = 1.0
 
   config.schedule = ml_collections.ConfigDict()

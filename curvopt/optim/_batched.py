@@ -19,9 +19,15 @@ POLARS = ('newton_schulz', 'svd')
 
 
 def svd_polar(x: jax.Array) -> jax.Array:
-  """The exact polar factor U V^T of each matrix in x [..., m, n] (slow)."""
-  u, _, vh = jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
-  return (u @ vh).astype(x.dtype)
+  """The exact polar factor U V^T of each matrix in x [..., m, n] (slow).
+
+  Matrices with non-finite entries give NaN (LAPACK's SVD may not return on
+  them, so they are zeroed before it).
+  """
+  x32 = x.astype(jnp.float32)
+  finite = jnp.all(jnp.isfinite(x32), axis=(-2, -1), keepdims=True)
+  u, _, vh = jnp.linalg.svd(jnp.where(finite, x32, 0.0), full_matrices=False)
+  return jnp.where(finite, u @ vh, jnp.nan).astype(x.dtype)
 
 
 def check_options(*, polar: str, ns_sharding: str) -> None:
@@ -92,7 +98,7 @@ def _orthogonalize_stack(stacks, spec, schedule, ns_dtype, eps, polar,
   def run(x):
     if polar == 'svd':
       return svd_polar(x)
-    return _newton_schulz._iterate(x, schedule, ns_dtype, eps)  # pylint: disable=protected-access
+    return _newton_schulz.iterate(x, schedule, ns_dtype, eps)
 
   if mesh is None or ns_sharding == 'none':
     x = stacks[0] if len(stacks) == 1 else jnp.concatenate(stacks, axis=0)
@@ -119,7 +125,8 @@ def _orthogonalize_stack(stacks, spec, schedule, ns_dtype, eps, polar,
         [x, jnp.zeros((padded - total,) + x.shape[1:], x.dtype)], axis=0)
   x = _sharding.relayout(x, (tuple(mesh.axis_names), None, None), mesh)
   y = run(x).astype(x.dtype)
-  y = _sharding.relayout(y, (None,) + tuple(spec[1:]), mesh)[:total]
+  # One all-gather of the results; re-slicing them to `spec` is local.
+  y = _sharding.relayout(y, (None, None, None), mesh)[:total]
   return [_sharding.relayout(part, spec, mesh) for part in _split(y, sizes)]
 
 

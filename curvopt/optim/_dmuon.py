@@ -69,6 +69,13 @@ def scale_by_dmuon(
   _newton_schulz.resolve_ns_dtype(ns_dtype)
 
   def init_fn(params):
+    # Resolves every leaf's matrix view now, so a bad leaf fails at init.
+    flat = _paths.leaves_with_paths(params)
+    paths = [p for p, _ in flat]
+    dims = _matrix.resolve_dimension_numbers(params, weight_dimension_numbers,
+                                             paths)
+    for (path, x), d in zip(flat, dims):
+      _matrix.matrix_view(x.shape, d, path=_paths.path_str(path))
     return ScaleByDmuonState(
         count=jnp.zeros([], jnp.int32),
         mu=optax.tree.zeros_like(params, dtype=mu_dtype))

@@ -10,13 +10,16 @@ Matrix LMOs take arrays in the Flax layout [..., d_in, d_out] (y = x @ W);
 leading axes are independent matrices: the norm of a stack is the max of the
 matrices' norms, so its dual norm is the sum of theirs.
 
-| name      | norm of W [d_in, d_out]          | direction O                    | dual norm of D            |
-|-----------|----------------------------------|--------------------------------|---------------------------|
-| spectral  | RMS->RMS: sqrt(d_in/d_out)|W|_2  | -sqrt(d_out/d_in) polar(B)     | sqrt(d_out/d_in) |D|_*    |
-| sign      | l1->l_inf: max |W_ij|            | -sign(B)                       | sum |D_ij|                |
-| colnorm   | l1->RMS: max_i RMS(W[i, :])      | -sqrt(d_out) B[i,:]/|B[i,:]|   | sqrt(d_out) sum_i |D[i,:]| |
-| rownorm   | RMS->l_inf: max_j sqrt(d_in)|W[:, j]| | -B[:,j]/(sqrt(d_in)|B[:,j]|) | sum_j |D[:,j]| / sqrt(d_in) |
-| bias_rms  | RMS of the whole leaf            | -B / RMS(B)                    | sqrt(n) |D|_2             |
+spectral (RMS->RMS norm sqrt(d_in/d_out) |W|_2):
+    O = -sqrt(d_out/d_in) polar(B);       dual(D) = sqrt(d_out/d_in) |D|_*
+sign (l1->l_inf norm max_ij |W_ij|):
+    O = -sign(B);                         dual(D) = sum_ij |D_ij|
+colnorm (l1->RMS norm max_i RMS(W[i, :]), per input row):
+    O_i = -sqrt(d_out) B[i]/|B[i]|;       dual(D) = sqrt(d_out) sum_i |D[i]|
+rownorm (RMS->l_inf norm max_j sqrt(d_in) |W[:, j]|, per output column):
+    O_j = -B[:,j]/(sqrt(d_in)|B[:,j]|);   dual(D) = sum_j |D[:,j]| / sqrt(d_in)
+bias_rms (RMS norm of the whole leaf, n entries):
+    O = -B / RMS(B);                      dual(D) = sqrt(n) |D|_2
 
 The spectral polar factor and its nuclear norm |D|_* = <D, polar(D)> use
 Newton-Schulz by default (approximate; `polar='svd'` is exact and slow).

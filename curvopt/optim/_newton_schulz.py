@@ -1,6 +1,6 @@
 """Newton-Schulz orthogonalization (approximate polar factor U V^T)."""
 
-from typing import Any, Sequence, Union
+from typing import Any, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,17 +38,43 @@ def resolve_ns_dtype(dtype: Any) -> jnp.dtype:
   return resolved
 
 
-def coeff_schedule(coeffs: Coeffs, steps: int) -> list[tuple[float, ...]]:
-  """Per-step (a, b, c): one triple repeated, or one triple per step."""
+class DynamicSchedule(NamedTuple):
+  """One (a, b, c) triple for a traced number of steps (a fori_loop)."""
+  coeffs: tuple[Any, Any, Any]
+  steps: Any
+
+
+Schedule = Union[list[tuple[Any, ...]], DynamicSchedule]
+
+
+def _is_triple(coeffs: Any) -> bool:
+  return len(coeffs) == 3 and all(jnp.ndim(c) == 0 for c in coeffs)
+
+
+def coeff_schedule(coeffs: Coeffs, steps: Any) -> Schedule:
+  """Per-step (a, b, c) triples, or a DynamicSchedule for traced `steps`.
+
+  `steps` is traced when it is a hyperparameter under
+  `optax.inject_hyperparams`; one triple then runs in a `fori_loop`.
+
+  Args:
+    coeffs: one triple, or one triple per step.
+    steps: the number of iterations (an int, or a traced integer scalar).
+
+  Returns:
+    A list of triples (unrolled) or a DynamicSchedule.
+  """
   try:
     steps = int(steps)
-  except jax.errors.ConcretizationTypeError as e:
-    raise TypeError('the number of Newton-Schulz steps must be a Python int; '
-                    'under optax.inject_hyperparams list it in static_args'
-                    ) from e
+  except jax.errors.ConcretizationTypeError:
+    if not _is_triple(coeffs):
+      raise ValueError('per-step coefficients need a static number of steps; '
+                       'under optax.inject_hyperparams list ns_steps in '
+                       'static_args') from None
+    return DynamicSchedule(tuple(coeffs), steps)
   if steps < 0:
     raise ValueError(f'steps must be >= 0, got {steps}')
-  if len(coeffs) == 3 and all(jnp.ndim(c) == 0 for c in coeffs):
+  if _is_triple(coeffs):
     return [tuple(coeffs)] * steps
   rows = [tuple(row) for row in coeffs]
   if any(len(row) != 3 for row in rows) or len(rows) != steps:
@@ -99,24 +125,34 @@ def newton_schulz(
     x_in = _sharding.relayout(x, spec[:-2] + (None, None), mesh)
   else:
     x_in = x
-  y = _iterate(x_in, schedule, ns_dtype, eps).astype(x.dtype)
+  y = iterate(x_in, schedule, ns_dtype, eps).astype(x.dtype)
   if gathered:
     y = _sharding.relayout(y, spec, mesh)
   return y
 
 
-def _iterate(x: jax.Array, schedule: list[tuple[float, ...]],
-             ns_dtype: jnp.dtype, eps: float) -> jax.Array:
+def _step(y: jax.Array, a: Any, b: Any, c: Any) -> jax.Array:
+  gram = y @ jnp.swapaxes(y, -1, -2)
+  poly = b * gram + c * (gram @ gram)
+  return a * y + poly @ y
+
+
+def iterate(x: jax.Array, schedule: Schedule, ns_dtype: jnp.dtype,
+            eps: Any) -> jax.Array:
+  """The iteration on x [..., m, n] as is (no layout handling)."""
   transposed = x.shape[-2] > x.shape[-1]
   if transposed:
     x = jnp.swapaxes(x, -1, -2)
   x32 = x.astype(jnp.float32)
   norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True))
   y = (x32 / (norm + eps)).astype(ns_dtype)
-  for a, b, c in schedule:
-    gram = y @ jnp.swapaxes(y, -1, -2)
-    poly = b * gram + c * (gram @ gram)
-    y = a * y + poly @ y
+  if isinstance(schedule, DynamicSchedule):
+    a, b, c = (jnp.asarray(v).astype(ns_dtype) for v in schedule.coeffs)
+    y = jax.lax.fori_loop(0, schedule.steps,
+                          lambda _, y: _step(y, a, b, c), y)
+  else:
+    for a, b, c in schedule:
+      y = _step(y, a, b, c)
   if transposed:
     y = jnp.swapaxes(y, -1, -2)
   return y

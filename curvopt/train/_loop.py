@@ -99,20 +99,20 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       tokenizer, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
       num_batches=config.data.eval_batches)
 
-  optimizer, learning_rate = _optimizers.make_optimizer(
-      config.optimizer, config.total_steps, config.schedule)
+  optimizer = _optimizers.make_optimizer(config.optimizer, config.total_steps, config.schedule)
 
   def logits_fn(params, tokens):
     return model.apply({'params': params}, tokens)[0]
 
-  init_state = _step.make_init_state(model, optimizer, seq_len=config.data.seq_len)
+  init_state = _step.make_init_state(model, optimizer.tx, seq_len=config.data.seq_len)
   rng = jax.random.key(config.seed)
   state_shapes = jax.eval_shape(init_state, rng)
   state_shardings = _sharding.fsdp_shardings(state_shapes, mesh)
   batch_sharding = _sharding.batch_sharding(mesh)
   train_step = jax.jit(
-      _step.make_train_step(logits_fn, optimizer, pad_id=tokenizer.pad_id,
-                            learning_rate=learning_rate),
+      _step.make_train_step(logits_fn, optimizer.tx, pad_id=tokenizer.pad_id,
+                            learning_rate=optimizer.learning_rate,
+                            optimizer_stats=optimizer.stats),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, None),
       donate_argnums=0)

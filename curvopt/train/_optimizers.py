@@ -1,10 +1,22 @@
 """The optimizer registry: optimizers are chosen by name from the config."""
-from typing import Callable
+import functools
+from typing import Any, Callable, NamedTuple, Optional
 
+import jax
 import ml_collections
 import optax
 
+from curvopt import optim
 from curvopt.train import _schedules
+
+# opt_state -> {metric name: scalar}, logged by the trainer every step.
+StatsFn = Callable[[Any], dict[str, jax.Array]]
+
+
+class Optimizer(NamedTuple):
+  tx: optax.GradientTransformation
+  learning_rate: Callable[[jax.Array], jax.Array]  # the main schedule, for logging
+  stats: Optional[StatsFn] = None
 
 
 def _adamw(cfg, lr, adam_lr):
@@ -19,15 +31,38 @@ def _optax_muon(cfg, lr, adam_lr):
       consistent_rms=cfg.consistent_rms)
 
 
-# name -> (optimizer config, learning-rate schedule, Adam learning-rate schedule) -> transform.
+def _dmuon(cfg, lr, adam_lr):
+  return optim.dmuon(lr, beta=cfg.momentum, weight_decay=cfg.weight_decay, adam_b1=cfg.b1,
+                     adam_b2=cfg.b2, adam_eps=cfg.eps, adam_learning_rate=adam_lr)
+
+
+def _lanton(cfg, lr, adam_lr, *, mapping=None):
+  return optim.lanton(lr, b1=cfg.momentum, mapping=mapping or cfg.lanton_mapping,
+                      weight_decay=cfg.weight_decay, adam_b1=cfg.b1, adam_b2=cfg.b2,
+                      adam_eps=cfg.eps, adam_learning_rate=adam_lr)
+
+
+def lanton_metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """Every LANTON leaf's noise estimate H and learning-rate scale, as flat metric names."""
+  stats = optim.lanton_stats(opt_state)
+  return {f'lanton/{kind}/{path}': value
+          for kind in ('lr_scale', 'h') for path, value in stats[kind].items()}
+
+
+# name -> (optimizer config, lr schedule, Adam lr schedule) -> transform.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     'adamw': _adamw,
     'optax_muon': _optax_muon,
+    'dmuon': _dmuon,
+    'lanton': _lanton,
+    'lanton_mean': functools.partial(_lanton, mapping='mean_ratio'),
 }
+_STATS: dict[str, StatsFn] = {'lanton': lanton_metrics, 'lanton_mean': lanton_metrics}
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, schedule_cfg):
-  """Builds (optimizer, learning-rate schedule) from the config's `optimizer` and `schedule`."""
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
+                   schedule_cfg: ml_collections.ConfigDict) -> Optimizer:
+  """Builds the optimizer named by `cfg.name`, on the schedule of `schedule_cfg`."""
   if cfg.name not in OPTIMIZERS:
     raise ValueError(f'unknown optimizer {cfg.name!r}; valid names: {sorted(OPTIMIZERS)}')
   if not cfg.learning_rate > 0:
@@ -38,4 +73,4 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, schedule_cf
   tx = OPTIMIZERS[cfg.name](cfg, lr, adam_lr)
   if cfg.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
-  return tx, lr
+  return Optimizer(tx, lr, _STATS.get(cfg.name))

@@ -1,5 +1,5 @@
 """Pure train and eval steps for next-token prediction, built once and jit'd by the caller."""
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +35,13 @@ def make_init_state(model, optimizer: optax.GradientTransformation, *, seq_len: 
 
 
 def make_train_step(logits_fn: LogitsFn, optimizer: optax.GradientTransformation, *,
-                    pad_id: int, learning_rate: Callable[[jax.Array], jax.Array]):
-  """Returns step(state, tokens_BxTp1) -> (state, metrics), pure and ready for jax.jit."""
+                    pad_id: int, learning_rate: Callable[[jax.Array], jax.Array],
+                    optimizer_stats: Optional[Callable[[Any], dict]] = None):
+  """Returns step(state, tokens_BxTp1) -> (state, metrics), pure and ready for jax.jit.
+
+  `optimizer_stats(opt_state)` adds optimizer-specific scalars (e.g. LANTON's per-layer
+  learning-rate scales) to the metrics.
+  """
 
   def train_step(state: _state.TrainState, tokens_BxTp1: jax.Array):
     inputs_BxT, targets_BxT = tokens_BxTp1[:, :-1], tokens_BxTp1[:, 1:]
@@ -54,6 +59,8 @@ def make_train_step(logits_fn: LogitsFn, optimizer: optax.GradientTransformation
         'param_norm': optax.global_norm(params),
         'learning_rate': learning_rate(state.step),
     }
+    if optimizer_stats is not None:
+      metrics.update(optimizer_stats(opt_state))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 

@@ -190,3 +190,18 @@ def test_two_processes_match_one_process(lm_test_config, tmp_path):
   _, state_two, data_two = _final_state(two)
   assert data_one == data_two
   _assert_trees_equal(state_one['params'], state_two['params'], rtol=1e-4, atol=1e-6)
+
+
+def test_lanton_run_logs_per_layer_learning_rate_scales(lm_test_config, tmp_path):
+  workdir = str(tmp_path / 'lanton')
+  config = lm_test_config(**{'optimizer.name': 'lanton', 'optimizer.learning_rate': 0.02,
+                             'total_steps': 4})
+  result = train.train_lm(config, workdir)
+  assert np.isfinite(result.train_loss)
+  last = train.read_metrics(workdir)[-1]
+  scales = {k: v for k, v in last.items() if k.startswith('lanton/lr_scale/')}
+  assert 'lanton/lr_scale/layers_0/attn/q/kernel' in scales
+  assert 'lanton/lr_scale/embed/embedding' in scales
+  assert all(0.0 < v <= 1.0 + 1e-6 for v in scales.values())
+  hidden = [v for k, v in scales.items() if '/layers_' in k]
+  assert max(hidden) == pytest.approx(1.0, abs=1e-3)  # min_ratio: the least noisy layer gets 1
