@@ -78,13 +78,8 @@ def density(value: Any, num: int, *, what: str = 'density') -> Any:
 
 def positive(value: Any, *, what: str) -> float:
   """A finite scalar > 0 (eps, power)."""
-  if is_tracer(value):
-    return value
-  try:
-    number = float(value)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f'{what} must be a number, got {value!r}') from e
-  if not np.isfinite(number) or number <= 0:
+  number = finite(value, what=what)
+  if not is_tracer(number) and number <= 0:
     raise ValueError(f'{what} must be finite and > 0, got {value!r}')
   return number
 
