@@ -46,7 +46,32 @@ def lm_section(config, workdir: str) -> str:
           f'schedule.\n\n{table}\n\n![eval loss]({os.path.basename(plot)})\n')
 
 
-SECTIONS = (lm_section,)
+def lanton_section(config, workdir: str) -> str:
+  """LANTON's per-layer learning-rate scales over training, from its LM run's metrics."""
+  name = next((n for n, o in config.lm_runs.items() if o.name.startswith('lanton')), None)
+  if name is None:
+    return ''
+  run_dir = os.path.join(workdir, 'lm', name)
+  prefix = 'lanton/lr_scale/'
+  keys = sorted({k for r in train.read_metrics(run_dir) for k in r if k.startswith(prefix)})
+  series = {k[len(prefix):]: train.curve(run_dir, k) for k in keys}
+  steps = next(iter(series.values()))[0]
+  plot = train.plot_heatmap({leaf: values for leaf, (_, values) in series.items()}, steps,
+                            os.path.join(workdir, 'lanton_lr_scale.png'),
+                            title=f'LANTON ({config.lm_runs[name].name}): per-layer lr scale',
+                            xlabel='step', colorbar='learning-rate scale s(H)')
+  final = sorted(((values[-1], leaf) for leaf, (_, values) in series.items()))
+  table = train.markdown_table(['leaf', 'final lr scale'],
+                               [[leaf, value] for value, leaf in final[:3] + final[-3:]])
+  return ('## LANTON: noise-adaptive layerwise learning rates\n\nEach layer\'s step is the '
+          'schedule times s(H), from its gradient-noise estimate H in the dual norm of its '
+          'LMO; noisier layers get smaller steps. The three smallest and three largest scales at '
+          'the end of the run (a constant per-group factor, such as the embedding\'s, '
+          f'included):\n\n{table}\n\n'
+          f'![lr scales]({os.path.basename(plot)})\n')
+
+
+SECTIONS = (lm_section, lanton_section)
 
 
 def main(argv):
@@ -57,8 +82,7 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   parts = ['# curvopt demo report\n']
-  for section in SECTIONS:
-    parts.append(section(_CONFIG.value, workdir))
+  parts += [text for text in (section(_CONFIG.value, workdir) for section in SECTIONS) if text]
   parts.append(f'_Total wall time: {time.perf_counter() - start:.0f} s._\n')
   report = os.path.join(workdir, 'report.md')
   with open(report + '.tmp', 'w') as f:

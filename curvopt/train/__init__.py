@@ -19,6 +19,7 @@ from curvopt.train._loop import model_config_from
 from curvopt.train._loop import NonFiniteError
 from curvopt.train._optimizers import OPTIMIZERS
 from curvopt.train._report import plot_curves
+from curvopt.train._report import plot_heatmap
 from curvopt.train._metrics import Progress
 from curvopt.train._metrics import quiet_library_logs
 from curvopt.train._sharding import put_global_batch

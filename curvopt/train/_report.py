@@ -42,13 +42,25 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
   return '\n'.join(lines)
 
 
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')  # files only, no display
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _save(fig, path: str) -> str:
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  _pyplot().close(fig)
+  return path
+
+
 def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
                 title: str, xlabel: str, ylabel: str, logy: bool = False) -> str:
   """Writes one line per named (x, y) curve to a PNG at `path`; returns the path."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  fig, ax = _pyplot().subplots(figsize=(6, 4), dpi=120)
   for name, (xs, ys) in curves.items():
     ax.plot(xs, ys, marker='o', markersize=3, label=name)
   ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -56,8 +68,19 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     ax.set_yscale('log')
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
+
+
+def plot_heatmap(rows: Mapping[str, Sequence[float]], columns: Sequence[int], path: str, *,
+                 title: str, xlabel: str, colorbar: str) -> str:
+  """Writes a named-rows x columns heatmap (e.g. per-layer values over steps) to a PNG."""
+  names = list(rows)
+  values = np.array([rows[n] for n in names], dtype=np.float64)
+  fig, ax = _pyplot().subplots(figsize=(7, 0.22 * len(names) + 1.5), dpi=120)
+  image = ax.imshow(values, aspect='auto', interpolation='nearest', cmap='viridis')
+  ax.set_yticks(range(len(names)), names, fontsize=6)
+  ticks = np.linspace(0, len(columns) - 1, min(len(columns), 8)).astype(int)
+  ax.set_xticks(ticks, [str(columns[i]) for i in ticks])
+  ax.set(title=title, xlabel=xlabel)
+  fig.colorbar(image, ax=ax, label=colorbar)
+  return _save(fig, path)

@@ -15,13 +15,15 @@ def test_demo_smoke_writes_report_and_plot(tmp_path, mini_data_dir):
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = (workdir / 'report.md').read_text()
   assert '## Language-model pretraining' in report
-  for optimizer in ('adamw', 'optax_muon'):
+  for optimizer in ('adamw', 'optax_muon', 'dmuon', 'lanton_mean'):
     row = next(line for line in report.splitlines() if line.startswith(f'| {optimizer} |'))
     cells = [c.strip() for c in row.strip('|').split('|')]
     assert cells[2] == '6'  # steps
     assert all(float(c) > 0 for c in cells[3:6])  # train loss, eval loss, tokens/s
-  png = workdir / 'lm_eval_loss.png'
-  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 5000
+  assert '## LANTON' in report and '| layers_' in report
+  for name in ('lm_eval_loss.png', 'lanton_lr_scale.png'):
+    png = workdir / name
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 5000
 
   # Run again: finished runs are reused, not retrained, and the report is the same table.
   again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

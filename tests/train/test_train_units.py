@@ -21,7 +21,7 @@ def _schedule_cfg(name, warmup=10, final=0.1, decay=0.2):
 def _optimizer_cfg(name='adamw', **kw):
   cfg = dict(name=name, learning_rate=1e-2, adam_learning_rate=None, weight_decay=0.0, b1=0.9,
              b2=0.95, eps=1e-8, momentum=0.95, consistent_rms=None, grad_clip_norm=0.0,
-             lanton_mapping='min_ratio')
+             lanton_mapping='min_ratio', lanton_embed_head_scale=1.0)
   cfg.update(kw)
   return ml_collections.ConfigDict(cfg)
 
