@@ -3,7 +3,6 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Optional
 
 from absl import logging
 import jax

@@ -1,6 +1,5 @@
 """End-to-end tests of the LM trainer: golden first step, resume exactness (halt, SIGKILL),
 the NaN guard, config errors, and 8-device / two-process equivalence with one device."""
-import json
 import os
 import signal
 import socket

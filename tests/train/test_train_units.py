@@ -1,6 +1,5 @@
 """Unit tests of the training plumbing that need no model or data: schedules, registry, sharding,
 metrics, checkpoints, the loss."""
-import json
 import os
 
 import jax
