@@ -1,20 +1,24 @@
 r"""Train-step throughput of the reference decoder, and model-FLOPs utilization on accelerators.
 
   python benchmarks/bench_train_step.py                       # tiny and small on this machine
+  python benchmarks/bench_train_step.py --models=tiny --optimizers=dmuon,lanton,lanton_mean
   python benchmarks/bench_train_step.py --models=gpt2s --batch_size=16 --seq_len=1024   # GPU
 
-For each model it times, side by side in one process, the full train step (forward, backward,
-AdamW update, norms: what train_lm runs) and its anchor, a bare forward + backward of the same
-model, and prints tokens/s and their ratio. On an accelerator it also prints MFU: model FLOPs
-(6 N + 12 L d T per token, the PaLM count) over the chip's peak bf16 rate.
+For each model it times, side by side in one process (interleaved repetitions, median), the
+trainer's full train step (forward, backward, optimizer update, norms: what train_lm runs) for each
+registry optimizer named, and their anchor, a bare forward + backward of the same model; it prints
+tokens/s and time ratios against the anchor and against the first optimizer. On an accelerator it
+also prints MFU: model FLOPs (6 N + 12 L d T per token, the PaLM count) over the chip's peak bf16
+rate.
 """
+
+import os
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from curvopt import models
 from curvopt import train
@@ -26,6 +30,9 @@ _SEQ = flags.DEFINE_integer('seq_len', None, 'Tokens per sequence (default per m
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per repetition.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repetitions; the median is reported.')
 _PEAK = flags.DEFINE_float('peak_tflops', None, 'Peak bf16 TFLOP/s (default: by device kind).')
+_OPTIMIZERS = flags.DEFINE_list('optimizers', ['adamw'],
+                                'Registry optimizers to time; ratios are against the first.')
+_LM_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'lm.py')
 
 # Dense bf16 peaks from the vendors' datasheets (no sparsity).
 _PEAK_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0, 'TPU v5': 459.0}
@@ -40,51 +47,63 @@ def _peak_tflops():
 
 
 
+def _make_step(model, opt_name, seq_len, logits_fn):
+  """The trainer's own step for the registry optimizer `opt_name`, with its state."""
+  lm = train.load_config(_LM_CONFIG, 'tiny')
+  lm.optimizer.name = opt_name
+  opt = train.make_optimizer(lm.optimizer, 1000, lm.schedule)
+  state = jax.jit(train.make_init_state(model, opt.tx, seq_len=seq_len))(jax.random.key(0))
+  step = jax.jit(train.make_train_step(logits_fn, opt.tx, pad_id=-1,
+                                       learning_rate=opt.learning_rate,
+                                       optimizer_stats=opt.stats), donate_argnums=0)
+  return step, state
+
+
 def bench(name: str):
   batch_size, seq_len = _DEFAULTS[name]
   batch_size, seq_len = _BATCH.value or batch_size, _SEQ.value or seq_len
   dtype = train.resolve_dtype('auto')
   cfg = models.model_config(name, dtype=dtype, max_len=max(seq_len, 8))
   model = models.Decoder(cfg)
-  optimizer = optax.adamw(1e-3, weight_decay=0.1)
-  state = jax.jit(train.make_init_state(model, optimizer, seq_len=seq_len))(jax.random.key(0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(
       0, min(cfg.vocab_size, 256), (batch_size, seq_len + 1)), jnp.int32)
 
   def logits_fn(params, inputs):
     return model.apply({'params': params}, inputs)[0]
 
-  step = jax.jit(train.make_train_step(logits_fn, optimizer, pad_id=-1,
-                                       learning_rate=lambda s: 1e-3), donate_argnums=0)
+  states, calls = {}, {}
+  for opt_name in _OPTIMIZERS.value:
+    step, states[opt_name] = _make_step(model, opt_name, seq_len, logits_fn)
+
+    def run_step(step=step, opt_name=opt_name):
+      states[opt_name], metrics = step(states[opt_name], tokens)
+      return metrics['loss']
+
+    calls[opt_name] = run_step
+  # A copy: the steps donate their states, parameters included.
+  anchor_params = jax.tree.map(jnp.copy, states[_OPTIMIZERS.value[0]].params)
   grad = jax.jit(jax.grad(lambda p, t: train.lm_loss(logits_fn(p, t[:, :-1]), t[:, 1:], -1)[0]))
+  calls['fwd+bwd'] = lambda: grad(anchor_params, tokens)
 
-  holder = {'state': state}
-
-  def run_step():
-    holder['state'], metrics = step(holder['state'], tokens)
-    return metrics['loss']
-
-  def run_grad():
-    return grad(holder['state'].params, tokens)
-
-  run_step(), run_grad()  # compile
-  jax.block_until_ready(holder['state'])
-  times = {'train_step': [], 'fwd_bwd': []}
+  for call in calls.values():  # compile
+    jax.block_until_ready(call())
+  times = {k: [] for k in calls}
   for _ in range(_REPEATS.value):
-    times['train_step'].append(_timing.seconds_per_call(run_step, _STEPS.value))
-    times['fwd_bwd'].append(_timing.seconds_per_call(run_grad, _STEPS.value))
-  t_step, t_grad = np.median(times['train_step']), np.median(times['fwd_bwd'])
+    for key, call in calls.items():
+      times[key].append(_timing.seconds_per_call(call, _STEPS.value))
+  median = {k: float(np.median(v)) for k, v in times.items()}
   tokens_per_step = batch_size * seq_len
-  n_params = models.count_params(holder['state'].params)
-  line = (f'{name:6s} params {n_params / 1e6:7.2f}M  batch {batch_size}x{seq_len}  {dtype:8s} '
-          f'train step {tokens_per_step / t_step:10.0f} tok/s  fwd+bwd {tokens_per_step / t_grad:10.0f} '
-          f'tok/s  step/fwd+bwd time ratio {t_step / t_grad:.3f}')
+  n_params = models.count_params(anchor_params)
+  print(f'{name}: {n_params / 1e6:.2f}M params, batch {batch_size}x{seq_len}, {dtype}')
+  first = _OPTIMIZERS.value[0]
   peak = _peak_tflops()
-  if jax.default_backend() != 'cpu' and peak:
-    flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.d_model * seq_len
-    mfu = flops_per_token * tokens_per_step / t_step / (peak * 1e12)
-    line += f'  MFU {100 * mfu:.1f}% of {peak:.0f} TFLOP/s'
-  print(line, flush=True)
+  for key, t in median.items():
+    line = (f'  {key:12s} {tokens_per_step / t:10.0f} tok/s  time / fwd+bwd '
+            f'{t / median["fwd+bwd"]:.3f}  time / {first} {t / median[first]:.3f}')
+    if key != 'fwd+bwd' and jax.default_backend() != 'cpu' and peak:
+      flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.d_model * seq_len
+      line += f'  MFU {100 * flops_per_token * tokens_per_step / t / (peak * 1e12):.1f}%'
+    print(line, flush=True)
 
 
 def main(argv):

@@ -16,7 +16,7 @@ python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
 
 echo '== train step: gpt2s, bf16 compute, fp32 params (MFU) =='
 timeout 240 python3 benchmarks/bench_train_step.py --models=gpt2s --batch_size=16 --seq_len=1024 \
-  --steps=10 --repeats=3
+  --steps=10 --repeats=3 --optimizers=adamw,dmuon,lanton
 
 echo '== optimizer update only, GPT-2-small shapes: adamw, optax muon, dmuon, lanton (bf16 NS) =='
 timeout 150 python3 benchmarks/bench_optim.py --nocollectives --reps=5

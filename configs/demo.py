@@ -3,18 +3,16 @@ r"""The main job: a small version of every experiment, written up as one report.
   python experiments/demo.py --workdir=/tmp/curvopt_demo                 # default, < 10 min on 2 cores
   python experiments/demo.py --workdir=/tmp/demo --config=configs/demo.py:smoke   # seconds, for tests
 """
-import importlib.util
 import os
 
 import ml_collections
 
+from curvopt import train
+
 
 def _load_config(name: str, arg: str) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'curvopt_configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py'),
+                           arg)
 
 
 def get_config(arg: str = 'default') -> ml_collections.ConfigDict:

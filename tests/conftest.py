@@ -25,13 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str):
-  """get_config(arg) of configs/<name>.py, loaded by path as ml_collections' config flags do."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(f'configs_{name}',
-                                                os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """get_config(arg) of configs/<name>.py."""
+  from curvopt import train  # pylint: disable=g-import-not-at-top
+  return train.load_config(os.path.join(REPO, 'configs', f'{name}.py'), arg)
 
 
 @pytest.fixture(scope='session')

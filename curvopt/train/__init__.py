@@ -2,6 +2,7 @@
 from curvopt.train._checkpoint import abstract_like
 from curvopt.train._sharding import batch_sharding
 from curvopt.train._checkpoint import Checkpointer
+from curvopt.train._configs import load_config
 from curvopt.train._report import curve
 from curvopt.train._sharding import fsdp_shardings
 from curvopt.train._sharding import fsdp_spec
