@@ -46,7 +46,6 @@ def _peak_tflops():
   return next((v for k, v in _PEAK_TFLOPS.items() if k in kind), None)
 
 
-
 def _make_step(model, opt_name, seq_len, logits_fn):
   """The trainer's own step for the registry optimizer `opt_name`, with its state."""
   lm = train.load_config(_LM_CONFIG, 'tiny')

@@ -53,8 +53,7 @@ def lanton_section(config, workdir: str) -> str:
     return ''
   run_dir = os.path.join(workdir, 'lm', name)
   prefix = 'lanton/lr_scale/'
-  keys = sorted({k for r in train.read_metrics(run_dir) for k in r if k.startswith(prefix)})
-  series = {k[len(prefix):]: train.curve(run_dir, k) for k in keys}
+  series = {k[len(prefix):]: v for k, v in train.curves(run_dir, prefix).items()}
   steps = next(iter(series.values()))[0]
   plot = train.plot_heatmap({leaf: values for leaf, (_, values) in series.items()}, steps,
                             os.path.join(workdir, 'lanton_lr_scale.png'),

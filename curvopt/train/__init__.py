@@ -4,6 +4,7 @@ from curvopt.train._sharding import batch_sharding
 from curvopt.train._checkpoint import Checkpointer
 from curvopt.train._configs import load_config
 from curvopt.train._report import curve
+from curvopt.train._report import curves
 from curvopt.train._sharding import fsdp_shardings
 from curvopt.train._sharding import fsdp_spec
 from curvopt.train._distributed import initialize_distributed

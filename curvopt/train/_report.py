@@ -27,11 +27,22 @@ def run_summary(workdir: str) -> dict[str, float]:
           'tokens_per_s': float(np.mean(rates)) if rates else math.nan}
 
 
-def curve(workdir: str, key: str) -> tuple[list[int], list[float]]:
-  """(steps, values) of one logged scalar, each step once (the latest record wins)."""
-  by_step = {r['step']: r[key] for r in _metrics.read_metrics(workdir) if key in r}
+def _series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+  by_step = {r['step']: r[key] for r in records if key in r}
   steps = sorted(by_step)
   return steps, [by_step[s] for s in steps]
+
+
+def curve(workdir: str, key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of one logged scalar, each step once (the latest record wins)."""
+  return _series(_metrics.read_metrics(workdir), key)
+
+
+def curves(workdir: str, prefix: str) -> dict[str, tuple[list[int], list[float]]]:
+  """`curve` of every logged scalar whose name starts with `prefix`, reading the file once."""
+  records = _metrics.read_metrics(workdir)
+  keys = sorted({k for r in records for k in r if k.startswith(prefix)})
+  return {k: _series(records, k) for k in keys}
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
