@@ -34,6 +34,20 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
       'lanton_mean': {'name': 'lanton_mean', 'learning_rate': 0.03, 'adam_learning_rate': 3e-3,
                       'lanton_embed_head_scale': 0.1},
   })
+  # RL section: SFT the LM section's AdamW model on arithmetic, then aggressive GRPO vs CAPO
+  # from that policy (the full study is experiments/rl_study.py).
+  config.rl = ml_collections.ConfigDict()
+  config.rl.init_from_lm = 'adamw'  # which LM run the SFT starts from
+  config.rl.baseline = 'grpo_aggressive'
+  config.rl.candidate = 'capo_aggressive'
+  config.rl.sft = _load_config('sft', 'arithmetic')
+  config.rl.sft.update(total_steps=300, eval_every=100)
+  config.rl.sft.eval.num_prompts = 128
+  config.rl.runs = ml_collections.ConfigDict(
+      {name: _load_config('rl', name) for name in ('grpo_aggressive', 'capo_aggressive')})
+  for run in config.rl.runs.values():
+    run.update(total_steps=40, eval_every=10)
+    run.task.eval_prompts = 128
   if arg == 'smoke':
     config.lm.model.update(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64)
     config.lm.data.name = 'code_corpus/mini'
@@ -41,4 +55,17 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
     config.lm.update(total_steps=6, log_every=2, eval_every=3)
     config.lm.schedule.warmup_steps = 2
     config.lm.checkpoint.every = 3
+    sft_test = _load_config('sft', 'test')
+    sft_test.model = config.lm.model.copy_and_resolve_references()  # it starts from that LM
+    sft_test.update(total_steps=4, eval_every=4)
+    sft_test.data.tasks = ml_collections.ConfigDict({'arithmetic': 1.0})
+    config.rl.sft = sft_test
+    rl_test = _load_config('rl', 'test')
+    for run in config.rl.runs.values():
+      capo = run.capo.enabled
+      for section in ('task', 'rollout', 'checkpoint', 'mesh'):
+        run[section] = rl_test[section].copy_and_resolve_references()
+      run.model = config.lm.model.copy_and_resolve_references()
+      run.update(total_steps=2, eval_every=1, log_every=1, tensorboard=False)
+      run.capo.enabled = capo
   return config

@@ -60,6 +60,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   # The sign LMO moves every embedding / head entry by the full step: a smaller share of the
   # schedule keeps it in line with the hidden matrices' spectral steps (1.0 = the spec as written).
   config.optimizer.lanton_embed_head_scale = 1.0
+  # The noise estimate's second Newton-Schulz is LANTON's main cost: refresh it every k steps
+  # and / or with fewer iterations (None: every step, the update's own ns_steps).
+  config.optimizer.lanton_noise_every = config_dict.placeholder(int)
+  config.optimizer.lanton_noise_ns_steps = config_dict.placeholder(int)
   config.optimizer.grad_clip_norm = 1.0
 
   config.schedule = ml_collections.ConfigDict()

@@ -14,10 +14,7 @@ from curvopt import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/lm.py:tiny.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and data land here.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s index.')
-_AUTO = flags.DEFINE_bool('distributed_auto', False, 'Let JAX discover the cluster (TPU, SLURM).')
+_START_DISTRIBUTED = train.define_distributed_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -25,9 +22,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   train.quiet_library_logs()
-  train.initialize_distributed(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value, auto=_AUTO.value)
+  _START_DISTRIBUTED()
   result = train.train_lm(_CONFIG.value, _WORKDIR.value)
   print(f'{"halted" if result.halted else "finished"} at step {result.step}: '
         f'train loss {result.train_loss:.4f}, eval loss {result.eval_loss:.4f}, '

@@ -4,6 +4,8 @@ Every operator is a pure function of pytrees with keyword-only options; it
 computes in fp32 and returns each leaf in its input dtype. Each has a
 per-leaf core (`*_leaf`) that a streaming merge can call one tensor at a
 time; FFG's global threshold is its own function (`ffg_threshold`).
+Readers (safetensors, orbax, in-memory trees) and writers feed
+`merge_streaming`, which holds a few tensors at a time.
 """
 
 from curvopt.merge._dare import COMBINES
@@ -22,6 +24,16 @@ from curvopt.merge._ffg import SCOPES
 from curvopt.merge._ffg import SCORES
 from curvopt.merge._fisher_merge import fisher
 from curvopt.merge._fisher_merge import fisher_leaf
+from curvopt.merge._io_orbax import orbax_moments_reader
+from curvopt.merge._io_orbax import orbax_params_reader
+from curvopt.merge._io_orbax import OrbaxMomentsReader
+from curvopt.merge._io_orbax import OrbaxReader
+from curvopt.merge._io_orbax import OrbaxWriter
+from curvopt.merge._io_orbax import save_orbax
+from curvopt.merge._io_safetensors import exp_avg_sq_reader
+from curvopt.merge._io_safetensors import save_safetensors
+from curvopt.merge._io_safetensors import SafetensorsReader
+from curvopt.merge._io_safetensors import SafetensorsWriter
 from curvopt.merge._linear import linear
 from curvopt.merge._linear import linear_leaf
 from curvopt.merge._linear import task_arithmetic
@@ -35,19 +47,41 @@ from curvopt.merge._rank1 import rank1_compress
 from curvopt.merge._rank1 import rank1_compress_leaf
 from curvopt.merge._rank1 import rank1_expand
 from curvopt.merge._rank1 import rank1_expand_leaf
+from curvopt.merge._run import merge_from_spec
+from curvopt.merge._run import open_moments
+from curvopt.merge._run import open_reader
+from curvopt.merge._sources import LeafReader
+from curvopt.merge._sources import TreeReader
+from curvopt.merge._stream_cutoff import StreamedCutoff
+from curvopt.merge._streaming import MemoryWriter
+from curvopt.merge._streaming import merge_streaming
+from curvopt.merge._streaming import METHODS
+from curvopt.merge._streaming import StreamResult
 from curvopt.merge._ties import ties
 from curvopt.merge._ties import ties_leaf
 
 __all__ = (
     'COMBINES',
+    'LeafReader',
+    'METHODS',
+    'MemoryWriter',
     'NORMALISE',
+    'OrbaxMomentsReader',
+    'OrbaxReader',
+    'OrbaxWriter',
     'Rank1',
     'SCOPES',
     'SCORES',
+    'SafetensorsReader',
+    'SafetensorsWriter',
+    'StreamResult',
+    'StreamedCutoff',
+    'TreeReader',
     'dare',
     'dare_keep_masks',
     'dare_leaf',
     'estimate_fisher',
+    'exp_avg_sq_reader',
     'ffg_graft',
     'ffg_graft_leaf',
     'ffg_mask',
@@ -59,6 +93,12 @@ __all__ = (
     'leaf_key',
     'linear',
     'linear_leaf',
+    'merge_from_spec',
+    'merge_streaming',
+    'open_moments',
+    'open_reader',
+    'orbax_moments_reader',
+    'orbax_params_reader',
     'ota',
     'ota_expert_weight',
     'ota_leaf',
@@ -66,6 +106,8 @@ __all__ = (
     'rank1_compress_leaf',
     'rank1_expand',
     'rank1_expand_leaf',
+    'save_orbax',
+    'save_safetensors',
     'task_arithmetic',
     'task_arithmetic_leaf',
     'ties',

@@ -42,7 +42,7 @@ def saliency(base, expert, moment, *, score: str):
 
 def _valid(moment, score):
   if score == 'fisher':
-    return _rank1.moment_is_valid(moment)
+    return _tree.moment_ok(moment)
   return jnp.asarray(True)
 
 
@@ -75,12 +75,6 @@ def _at_least(s, threshold):
 
 
 @jax.jit
-def _counts_at_least(saliencies, threshold):
-  return jnp.stack([jnp.sum(s >= threshold, dtype=jnp.int32)
-                    for s in saliencies])
-
-
-@jax.jit
 def _sums_at_least(saliencies, threshold):
   return jnp.stack([jnp.sum(jnp.where(s >= threshold, s, 0.0))
                     for s in saliencies])
@@ -92,6 +86,162 @@ def _graft_kernel(base, expert, mask):
 
 
 _INF_BITS = int(np.float32(np.inf).view(np.int32))
+# Counts are fp32 sums of 0/1, exact while a sum covers at most 2^24
+# entries; fp32 sums vectorize on the CPU where int32 ones do not (5x).
+_EXACT_F32_COUNT = 1 << 24
+_SAMPLE = 1 << 16  # entries sampled to bracket the cutoff
+_SAMPLE_SIGMAS = 5.0
+
+
+def _leaf_count(s, t):
+  """#(s >= t) in one leaf, exact, as an int32 scalar."""
+  ones = jnp.where(s >= t, 1.0, 0.0)
+  shape = tuple(s.shape)
+  split, inner = len(shape), 1
+  while split > 0 and inner * shape[split - 1] <= _EXACT_F32_COUNT:
+    inner *= shape[split - 1]
+    split -= 1
+  if split == 0:
+    return jnp.sum(ones).astype(jnp.int32)
+  if split < len(shape):
+    rows = jnp.sum(ones, axis=tuple(range(split, len(shape))))
+    return jnp.sum(rows.astype(jnp.int32))
+  # The last axis alone is too long: count it in chunks.
+  flat = jnp.ravel(ones)
+  full = flat.size // _EXACT_F32_COUNT * _EXACT_F32_COUNT
+  chunks = jnp.sum(flat[:full].reshape(-1, _EXACT_F32_COUNT), axis=1)
+  return (jnp.sum(chunks.astype(jnp.int32))
+          + jnp.sum(flat[full:]).astype(jnp.int32))
+
+
+def _split16(x):
+  return x >> 16, x & 0xFFFF
+
+
+def _at_least_k(leaves, t, k_hi, k_lo):
+  """#(s >= t) over all leaves >= k, with k = k_hi * 2^16 + k_lo < 2^47.
+
+  Totals are kept as two int32 halves so that models beyond 2^31 entries
+  count exactly without x64.
+  """
+  hi, lo = jnp.int32(0), jnp.int32(0)
+  for s in leaves:
+    c_hi, c_lo = _split16(_leaf_count(s, t))
+    hi, lo = hi + c_hi, lo + c_lo
+  hi, lo = hi + (lo >> 16), lo & 0xFFFF
+  return (hi > k_hi) | ((hi == k_hi) & (lo >= k_lo))
+
+
+def _bisect(passes, lo, hi):
+  """`largest_passing` over the bit patterns [lo, hi], in a lax loop."""
+
+  def body(bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo + 1) // 2
+    ok = passes(jax.lax.bitcast_convert_type(mid, F32))
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  lo, _ = jax.lax.while_loop(lambda b: b[0] < b[1], body,
+                             (jnp.int32(lo), jnp.int32(hi)))
+  return lo
+
+
+def _sample(leaves, stride):
+  """Every `stride`-th entry of each leaf, as fp32 in [0, inf]."""
+  parts = [jnp.ravel(s)[::stride].astype(F32) for s in leaves]
+  sample = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+  return jnp.where(sample > 0, sample, 0.0)  # NaN, -0.0 -> 0
+
+
+def _bits(x):
+  return jax.lax.bitcast_convert_type(x, jnp.int32)
+
+
+def _kth_largest_bits(leaves, k_hi, k_lo, rank_hi, rank_lo, *, stride):
+  """The bits of `ffg_threshold`'s density cutoff, in one traced computation.
+
+  The same bisection as `largest_passing`, but started from a bracket:
+  the rank_hi-th and rank_lo-th largest of a strided sample straddle the
+  k-th largest of all entries with high probability. One counting pass at
+  each end checks that; where a check fails, the range widens to the side
+  that holds the answer. The predicate is monotone, so the result is the
+  one a bisection over all of [0, inf] finds, only in fewer passes
+  (~log2 of the bracket's width in bit patterns instead of 31).
+  """
+  def passes(t):
+    return _at_least_k(leaves, t, k_hi, k_lo)
+
+  lo, hi = 0, _INF_BITS
+  if stride:
+    sample = _sample(leaves, stride)
+
+    def sample_passes(rank):
+      return lambda t: jnp.sum(jnp.where(sample >= t, 1.0, 0.0)) >= rank
+
+    # Rank < 1 asks for more than the largest: +inf (also density 0).
+    top = jnp.where(rank_hi >= 1,
+                    _bisect(sample_passes(rank_hi.astype(F32)), 0,
+                            _INF_BITS) + 1, _INF_BITS)
+    top = jnp.minimum(top, _INF_BITS)
+    bottom = jnp.where(rank_lo <= sample.size,
+                       _bisect(sample_passes(rank_lo.astype(F32)), 0,
+                               _INF_BITS), 0)
+    bottom = jnp.minimum(bottom, top)
+    top_passes = passes(jax.lax.bitcast_convert_type(top, F32))
+    bottom_passes = passes(jax.lax.bitcast_convert_type(bottom, F32))
+    lo = jnp.where(top_passes, top, jnp.where(bottom_passes, bottom, 0))
+    hi = jnp.where(top_passes, _INF_BITS,
+                   jnp.where(bottom_passes, top - 1, bottom - 1))
+  return _bisect(passes, lo, hi)
+
+
+def _density_plan(leaves, density):
+  """Host-side integers for `_kth_largest_bits`: k, the sample stride and
+  the sample ranks bracketing k (static stride, traced ranks)."""
+  sizes = [int(np.size(s)) for s in leaves]
+  total = sum(sizes)
+  k = int(_topk.num_kept(density, total)) if density > 0 else 0
+  # An Explicit-sharded leaf cannot be strided; bisect over all of [0, inf].
+  sampled = total > 4 * _SAMPLE and not any(
+      _topk.explicit_spec(s) is not None for s in leaves
+      if isinstance(s, jax.Array))
+  stride = total // _SAMPLE if sampled else 0
+  rank_hi = rank_lo = 0
+  if stride:
+    m = sum(-(-n // stride) for n in sizes)
+    rank = k * m / total
+    margin = _SAMPLE_SIGMAS * np.sqrt(rank * max(0.0, 1 - rank / m)) + 8
+    rank_hi = int(np.floor(rank - margin)) if k else 0
+    rank_lo = int(np.ceil(rank + margin))
+  k_hi, k_lo = divmod(k, 1 << 16)
+  return (np.int32(k_hi), np.int32(k_lo), np.int32(rank_hi),
+          np.int32(rank_lo)), stride
+
+
+@functools.partial(jax.jit, static_argnames=('stride',))
+def _threshold_kernel(leaves, k_hi, k_lo, rank_hi, rank_lo, *, stride):
+  return jax.lax.bitcast_convert_type(
+      _kth_largest_bits(leaves, k_hi, k_lo, rank_hi, rank_lo, stride=stride),
+      F32)
+
+
+@functools.partial(jax.jit, static_argnames=('score', 'stride'))
+def _global_mask_kernel(bases, experts, moments, k_hi, k_lo, rank_hi,
+                        rank_lo, *, score, stride):
+  """Saliencies, validity flags, the global density cutoff and the masks
+  of one expert in one computation: no host round trip between them."""
+  # Materialized once: fused into each counting pass they would be
+  # recomputed from three inputs per pass.
+  saliencies = jax.lax.optimization_barrier(
+      [saliency(b, e, v, score=score)
+       for b, e, v in zip(bases, experts, moments)])
+  oks = jnp.stack([_valid(v, score) for v in moments])
+  bits = _kth_largest_bits(saliencies, k_hi, k_lo, rank_hi, rank_lo,
+                           stride=stride)
+  cutoff = jax.lax.bitcast_convert_type(bits, F32)
+  # A cutoff of +inf keeps nothing, even a saliency that overflowed to inf.
+  masks = [(s >= cutoff) & (bits < _INF_BITS) for s in saliencies]
+  return masks, oks
 
 
 def largest_passing(passes: Callable[[float], bool]) -> float:
@@ -163,11 +313,8 @@ def ffg_threshold(saliencies: Any, *, density: float | None = None,
   if not leaves or value == 0:
     return float('inf')
   if kind == 'density':
-    k = int(_topk.num_kept(value, sum(int(np.size(s)) for s in leaves)))
-
-    def passes(t):
-      counts = jax.device_get(_counts_at_least(leaves, np.float32(t)))
-      return int(np.sum(counts, dtype=np.int64)) >= k
+    args, stride = _density_plan(leaves, value)
+    return float(_threshold_kernel(leaves, *args, stride=stride))
   else:
 
     def mass_at_least(t):
@@ -289,6 +436,19 @@ def ffg_mask(base: Any, expert: Any, second_moment: Any = None, *,
       checks.add(ok, _tree.moment_message(name, 'second moment'))
       masks.append(mask)
     checks.raise_if_failed()
+    return gathered.reference.unflatten(masks)
+  if kind == 'density':
+    # Plan from the weights: saliencies have their shapes and shardings.
+    if not names:
+      return gathered.reference.unflatten([])
+    args, stride = _density_plan(gathered.reference.leaves, value)
+    masks, oks = _global_mask_kernel(tuple(gathered.base), tuple(experts),
+                                     tuple(moments), *args, score=score,
+                                     stride=stride)
+    bad = np.flatnonzero(~np.asarray(jax.device_get(oks)))
+    if bad.size:
+      raise ValueError(_tree.moment_message(names[bad[0]],
+                                            'second moment')(0))
     return gathered.reference.unflatten(masks)
   saliencies = []
   for name, b, e, v in zip(names, gathered.base, experts, moments):

@@ -44,8 +44,17 @@ def ota_expert_weight(moment: Any, *, power, eps, scale=1.0, correction=1.0,
   Returns:
     The fp32 weight tensor w_t.
   """
+  return _expert_weight(moment, power=power, eps=eps, scale=scale,
+                        correction=correction, normalise=normalise, mask=mask,
+                        root=False)
+
+
+def _expert_weight(moment, *, power, eps, scale, correction, normalise, mask,
+                   root):
+  """`ota_expert_weight`; root=True takes sqrt for power 0.5 (the default)
+  instead of a pow, which costs an exp and a log per entry."""
   v = _rank1.dense_moment(moment) * correction
-  precond = jnp.power(v, power) * scale
+  precond = (jnp.sqrt(v) if root else jnp.power(v, power)) * scale
   if normalise == 'mean':
     precond = precond / (jnp.mean(precond) + eps)
   weight = precond + eps
@@ -58,6 +67,18 @@ def ota_expert_weight(moment: Any, *, power, eps, scale=1.0, correction=1.0,
                    static_argnames=('normalise', 'fallback_to_base'))
 def _ota_kernel(base, experts, moments, masks, power, eps, scales_T,
                 corrections_T, *, normalise, fallback_to_base):
+  # Power stays traced (one compilation for every p); the branch taken for
+  # p = 0.5 is one whole fused pass with sqrt in place of pow.
+  def merge(root):
+    return lambda: _ota_merge(base, experts, moments, masks, power, eps,
+                              scales_T, corrections_T, normalise=normalise,
+                              fallback_to_base=fallback_to_base, root=root)
+
+  return jax.lax.cond(power == 0.5, merge(True), merge(False))
+
+
+def _ota_merge(base, experts, moments, masks, power, eps, scales_T,
+               corrections_T, *, normalise, fallback_to_base, root):
   num = len(experts)
   reference = experts[0] if base is None else base
   base32 = None if base is None else base.astype(F32)
@@ -65,10 +86,10 @@ def _ota_kernel(base, experts, moments, masks, power, eps, scales_T,
   denominator = jnp.zeros(reference.shape, F32)
   oks = []
   for t, expert in enumerate(experts):
-    oks.append(_rank1.moment_is_valid(moments[t]))
-    weight = ota_expert_weight(moments[t], power=power, eps=eps,
-                               scale=scales_T[t], correction=corrections_T[t],
-                               normalise=normalise, mask=masks[t])
+    oks.append(_tree.moment_ok(moments[t]))
+    weight = _expert_weight(moments[t], power=power, eps=eps,
+                            scale=scales_T[t], correction=corrections_T[t],
+                            normalise=normalise, mask=masks[t], root=root)
     theta = expert.astype(F32)
     numerator = numerator + weight * (theta if base is None else theta - base32)
     denominator = denominator + weight

@@ -8,6 +8,7 @@ from curvopt.models._config import model_config
 from curvopt.models._config import PRESET_NAMES
 from curvopt.models._decoder import Decoder
 from curvopt.models._params import count_params
+from curvopt.models._policy import decode_fn_for
 from curvopt.models._rope import positions_from_mask
 
 __all__ = (
@@ -16,6 +17,7 @@ __all__ = (
     'PRESET_NAMES',
     'causal_padding_mask',
     'count_params',
+    'decode_fn_for',
     'dot_product_attention',
     'init_cache',
     'model_config',

@@ -1,4 +1,4 @@
-"""GRPO-family policy-gradient losses and the CAPO curvature mask."""
+"""GRPO-family policy-gradient losses, the CAPO curvature mask, sampling, rewards."""
 
 from curvopt.rl._advantages import ADVANTAGE_MODES
 from curvopt.rl._advantages import group_advantages
@@ -13,19 +13,39 @@ from curvopt.rl._policy_loss import aggregate_tokens
 from curvopt.rl._policy_loss import kl_per_token
 from curvopt.rl._policy_loss import KL_MODES
 from curvopt.rl._policy_loss import policy_loss
+from curvopt.rl._rewards import combine_rewards
+from curvopt.rl._rewards import exact_match_reward
+from curvopt.rl._rewards import extract_answer
+from curvopt.rl._rewards import REWARD_NAMES
+from curvopt.rl._rewards import reward_fn
+from curvopt.rl._rewards import RewardFn
+from curvopt.rl._sampling import DecodeFn
+from curvopt.rl._sampling import filter_logits
+from curvopt.rl._sampling import sample
+from curvopt.rl._sampling import Samples
 
 __all__ = (
     'ADVANTAGE_MODES',
     'AGG_MODES',
     'CapoShadow',
+    'DecodeFn',
     'KL_MODES',
+    'REWARD_NAMES',
+    'RewardFn',
+    'Samples',
     'aggregate_tokens',
     'capo_mask',
     'capo_metrics',
     'capo_shadow_init',
     'capo_shadow_update',
     'capo_token_stats',
+    'combine_rewards',
+    'exact_match_reward',
+    'extract_answer',
+    'filter_logits',
     'group_advantages',
     'kl_per_token',
     'policy_loss',
+    'reward_fn',
+    'sample',
 )

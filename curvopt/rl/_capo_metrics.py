@@ -2,8 +2,13 @@
 
 from typing import Sequence
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from curvopt.rl import _sharding
 
 
 def capo_metrics(
@@ -35,6 +40,15 @@ def capo_metrics(
   if len(shapes) != 1:
     raise ValueError(
         f'm_H, m_F, keep and mask must share a shape, got {shapes}')
+  names = ['capo/masked_frac'] + [f'capo/{name}_q{level:g}' for name in ('m_H', 'abs_m_H', 'm_F')
+                                   for level in quantiles]
+  # Quantiles sort the flattened tokens: under explicit mesh axes XLA places the sort itself.
+  return _sharding.call_with_auto_axes(
+      functools.partial(_metrics, quantiles=quantiles), (m_H, m_F, keep, mask),
+      lambda: {name: PartitionSpec() for name in names})
+
+
+def _metrics(m_H, m_F, keep, mask, *, quantiles):  # pylint: disable=invalid-name
   valid = jnp.asarray(mask) != 0
   num_valid = jnp.sum(valid.astype(jnp.float32))
   masked = valid & ~jnp.asarray(keep, bool)

@@ -1,6 +1,7 @@
 """Multi-process start-up through JAX's own runtime (TPU pods, GPU clusters, CPU processes)."""
-from typing import Optional
+from typing import Callable, Optional
 
+from absl import flags
 from absl import logging
 import jax
 
@@ -29,3 +30,22 @@ def initialize_distributed(*, coordinator_address: Optional[str] = None,
                              num_processes=num_processes, process_id=process_id)
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def define_distributed_flags() -> Callable[[], None]:
+  """Defines the multi-process flags of a trainer binary; returns start() that applies them.
+
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I name the processes by hand;
+  --distributed_auto lets JAX discover a TPU pod or SLURM cluster. Call start() in main().
+  """
+  coordinator = flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0.')
+  num_processes = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+  process_id = flags.DEFINE_integer('process_id', None, "This process's index.")
+  auto = flags.DEFINE_bool('distributed_auto', False, 'Let JAX discover the cluster (TPU, SLURM).')
+
+  def start() -> None:
+    initialize_distributed(coordinator_address=coordinator.value,
+                           num_processes=num_processes.value, process_id=process_id.value,
+                           auto=auto.value)
+
+  return start

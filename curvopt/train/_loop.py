@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -47,13 +48,21 @@ def model_config_from(cfg: ml_collections.ConfigDict) -> 'models.DecoderConfig':
   return models.model_config(cfg.name, **overrides)
 
 
-def _config_json(config: ml_collections.ConfigDict) -> dict:
+def config_to_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _check_resume_compatible(saved: dict, config: dict) -> None:
-  for key in _RUN_DEFINING:
-    if saved.get(key) != config.get(key):
+def _without_unset(value):
+  # A field added to the configs after a run was saved (default None) does not change that run.
+  if isinstance(value, dict):
+    return {k: _without_unset(v) for k, v in value.items() if v is not None}
+  return value
+
+
+def check_resume_compatible(saved: dict, config: dict, keys=_RUN_DEFINING) -> None:
+  """Raises unless the saved run's config equals this one on every run-defining key."""
+  for key in keys:
+    if _without_unset(saved.get(key)) != _without_unset(config.get(key)):
       raise ValueError(
           f'config.{key} differs from the checkpoint\'s: {config.get(key)!r} vs saved '
           f'{saved.get(key)!r}; use a new workdir for a different run')
@@ -74,6 +83,43 @@ def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
 def _mean_metrics(fetched: list[tuple[int, dict]]) -> dict[str, float]:
   keys = fetched[-1][1].keys()
   return {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
+
+
+
+class LMSteps(NamedTuple):
+  """The jit'd pieces of a next-token-prediction trainer, with the shardings they use."""
+  init_state: Callable[[jax.Array], Any]
+  rng: jax.Array
+  state_shapes: Any
+  state_shardings: Any
+  batch_sharding: Any
+  train_step: Callable
+  eval_step: Callable
+
+
+def make_lm_steps(model, optimizer: '_optimizers.Optimizer', tokenizer, mesh, *, seq_len: int,
+                  seed: int) -> LMSteps:
+  """Train and eval steps jit'd once with explicit shardings (FSDP state, data-parallel batch)."""
+
+  def logits_fn(params, tokens):
+    return model.apply({'params': params}, tokens)[0]
+
+  init_state = _step.make_init_state(model, optimizer.tx, seq_len=seq_len)
+  rng = jax.random.key(seed)
+  state_shapes = jax.eval_shape(init_state, rng)
+  state_shardings = _sharding.fsdp_shardings(state_shapes, mesh)
+  batch_sharding = _sharding.batch_sharding(mesh)
+  train_step = jax.jit(
+      _step.make_train_step(logits_fn, optimizer.tx, pad_id=tokenizer.pad_id,
+                            learning_rate=optimizer.learning_rate,
+                            optimizer_stats=optimizer.stats),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(_step.make_eval_step(logits_fn, pad_id=tokenizer.pad_id),
+                      in_shardings=(state_shardings.params, batch_sharding))
+  return LMSteps(init_state, rng, state_shapes, state_shardings, batch_sharding, train_step,
+                 eval_step)
 
 
 def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
@@ -100,25 +146,11 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
 
   optimizer = _optimizers.make_optimizer(config.optimizer, config.total_steps, config.schedule)
 
-  def logits_fn(params, tokens):
-    return model.apply({'params': params}, tokens)[0]
+  steps = make_lm_steps(model, optimizer, tokenizer, mesh, seq_len=config.data.seq_len,
+                        seed=config.seed)
+  init_state, rng, state_shapes, state_shardings, batch_sharding, train_step, eval_step = steps
 
-  init_state = _step.make_init_state(model, optimizer.tx, seq_len=config.data.seq_len)
-  rng = jax.random.key(config.seed)
-  state_shapes = jax.eval_shape(init_state, rng)
-  state_shardings = _sharding.fsdp_shardings(state_shapes, mesh)
-  batch_sharding = _sharding.batch_sharding(mesh)
-  train_step = jax.jit(
-      _step.make_train_step(logits_fn, optimizer.tx, pad_id=tokenizer.pad_id,
-                            learning_rate=optimizer.learning_rate,
-                            optimizer_stats=optimizer.stats),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, None),
-      donate_argnums=0)
-  eval_step = jax.jit(_step.make_eval_step(logits_fn, pad_id=tokenizer.pad_id),
-                      in_shardings=(state_shardings.params, batch_sharding))
-
-  config_json = _config_json(config)
+  config_json = config_to_json(config)
   ckpt = _checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
                                   save_every=config.checkpoint.every,
                                   async_save=config.checkpoint.async_save)
@@ -128,7 +160,7 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     logging.info('initialized %s (%d parameters) on mesh %s', config.model.name,
                  models.count_params(state.params), dict(mesh.shape))
   else:
-    _check_resume_compatible(ckpt.saved_config(latest), config_json)
+    check_resume_compatible(ckpt.saved_config(latest), config_json)
     state, data_pos = ckpt.restore(
         latest, _checkpoint.abstract_like(state_shapes, state_shardings))
     batches.set_state(data_pos)

@@ -70,9 +70,12 @@ def _format_duration(seconds: float) -> str:
 class Progress:
   """Rates and ETA over the steps run in this process (a resumed run starts a fresh clock)."""
 
-  def __init__(self, first_step: int, total_steps: int, tokens_per_step: int):
+  def __init__(self, first_step: int, total_steps: int, tokens_per_step: int, *,
+               unit: str = 'tokens'):
     self._total = total_steps
     self._tokens_per_step = tokens_per_step
+    self._rate_key = f'{unit}_per_s'
+    self._rate_label = 'tok/s' if unit == 'tokens' else f'{unit}/s'
     self._mark_step = first_step
     self._mark_time: Optional[float] = None
 
@@ -85,14 +88,14 @@ class Progress:
       return {}
     dt = time.perf_counter() - self._mark_time
     steps_per_s = (step - self._mark_step) / dt
-    return {'steps_per_s': steps_per_s, 'tokens_per_s': steps_per_s * self._tokens_per_step}
+    return {'steps_per_s': steps_per_s, self._rate_key: steps_per_s * self._tokens_per_step}
 
   def line(self, step: int, scalars: Mapping[str, float]) -> str:
     rates = self.rates(step)
     parts = [f'step {step}/{self._total}']
     parts += [f'{k} {v:.4g}' for k, v in scalars.items() if k not in rates]
     if rates:
-      parts.append(f"{rates['tokens_per_s']:.0f} tok/s")
+      parts.append(f'{rates[self._rate_key]:.0f} {self._rate_label}')
       parts.append(f"ETA {_format_duration((self._total - step) / rates['steps_per_s'])}")
     return ' | '.join(parts)
 

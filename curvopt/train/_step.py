@@ -1,4 +1,5 @@
 """Pure train and eval steps for next-token prediction, built once and jit'd by the caller."""
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import jax
@@ -14,11 +15,27 @@ LogitsFn = Callable[[Any, jax.Array], jax.Array]
 def lm_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
             pad_id: int) -> tuple[jax.Array, jax.Array]:
   """Mean next-token cross-entropy over non-pad targets, in fp32; returns (loss, token count)."""
-  weights_BxT = (targets_BxT != pad_id).astype(jnp.float32)
+  return masked_lm_loss(logits_BxTxV, targets_BxT, (targets_BxT != pad_id).astype(jnp.float32))
+
+
+def masked_lm_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
+                   weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy averaged over targets with weight 1 (e.g. completion tokens), in fp32."""
+  weights_BxT = weights_BxT.astype(jnp.float32)
   losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
       logits_BxTxV.astype(jnp.float32), targets_BxT)
   count = weights_BxT.sum()
   return (losses_BxT * weights_BxT).sum() / jnp.maximum(count, 1.0), count
+
+
+def _batch_loss(logits_fn: LogitsFn, params, batch, pad_id: int):
+  """(loss, count) of a batch: tokens_BxTp1, or {'tokens', 'loss_mask'} (both [B, T + 1],
+  the mask aligned with the tokens, so targets tokens[:, 1:] are weighted by mask[:, 1:])."""
+  if isinstance(batch, Mapping):
+    tokens_BxTp1 = batch['tokens']
+    return masked_lm_loss(logits_fn(params, tokens_BxTp1[:, :-1]), tokens_BxTp1[:, 1:],
+                          batch['loss_mask'][:, 1:])
+  return lm_loss(logits_fn(params, batch[:, :-1]), batch[:, 1:], pad_id)
 
 
 def make_init_state(model, optimizer: optax.GradientTransformation, *, seq_len: int):
@@ -37,17 +54,19 @@ def make_init_state(model, optimizer: optax.GradientTransformation, *, seq_len: 
 def make_train_step(logits_fn: LogitsFn, optimizer: optax.GradientTransformation, *,
                     pad_id: int, learning_rate: Callable[[jax.Array], jax.Array],
                     optimizer_stats: Optional[Callable[[Any], dict]] = None):
-  """Returns step(state, tokens_BxTp1) -> (state, metrics), pure and ready for jax.jit.
+  """Returns step(state, batch) -> (state, metrics), pure and ready for jax.jit.
 
+  `batch` is tokens_BxTp1 (loss on every non-pad target) or a dict with 'tokens' and a
+  'loss_mask' aligned with them (loss on targets tokens[:, 1:] where loss_mask[:, 1:] is 1,
+  e.g. completion tokens only; other keys are ignored).
   `optimizer_stats(opt_state)` adds optimizer-specific scalars (e.g. LANTON's per-layer
   learning-rate scales) to the metrics.
   """
 
-  def train_step(state: _state.TrainState, tokens_BxTp1: jax.Array):
-    inputs_BxT, targets_BxT = tokens_BxTp1[:, :-1], tokens_BxTp1[:, 1:]
+  def train_step(state: _state.TrainState, batch):
 
     def loss_fn(params):
-      return lm_loss(logits_fn(params, inputs_BxT), targets_BxT, pad_id)[0]
+      return _batch_loss(logits_fn, params, batch, pad_id)[0]
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -68,10 +87,13 @@ def make_train_step(logits_fn: LogitsFn, optimizer: optax.GradientTransformation
 
 
 def make_eval_step(logits_fn: LogitsFn, *, pad_id: int):
-  """Returns eval_step(params, tokens_BxTp1) -> (summed loss, token count), for exact averaging."""
+  """Returns eval_step(params, batch) -> (summed loss, token count), for exact averaging.
 
-  def eval_step(params, tokens_BxTp1: jax.Array):
-    loss, count = lm_loss(logits_fn(params, tokens_BxTp1[:, :-1]), tokens_BxTp1[:, 1:], pad_id)
+  `batch` as in make_train_step: tokens_BxTp1 or {'tokens', 'loss_mask'}.
+  """
+
+  def eval_step(params, batch):
+    loss, count = _batch_loss(logits_fn, params, batch, pad_id)
     return loss * count, count
 
   return eval_step

@@ -21,7 +21,10 @@ def test_demo_smoke_writes_report_and_plot(tmp_path, mini_data_dir):
     assert cells[2] == '6'  # steps
     assert all(float(c) > 0 for c in cells[3:6])  # train loss, eval loss, tokens/s
   assert '## LANTON' in report and '| layers_' in report
-  for name in ('lm_eval_loss.png', 'lanton_lr_scale.png'):
+  assert '## RL with the CAPO mask' in report
+  for variant in ('grpo_aggressive', 'capo_aggressive'):
+    assert f'| {variant} | 1 | 16 |' in report  # one seed, 2 steps x 8 completions
+  for name in ('lm_eval_loss.png', 'lanton_lr_scale.png', 'rl_accuracy.png', 'rl_masked.png'):
     png = workdir / name
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 5000
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from curvopt import merge
+from curvopt.merge import _ffg
 
 NUM_EXPERTS = 3
 # name -> (shape, dtype): an fp32 matrix and a bf16 vector.
@@ -472,3 +473,89 @@ def test_dare_drops_the_requested_fraction():
   kept = np.asarray(out['w']) != 0
   assert abs(kept.mean() - 0.7) < 0.02
   np.testing.assert_allclose(np.asarray(out['w'])[kept], 1 / 0.7, rtol=1e-6)
+
+
+# ------------------------------------------------- the sampled global cutoff
+
+@jax.jit
+def _count_at_least(leaves, t):
+  return sum(jnp.sum(x >= t, dtype=jnp.int32) for x in leaves)
+
+
+def _ref_kth_largest(leaves, density):
+  """The definition: a host loop bisecting fp32 bit patterns over [0, inf],
+  each step counting on the device (as XLA compares, denormals included)."""
+  leaves = [jnp.asarray(x) for x in leaves]
+  total = sum(x.size for x in leaves)
+  k = 0 if density == 0 else max(1, round(density * total))
+  if k == 0:
+    return float('inf')
+  return _ffg.largest_passing(
+      lambda t: int(_count_at_least(leaves, np.float32(t))) >= k)
+
+
+def _saliency_like(rng, n, kind):
+  if kind == 'wide':
+    return (10.0 ** rng.uniform(-12, 3, size=n)).astype(np.float32)
+  if kind == 'ties':  # few distinct values, zeros and -0.0
+    s = rng.choice(np.float32([0.0, -0.0, 1e-3, 2.5, 7.0]), size=n)
+    return s.astype(np.float32)
+  return (rng.random(n, np.float32) ** 4 * rng.standard_normal(n) ** 2
+          ).astype(np.float32)  # 'bench': like bench_merge's v * tau^2
+
+
+# (shapes, kind, density): sampled (> 4 * sample size entries) and not.
+SAMPLED_CASES = [
+    (((300, 1024), (7,), (40, 3, 900)), 'bench', 0.3),
+    (((300, 1024), (7,), (40, 3, 900)), 'wide', 1e-5),
+    (((300, 1024), (7,), (40, 3, 900)), 'wide', 0.999),
+    (((300, 1024), (7,), (40, 3, 900)), 'ties', 0.5),
+    (((300, 1024), (7,), (40, 3, 900)), 'ties', 1.0),
+    (((300, 1024),), 'bench', 0.0),
+    (((5, 7), (11,)), 'wide', 0.4),
+]
+
+
+@pytest.mark.parametrize('shapes,kind,density', SAMPLED_CASES)
+def test_ffg_threshold_equals_full_bisection(shapes, kind, density):
+  rng = np.random.default_rng(7)
+  leaves = [_saliency_like(rng, int(np.prod(s)), kind).reshape(s)
+            for s in shapes]
+  got = merge.ffg_threshold([jnp.asarray(x) for x in leaves],
+                            density=density)
+  assert got == _ref_kth_largest(leaves, density)
+
+
+def test_ffg_threshold_exact_when_the_sample_bracket_misses(monkeypatch):
+  """A bracket with no margin often misses the k-th largest; the checked
+  widening must still give the exact cutoff. Small count chunks exercise
+  the chunked exact counting of long leaves."""
+  monkeypatch.setattr(_ffg, '_SAMPLE_SIGMAS', 0.0)
+  monkeypatch.setattr(_ffg, '_SAMPLE', 64)
+  monkeypatch.setattr(_ffg, '_EXACT_F32_COUNT', 100)
+  rng = np.random.default_rng(11)
+  # Shapes unlike any other test's, so the patched constants are traced.
+  shapes = ((3, 37, 29), (1201,), (2, 301))
+  for density in (0.01, 0.2, 0.5, 0.77, 0.999):
+    for kind in ('bench', 'wide', 'ties'):
+      leaves = [_saliency_like(rng, int(np.prod(s)), kind).reshape(s)
+                for s in shapes]
+      got = merge.ffg_threshold([jnp.asarray(x) for x in leaves],
+                                density=density)
+      assert got == _ref_kth_largest(leaves, density), (density, kind)
+
+
+def test_ffg_mask_global_sampled_matches_numpy():
+  """ffg_mask's fused global path on a model big enough to be sampled."""
+  rng = np.random.default_rng(5)
+  shapes = {'a': (260, 1024), 'b': (1000,)}
+  base = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  expert = {k: (v + 0.01 * rng.normal(size=v.shape)).astype(np.float32)
+            for k, v in base.items()}
+  moment = {k: (rng.uniform(size=s) ** 4).astype(np.float32)
+            for k, s in shapes.items()}
+  got = merge.ffg_mask(base, expert, moment, density=0.3)
+  s = {k: moment[k] * (expert[k] - base[k]) ** 2 for k in shapes}
+  cutoff = _ref_kth_largest(list(s.values()), 0.3)
+  for k in shapes:
+    np.testing.assert_array_equal(np.asarray(got[k]), s[k] >= cutoff)

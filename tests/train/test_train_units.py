@@ -20,7 +20,8 @@ def _schedule_cfg(name, warmup=10, final=0.1, decay=0.2):
 def _optimizer_cfg(name='adamw', **kw):
   cfg = dict(name=name, learning_rate=1e-2, adam_learning_rate=None, weight_decay=0.0, b1=0.9,
              b2=0.95, eps=1e-8, momentum=0.95, consistent_rms=None, grad_clip_norm=0.0,
-             lanton_mapping='min_ratio', lanton_embed_head_scale=1.0)
+             lanton_mapping='min_ratio', lanton_embed_head_scale=1.0, lanton_noise_every=None,
+             lanton_noise_ns_steps=None)
   cfg.update(kw)
   return ml_collections.ConfigDict(cfg)
 
@@ -188,3 +189,13 @@ def test_curves_by_prefix_latest_record_wins(tmp_path):
   writer.close()
   assert train.curves(str(tmp_path), 's/') == {'s/a': ([1, 2], [1.0, 4.0]), 's/b': ([1], [2.0])}
   assert train.curve(str(tmp_path), 's/a') == ([1, 2], [1.0, 4.0])
+
+
+def test_resume_check_ignores_fields_added_later_but_not_changed_ones():
+  from curvopt.train import _loop  # pylint: disable=g-import-not-at-top
+  saved = {'optimizer': {'name': 'lanton', 'learning_rate': 0.03}}
+  _loop.check_resume_compatible(  # a new field at its unset default: same run
+      saved, {'optimizer': {'name': 'lanton', 'learning_rate': 0.03, 'lanton_noise_every': None}})
+  with pytest.raises(ValueError, match='config.optimizer differs'):
+    _loop.check_resume_compatible(
+        saved, {'optimizer': {'name': 'lanton', 'learning_rate': 0.03, 'lanton_noise_every': 4}})

@@ -1,0 +1,242 @@
+r"""OTA + FFG merge throughput: in memory vs a bandwidth anchor, and out of core from safetensors.
+
+  python benchmarks/bench_merge.py                                   # CPU-sized (~2 minutes)
+  python benchmarks/bench_merge.py --memory_params_m=200 --disk_params_m=1000 --workdir=/big/tmp
+
+1. In memory: 5 experts, their second moments and a base (bf16 weights, fp32 moments) held as jax
+   arrays; OTA with a global FFG mask per expert (density 0.3). Three candidates side by side with
+   one anchor (interleaved repetitions, median):
+   - anchor: one fused, jit'd elementwise op that reads the same bytes (base, 5 experts,
+     5 moments) and writes the same output (a moment-weighted average), i.e. memory bandwidth;
+   - ota_ffg: the in-memory operators `ffg_mask` (global density: one jit'd computation, a
+     bisection over fp32 bit patterns started from a sampled bracket, ~20 counting passes) then
+     `ota`;
+   - streamed: `merge_streaming` over the same arrays (`TreeReader`), whose global cutoff is the
+     two-pass radix select.
+   GB/s counts the logical bytes (inputs once + output), so the ratio to the anchor is the
+   fraction of bandwidth achieved (target >= 0.5).
+2. Out of core: base + 5 experts written as HF-layout safetensors (bf16 model.safetensors, fp32
+   export/exp_avg_sq.safetensors), generated tensor by tensor (never a whole model in memory);
+   the streaming merge (sharded safetensors output) runs in a child process whose peak RSS
+   (VmHWM) is compared to the bytes on disk; its time against a plain sequential read of the
+   same files. The page cache is warm for both (the files were just written or read).
+"""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from curvopt import merge
+import _timing  # benchmarks/_timing.py, beside this script
+
+_EXPERTS = flags.DEFINE_integer('experts', 5, 'Experts merged.')
+_DENSITY = flags.DEFINE_float('density', 0.3, 'FFG density per expert.')
+_MEMORY_M = flags.DEFINE_float('memory_params_m', 16, 'Model size (M params) in memory; 0: skip.')
+_DISK_M = flags.DEFINE_float('disk_params_m', 100, 'Model size (M params) on disk; 0: skip.')
+_LEAF = flags.DEFINE_integer('leaf_params_m', 4, 'M params per tensor (2-D, 1024 columns).')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repetitions; the median is reported.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where the out-of-core files go (default: /tmp).')
+_KEEP = flags.DEFINE_bool('keep', False, 'Keep the generated files.')
+_BATCH = flags.DEFINE_integer('batch_bytes', 1 << 28, 'merge_streaming batch_bytes.')
+_CHILD = flags.DEFINE_string('child_merge', None, 'Internal: run the streaming merge on this dir.')
+
+COLS = 1024
+
+
+def _shapes(params_m):
+  per_leaf = max(1, int(_LEAF.value * 1e6) // COLS)
+  total = int(params_m * 1e6)
+  shapes, left = {}, total
+  for i in range(max(1, -(-total // (per_leaf * COLS)))):
+    rows = min(per_leaf, max(1, left // COLS))
+    shapes[f'model.layers.{i}.mlp.weight'] = (rows, COLS)
+    left -= rows * COLS
+  shapes['model.norm.weight'] = (COLS,)
+  return shapes
+
+
+def _leaf(rng, shape, kind, base=None):
+  if kind == 'base':
+    return rng.standard_normal(shape, np.float32).astype(ml_dtypes.bfloat16)
+  if kind == 'expert':
+    tau = 0.01 * rng.standard_normal(shape, np.float32)
+    return (base.astype(np.float32) + tau).astype(ml_dtypes.bfloat16)
+  return (rng.random(shape, np.float32) ** 4 * 1e-6).astype(np.float32)
+
+
+def _nbytes(shapes, num):
+  params = sum(int(np.prod(s)) for s in shapes.values())
+  return params * (2 * (num + 1) + 4 * num + 2)  # inputs once + bf16 output
+
+
+def bench_memory(params_m, num, density):
+  shapes = _shapes(params_m)
+  rng = np.random.default_rng(0)
+  base = {n: jnp.asarray(_leaf(rng, s, 'base')) for n, s in shapes.items()}
+  experts = [{n: jnp.asarray(_leaf(rng, s, 'expert', np.asarray(base[n])))
+              for n, s in shapes.items()} for _ in range(num)]
+  moments = [{n: jnp.asarray(_leaf(rng, s, 'moment')) for n, s in shapes.items()}
+             for _ in range(num)]
+
+  @jax.jit
+  def anchor(base, experts, moments):
+    def one(b, *rest):
+      es, vs = rest[:num], rest[num:]
+      b32 = b.astype(jnp.float32)
+      num_ = sum(v * (e.astype(jnp.float32) - b32) for e, v in zip(es, vs))
+      return (b32 + num_ / (sum(vs) + 1e-8)).astype(b.dtype)
+    return jax.tree.map(one, base, *experts, *moments)
+
+  def ota_ffg():
+    masks = [merge.ffg_mask(base, e, v, density=density) for e, v in zip(experts, moments)]
+    return merge.ota(base, experts, moments, masks=masks)
+
+  def streamed():
+    writer = merge.MemoryWriter()
+    merge.merge_streaming('ota', [merge.TreeReader(e) for e in experts], writer,
+                          base=merge.TreeReader(base),
+                          moments=[merge.TreeReader(v) for v in moments],
+                          ffg={'density': density}, prefetch=False)
+    return list(writer.values.values())
+
+  fns = {'anchor': lambda: anchor(base, experts, moments), 'ota_ffg': ota_ffg,
+         'streamed': streamed}
+  for fn in fns.values():  # compile
+    jax.block_until_ready(fn())
+  times = {k: [] for k in fns}
+  for _ in range(_REPEATS.value):
+    for k, fn in fns.items():
+      times[k].append(_timing.seconds_per_call(fn, 1))
+  gb = _nbytes(shapes, num) / 1e9
+  med = {k: statistics.median(v) for k, v in times.items()}
+  print(f'[memory] {params_m:g}M params, {num} experts, {gb:.2f} GB logical '
+        f'({jax.devices()[0].platform})')
+  for k in fns:
+    print(f'  {k:9s} {med[k]:8.3f} s  {gb / med[k]:7.2f} GB/s  '
+          f'ratio to anchor {med["anchor"] / med[k]:.3f}')
+
+
+def _generate(root, shapes, num):
+  """Base + experts (+ export/exp_avg_sq) written tensor by tensor."""
+  bf16 = {n: jax.ShapeDtypeStruct(s, jnp.bfloat16) for n, s in shapes.items()}
+  f32 = {n: jax.ShapeDtypeStruct(s, jnp.float32) for n, s in shapes.items()}
+  dirs = ['base'] + [f'expert_{t}' for t in range(num)]
+  for d in dirs:
+    os.makedirs(os.path.join(root, d, 'export'), exist_ok=True)
+  writers = [merge.SafetensorsWriter(os.path.join(root, d), bf16) for d in dirs]
+  moments = [merge.SafetensorsWriter(os.path.join(root, d, 'export'), f32, stem='exp_avg_sq')
+             for d in dirs[1:]]
+  rng = np.random.default_rng(0)
+  for name, shape in shapes.items():
+    base = _leaf(rng, shape, 'base')
+    writers[0].write(name, base)
+    for t in range(num):
+      writers[t + 1].write(name, _leaf(rng, shape, 'expert', base))
+      moments[t].write(name, _leaf(rng, shape, 'moment'))
+  for w in writers + moments:
+    w.close()
+  return dirs
+
+
+def _vm_hwm_bytes():
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmHWM:'):
+        return int(line.split()[1]) * 1024
+  return -1
+
+
+def child_merge(root):
+  """Runs in a fresh process: the streaming merge, then prints JSON stats."""
+  num = len([d for d in os.listdir(root) if d.startswith('expert_')])
+  out = os.path.join(root, 'out')
+  shutil.rmtree(out, ignore_errors=True)
+  os.makedirs(out)
+  start = time.perf_counter()
+  base = merge.SafetensorsReader(os.path.join(root, 'base'))
+  experts = [merge.SafetensorsReader(os.path.join(root, f'expert_{t}')) for t in range(num)]
+  moments = [merge.exp_avg_sq_reader(os.path.join(root, f'expert_{t}')) for t in range(num)]
+  specs = {n: base.spec(n) for n in base.names}
+  with merge.SafetensorsWriter(out, specs, max_shard_bytes=1 << 30) as writer:
+    result = merge.merge_streaming('ota', experts, writer, base=base, moments=moments,
+                                   ffg={'density': _DENSITY.value}, batch_bytes=_BATCH.value)
+  seconds = time.perf_counter() - start
+  print(json.dumps({'seconds': seconds, 'peak_rss': _vm_hwm_bytes(),
+                    'bytes_read': result.bytes_read, 'passes': result.passes}))
+
+
+def _sequential_read(files):
+  start = time.perf_counter()
+  total = 0
+  buf = bytearray(64 << 20)
+  for path in files:
+    with open(path, 'rb', buffering=0) as f:
+      while (n := f.readinto(buf)):
+        total += n
+  return time.perf_counter() - start, total
+
+
+def bench_disk(params_m, num):
+  shapes = _shapes(params_m)
+  root = tempfile.mkdtemp(prefix='bench_merge_', dir=_WORKDIR.value)
+  try:
+    start = time.perf_counter()
+    dirs = _generate(root, shapes, num)
+    gen_s = time.perf_counter() - start
+    files = [os.path.join(root, dirs[0], 'model.safetensors')]
+    for d in dirs[1:]:
+      files += [os.path.join(root, d, 'model.safetensors'),
+                os.path.join(root, d, 'export', 'exp_avg_sq.safetensors')]
+    disk = sum(os.path.getsize(f) for f in files)
+    print(f'[disk] {params_m:g}M params, {num} experts: {disk / 1e9:.2f} GB of inputs '
+          f'generated in {gen_s:.0f} s')
+    reads, merges = [], []
+    for _ in range(_REPEATS.value):
+      reads.append(_sequential_read(files)[0])
+      child = subprocess.run(
+          [sys.executable, __file__, f'--child_merge={root}', f'--density={_DENSITY.value}',
+           f'--batch_bytes={_BATCH.value}'], capture_output=True, text=True, check=True)
+      merges.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    read_s = statistics.median(reads)
+    merge_s = statistics.median(m['seconds'] for m in merges)
+    rss = max(m['peak_rss'] for m in merges)
+    passes = merges[0]['passes']
+    print(f'  sequential read  {read_s:8.2f} s  {disk / read_s / 1e9:6.2f} GB/s')
+    print(f'  streaming merge  {merge_s:8.2f} s  {disk / merge_s / 1e9:6.2f} GB/s of inputs '
+          f'({passes} passes: {merges[0]["bytes_read"] / merge_s / 1e9:.2f} GB/s read), '
+          f'ratio to the read {read_s / merge_s:.3f}')
+    print(f'  peak RSS {rss / 1e9:.2f} GB = {rss / disk:.3f} x the bytes on disk '
+          f'(batch_bytes {_BATCH.value / 2**20:.0f} MiB)')
+    scale = 1000 / params_m
+    print(f'  1B params (x{scale:.1f}): ~{disk * scale / 1e9:.0f} GB on disk, merge ~'
+          f'{merge_s * scale / 60:.0f} min at this rate (page cache cold: bounded by the disk), '
+          f'peak RSS ~{rss / 1e9:.1f} GB (it follows batch_bytes, not the model)')
+  finally:
+    if not _KEEP.value:
+      shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    child_merge(_CHILD.value)
+    return
+  if _MEMORY_M.value > 0:
+    bench_memory(_MEMORY_M.value, _EXPERTS.value, _DENSITY.value)
+  if _DISK_M.value > 0:
+    bench_disk(_DISK_M.value, _EXPERTS.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

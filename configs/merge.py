@@ -1,0 +1,70 @@
+r"""Merging fine-tuned experts: OTA + FFG and the baselines, streamed from disk.
+
+Launch (paths are placeholders set on the command line; inputs may be HF-layout safetensors
+directories, with the OTA experts' export/exp_avg_sq.safetensors, or our trainers' orbax workdirs,
+whose Adam nu is found in the optimizer state):
+  python experiments/merge.py --config=configs/merge.py:ota_ffg --output=/tmp/merged \
+      --config.base=/ckpt/base --config.experts=/ckpt/math,/ckpt/code,/ckpt/if \
+      --config.densities=0.456,0.205,0.41
+  python experiments/merge.py --config=configs/merge.py:ties --output=/tmp/ties --overwrite \
+      --config.base=/ckpt/base --config.experts=/ckpt/math,/ckpt/code --config.weights=1,0.5
+  python experiments/merge.py --config=configs/merge.py:ota --output=/tmp/merged \
+      --config.spec=/path/merge_spec.json   # the full mergekit-like spec (rules, filters)
+Variants: linear, task_arithmetic, ties, dare, fisher, ota, ota_ffg, ffg_graft, test (ota + FFG
+on small inputs, for the tests). The output is safetensors (sharded + index past
+--config.max_shard_bytes) or orbax (--config.output_format=orbax), plus merge_spec.json.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+# variant -> (method, method options, ffg options or None)
+_VARIANTS = {
+    'linear': ('linear', {}, None),
+    'task_arithmetic': ('task_arithmetic', {'scale': 1.0}, None),
+    'ties': ('ties', {'density': 0.3, 'scale': 1.0}, None),
+    'dare': ('dare', {'drop': 0.5, 'combine': 'ties', 'scale': 1.0, 'seed': 0}, None),
+    'fisher': ('fisher', {'eps': 1e-8}, None),
+    'ota': ('ota', {'power': 0.5, 'eps': 1e-8, 'normalise': 'none'}, None),
+    # The reference's settings with a base model: eps = 1e-26, global FFG cutoff per expert.
+    'ota_ffg': ('ota', {'power': 0.5, 'eps': 1e-26, 'normalise': 'none'},
+                {'density': 0.3, 'scope': 'global', 'score': 'fisher'}),
+    'ffg_graft': ('ffg_graft', {}, {'density': 0.3, 'scope': 'global', 'score': 'fisher'}),
+    'test': ('ota', {'power': 0.5, 'eps': 1e-8, 'normalise': 'none'},
+             {'density': 0.3, 'scope': 'global', 'score': 'fisher'}),
+}
+
+
+def get_config(arg: str = 'ota_ffg') -> ml_collections.ConfigDict:
+  if arg not in _VARIANTS:
+    raise ValueError(f'unknown configs/merge.py variant {arg!r}; valid: {sorted(_VARIANTS)}')
+  method, options, ffg = _VARIANTS[arg]
+  config = ml_collections.ConfigDict()
+  config.method = method
+  config.spec = config_dict.placeholder(str)  # JSON merge spec (curvopt.merge.merge_from_spec)
+  config.base = config_dict.placeholder(str)
+  config.base_format = 'auto'  # or safetensors, orbax
+  config.experts = config_dict.placeholder(str)  # comma-separated paths
+  config.expert_format = 'auto'
+  # Comma-separated curvature sources, one per expert; None: each expert's own (orbax nu or
+  # export/exp_avg_sq.safetensors). A saved estimate_fisher file works too (format safetensors
+  # or orbax).
+  config.moments = config_dict.placeholder(str)
+  config.moments_format = 'auto'  # or orbax_nu, exp_avg_sq, safetensors, orbax
+  config.weights = config_dict.placeholder(str)  # comma-separated, one per expert
+  config.densities = config_dict.placeholder(str)  # ties trim / FFG density, one per expert
+  config.include = config_dict.placeholder(str)  # comma-separated regexes of merged tensors
+  config.exclude = config_dict.placeholder(str)
+  config.options = ml_collections.ConfigDict(options)
+  config.ffg = ml_collections.ConfigDict({
+      'enabled': ffg is not None,
+      'density': (ffg or {}).get('density'),
+      'mass': config_dict.placeholder(float),
+      'threshold': config_dict.placeholder(float),
+      'scope': (ffg or {}).get('scope', 'global'),
+      'score': (ffg or {}).get('score', 'fisher'),
+  })
+  config.rank1 = False
+  config.output_format = 'safetensors'  # or orbax
+  config.max_shard_bytes = config_dict.placeholder(int)  # e.g. 5_000_000_000
+  config.batch_bytes = 1 << 20 if arg == 'test' else 1 << 28
+  return config

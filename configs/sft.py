@@ -1,0 +1,93 @@
+r"""Supervised fine-tuning on the synthetic tasks (completion tokens only).
+
+Launch (CPU):
+  python experiments/sft.py --config=configs/sft.py:arithmetic --workdir=/tmp/sft_arith
+  python experiments/sft.py --config=configs/sft.py:arithmetic --workdir=/tmp/sft_arith_pt \
+      --config.init_from=/work/runs/sweep_tiny/adamw/lr0.003/seed0   # from a train_lm run
+  python experiments/sft.py --config=configs/sft.py:multitask --workdir=/tmp/merge/base
+  python experiments/sft.py --config=configs/sft.py:expert_reversal --workdir=/tmp/merge/reversal \
+      --config.init_from=/tmp/merge/base
+Variants:
+  arithmetic       the RL policy: the tiny decoder fine-tuned to moderate arithmetic accuracy.
+  multitask        a light warm-up on all tasks at once: the base model of the merge experiment.
+  expert_<task>    one capability expert per task (arithmetic, reversal, sorting, kv_recall,
+                   format), fine-tuned with AdamW (its checkpoint keeps Adam's nu); start it
+                   from the multitask base with --config.init_from.
+  test             seconds, for tests: a 2-layer d=32 decoder.
+"""
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+from curvopt import train
+
+TASK_NAMES = ('arithmetic', 'reversal', 'sorting', 'kv_recall', 'format')
+_VARIANTS = ('arithmetic', 'multitask', 'test') + tuple(f'expert_{t}' for t in TASK_NAMES)
+
+
+def _lm_config(arg: str) -> ml_collections.ConfigDict:
+  return train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lm.py'),
+                           arg)
+
+
+def get_config(arg: str = 'arithmetic') -> ml_collections.ConfigDict:
+  if arg not in _VARIANTS:
+    raise ValueError(f'unknown configs/sft.py variant {arg!r}; valid: {sorted(_VARIANTS)}')
+  # Model, optimizer, schedule, checkpoint and mesh sections as in LM pretraining, so that
+  # init_from a train_lm run of configs/lm.py:tiny needs no model overrides.
+  config = _lm_config('tiny')
+  del config.data
+  config.init_from = ''  # a train_lm / train_sft workdir: start from its newest params
+  config.total_steps = 600
+  config.log_every = 25
+  config.eval_every = 100
+  config.optimizer.name = 'adamw'
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.weight_decay = 0.0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.tasks = ml_collections.ConfigDict({'arithmetic': 1.0})  # task -> mixture weight
+  config.data.data_dir = config_dict.placeholder(str)  # default: $TFDS_DATA_DIR or <workdir>/tfds
+  config.data.batch_size = 32
+  config.data.seq_len = 64  # arithmetic examples are <= 61 tokens with BOS and EOS
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.tasks = ''  # comma-separated task names; '' evaluates the training tasks
+  config.eval.num_prompts = 200  # greedy completions of the first test prompts, per task
+  config.eval.max_prompt_len = 32  # with BOS: arithmetic <= 22, kv_recall <= 46 tokens
+  config.eval.max_new_tokens = 48  # with EOS: arithmetic <= 39, kv_recall <= 55 tokens
+  config.eval.loss_batches = 4  # completion loss on fixed test batches
+
+  if arg == 'multitask':
+    config.data.tasks = ml_collections.ConfigDict({t: 1.0 for t in TASK_NAMES})
+    config.data.seq_len = 128
+    config.total_steps = 300
+    config.eval.max_prompt_len = 48
+    config.eval.max_new_tokens = 64
+    config.eval.num_prompts = 100
+  elif arg.startswith('expert_'):
+    config.data.tasks = ml_collections.ConfigDict({arg[len('expert_'):]: 1.0})
+    config.data.seq_len = 128
+    config.total_steps = 300
+    config.optimizer.learning_rate = 1e-3
+    config.eval.tasks = ','.join(TASK_NAMES)  # what the expert forgot matters to the merge
+    config.eval.max_prompt_len = 48
+    config.eval.max_new_tokens = 64
+    config.eval.num_prompts = 100
+  elif arg == 'test':
+    config.model.update(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=128)
+    config.data.tasks = ml_collections.ConfigDict({'arithmetic': 1.0, 'reversal': 1.0})
+    config.data.batch_size = 8
+    config.total_steps = 8
+    config.log_every = 2
+    config.eval_every = 4
+    config.eval.num_prompts = 8
+    config.eval.max_new_tokens = 8
+    config.eval.loss_batches = 1
+    config.tensorboard = False
+    config.mesh.num_devices = 1
+    config.checkpoint.every = 4
+  config.schedule.warmup_steps = max(2, config.total_steps // 20)
+  config.checkpoint.every = min(config.checkpoint.every, config.total_steps)
+  return config

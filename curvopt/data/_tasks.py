@@ -1,0 +1,92 @@
+"""The synthetic tasks as a tfds data set (one config per task) and random access to it."""
+import operator
+import os
+from collections.abc import Sequence
+
+import tensorflow_datasets as tfds
+
+from curvopt.data import _sources
+from curvopt.data import _task_generators
+
+TASK_NAMES = _task_generators.TASK_NAMES
+_FIELDS = ('prompt', 'completion', 'answer')
+
+
+class CurvoptTasks(tfds.core.GeneratorBasedBuilder):
+  """Synthetic exact-match tasks; each config is one task with train and test splits."""
+
+  name = 'curvopt_tasks'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name=task, description=f'The {task} task.')
+      for task in TASK_NAMES
+  ]
+  DEFAULT_BUILDER_CONFIG_NAME = TASK_NAMES[0]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=(
+            'Generated from fixed seeds: a prompt "Q: ...\\n", a completion of worked '
+            'solution lines ending in a line "#### <answer>", and the answer string that '
+            'exact match compares. No test prompt occurs in train.'),
+        features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in _FIELDS}),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {split: self._generate_examples(split) for split in ('train', 'test')}
+
+  def _generate_examples(self, split):
+    for i, example in enumerate(_task_generators.generate_split(self.builder_config.name, split)):
+      yield i, example
+
+
+class TaskSource(Sequence):
+  """`len(src)` examples; `src[i]` is {'prompt', 'completion', 'answer'} as str."""
+
+  def __init__(self, data_source, *, name: str, split: str):
+    self._data_source = data_source
+    self.name = name
+    self.split = split
+    self._len = len(data_source)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(self._len))]
+    index = operator.index(index)
+    if not -self._len <= index < self._len:
+      raise IndexError(f'example {index} outside [0, {self._len}) of {self.name}/{self.split}')
+    record = self._data_source[index % self._len]
+    return {k: v.decode('utf-8') if isinstance(v, bytes) else str(v)
+            for k, v in record.items() if k in _FIELDS}
+
+  def __repr__(self) -> str:
+    return f'TaskSource({self.name}/{self.split}, {self._len} examples)'
+
+
+def task_source(name: str, split: str, *, data_dir: str | None = None) -> TaskSource:
+  """A random-access source of one task's examples, prepared under `data_dir` on first use.
+
+  Args:
+    name: one of TASK_NAMES ('arithmetic', 'reversal', 'sorting', 'kv_recall', 'format').
+    split: 'train' or 'test'.
+    data_dir: the tfds data directory; None means tfds' default ($TFDS_DATA_DIR or
+      ~/tensorflow_datasets).
+
+  Raises:
+    ValueError: unknown task or split.
+  """
+  if name not in TASK_NAMES:
+    raise ValueError(f'unknown task {name!r}; valid: {list(TASK_NAMES)}')
+  if data_dir is not None:
+    data_dir = os.fspath(data_dir)
+  builder = _sources._prepare_own_builder(CurvoptTasks, name, data_dir)  # pylint: disable=protected-access
+  splits = builder.info.splits
+  if split not in splits:
+    raise ValueError(f'task {name!r} has no split {split!r}; valid: {sorted(splits)}')
+  return TaskSource(builder.as_data_source(split=split), name=name, split=split)

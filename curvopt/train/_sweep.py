@@ -1,0 +1,133 @@
+"""Learning-rate sweeps: one LM run per (optimizer, learning rate, seed), then the best point's seeds.
+
+A sweep is a grid of optimizer settings, each with a list of peak learning rates. Stage one runs
+every learning rate with the first seed; stage two reruns each optimizer's best one (lowest final
+eval loss) with the remaining seeds. Every run has its own directory, so an interrupted sweep
+resumes run by run (`train_lm` resumes a run from its checkpoints, a finished run costs nothing).
+"""
+import dataclasses
+import math
+import os
+from typing import Callable, Mapping, Sequence
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from curvopt.train import _loop
+from curvopt.train import _report
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPoint:
+  """One optimizer at one learning rate, with the eval-loss curve of each seed run."""
+  optimizer: str
+  learning_rate: float
+  curves: Mapping[int, tuple[list[int], list[float]]]  # seed -> (steps, eval losses)
+
+  @property
+  def final_losses(self) -> list[float]:
+    return [values[-1] if values else math.nan for _, values in self.curves.values()]
+
+  @property
+  def mean_curve(self) -> tuple[list[int], list[float]]:
+    """Mean eval loss over seeds at the eval steps every seed logged."""
+    common = sorted(set.intersection(*(set(s) for s, _ in self.curves.values())))
+    means = [float(np.mean([dict(zip(s, v))[step] for s, v in self.curves.values()]))
+             for step in common]
+    return common, means
+
+
+def sweep_run_dir(workdir: str, optimizer: str, learning_rate: float, seed: int) -> str:
+  return os.path.join(workdir, optimizer, f'lr{learning_rate:g}', f'seed{seed}')
+
+
+def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float, *,
+                   higher_is_better: bool = False) -> float:
+  """First step at which a curve reaches `target`, linearly interpolated between logged points.
+
+  A loss reaches it from above (value <= target), an accuracy with `higher_is_better` from
+  below. Returns inf when the curve never gets there (a ratio against it says "not reached").
+  """
+  sign = -1.0 if higher_is_better else 1.0
+  for i, (step, value) in enumerate(zip(steps, values)):
+    if sign * value <= sign * target:
+      if i == 0:
+        return float(step)
+      prev_step, prev_value = steps[i - 1], values[i - 1]
+      return prev_step + (step - prev_step) * (prev_value - target) / (prev_value - value)
+  return math.inf
+
+
+def run_sweep(base: ml_collections.ConfigDict, grid: ml_collections.ConfigDict,
+              seeds: Sequence[int], workdir: str,
+              train_fn: Callable[[ml_collections.ConfigDict, str], object] = _loop.train_lm,
+              ) -> dict[str, list[SweepPoint]]:
+  """Runs the two-stage sweep; returns, per grid entry, its points in learning-rate order.
+
+  `grid` maps a run name to optimizer overrides whose `learning_rate` is a list; the name is
+  what tables show (two entries may use one registry optimizer with different options).
+  """
+  if not seeds:
+    raise ValueError('a sweep needs at least one seed')
+  results = {}
+  for name, entry in grid.items():
+    entry = entry.to_dict()
+    rates = entry.pop('learning_rate')
+    if not rates:
+      raise ValueError(f'grid entry {name!r} has no learning rates')
+
+    def run(lr, seed, name=name, entry=entry):
+      config = base.copy_and_resolve_references()
+      config.optimizer.update(dict(entry, learning_rate=lr))
+      config.seed = seed
+      directory = sweep_run_dir(workdir, name, lr, seed)
+      logging.info('sweep run %s lr=%g seed=%d in %s', name, lr, seed, directory)
+      if not config.data.data_dir:  # one prepared corpus for the whole sweep
+        config.data.data_dir = os.path.join(workdir, 'tfds')
+      train_fn(config, directory)
+      return _report.curve(directory, 'eval_loss')
+
+    points = [SweepPoint(name, lr, {seeds[0]: run(lr, seeds[0])}) for lr in rates]
+    best = min(range(len(points)), key=lambda i: _nan_last(points[i].final_losses[0]))
+    points[best] = dataclasses.replace(
+        points[best], curves={**points[best].curves,
+                              **{s: run(rates[best], s) for s in seeds[1:]}})
+    results[name] = points
+  return results
+
+
+def _nan_last(x: float) -> float:
+  return math.inf if not math.isfinite(x) else x
+
+
+def best_point(points: Sequence[SweepPoint]) -> SweepPoint:
+  """The point that got the extra seeds (the most seed runs; ties: lowest mean final loss)."""
+  return min(points, key=lambda p: (-len(p.curves), _nan_last(float(np.mean(p.final_losses)))))
+
+
+def sweep_report(results: Mapping[str, Sequence[SweepPoint]], anchor: str) -> str:
+  """Markdown: the sweep grid, each best point's mean and spread, and steps to the anchor's loss."""
+  if anchor not in results:
+    raise ValueError(f'anchor {anchor!r} is not a grid entry; entries: {sorted(results)}')
+  grid_rows = [[name, p.learning_rate, p.final_losses[0]]
+               for name, points in results.items() for p in points]
+  anchor_best = best_point(results[anchor])
+  anchor_steps, anchor_values = anchor_best.mean_curve
+  target = anchor_values[-1]
+  rows = []
+  for name, points in results.items():
+    p = best_point(points)
+    losses = np.asarray(p.final_losses)
+    reach = steps_to_reach(*p.mean_curve, target)
+    rows.append([name, p.learning_rate, len(losses), float(losses.mean()),
+                 float(losses.std(ddof=1)) if len(losses) > 1 else math.nan,
+                 float(losses.min()), float(losses.max()),
+                 'not reached' if math.isinf(reach) else round(reach / anchor_steps[-1], 3)])
+  return ('Stage 1, final eval loss of the first seed at every learning rate:\n\n'
+          + _report.markdown_table(['run', 'peak lr', 'final eval loss'], grid_rows)
+          + f'\n\nBest learning rate of each, over seeds (steps ratio: steps the mean eval curve '
+          f'needs to reach {anchor}\'s mean final eval loss {target:.4f}, over {anchor}\'s '
+          f'{anchor_steps[-1]} steps; interpolated between eval points):\n\n'
+          + _report.markdown_table(['run', 'peak lr', 'seeds', 'mean', 'std', 'min', 'max',
+                                    f'steps ratio vs {anchor}'], rows))

@@ -1,0 +1,128 @@
+"""experiments/merge.py end to end on small generated inputs (HF safetensors and orbax)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from safetensors.numpy import save_file
+
+from curvopt import merge
+from curvopt.train._checkpoint import Checkpointer
+from curvopt.train._state import TrainState
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHAPES = {'model.embed_tokens.weight': (16, 8), 'model.layers.0.mlp.up_proj.weight': (16, 8),
+          'model.norm.weight': (8,)}
+DENSITY = 0.3  # configs/merge.py:test's FFG density
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'merge.py'),
+                         '--config=' + os.path.join(REPO, 'configs', 'merge.py') + ':test', *args],
+                        capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+
+
+def _expected(base, experts, moments):
+  masks = [merge.ffg_mask(base, e, v, density=DENSITY) for e, v in zip(experts, moments)]
+  return merge.ota(base, experts, moments, masks=masks)
+
+
+def _hf_inputs(root):
+  rng = np.random.default_rng(0)
+  base = {n: rng.normal(size=s).astype(ml_dtypes.bfloat16) for n, s in SHAPES.items()}
+  os.makedirs(root / 'base')
+  save_file(base, str(root / 'base' / 'model.safetensors'), metadata={'format': 'pt'})
+  experts, moments = [], []
+  for t in range(2):
+    weights = {n: (v.astype(np.float32) + rng.normal(size=v.shape)).astype(v.dtype)
+               for n, v in base.items()}
+    nu = {n: (rng.uniform(size=v.shape) ** 4).astype(np.float32) for n, v in base.items()}
+    os.makedirs(root / f'e{t}' / 'export')
+    save_file(weights, str(root / f'e{t}' / 'model.safetensors'), metadata={'format': 'pt'})
+    save_file(nu, str(root / f'e{t}' / 'export' / 'exp_avg_sq.safetensors'))
+    experts.append(weights)
+    moments.append(nu)
+  return base, experts, moments
+
+
+def test_merge_binary_on_hf_safetensors_refuses_and_overwrites(tmp_path):
+  base, experts, moments = _hf_inputs(tmp_path)
+  out = tmp_path / 'out'
+  args = [f'--output={out}', f'--config.base={tmp_path / "base"}',
+          f'--config.experts={tmp_path / "e0"},{tmp_path / "e1"}', '--config.max_shard_bytes=300']
+  done = _run(*args)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'wrote 3 tensors (3 merged)' in done.stdout
+  assert sorted(os.listdir(out)) == ['merge_spec.json', 'model-00001-of-00002.safetensors',
+                                     'model-00002-of-00002.safetensors',
+                                     'model.safetensors.index.json']
+  assert json.loads((out / 'merge_spec.json').read_text())['method'] == 'ota'
+  got = merge.SafetensorsReader(str(out)).read(list(SHAPES))
+  jax_tree = lambda d: {n: jnp.asarray(v) for n, v in d.items()}  # noqa: E731
+  want = _expected(jax_tree(base), [jax_tree(e) for e in experts], moments)
+  for name in SHAPES:
+    assert got[name].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(got[name], np.asarray(want[name]))
+
+  (out / 'marker').write_text('old')
+  refused = _run(*args)
+  assert refused.returncode != 0
+  assert 'exists' in refused.stderr and 'overwrite' in refused.stderr
+  assert (out / 'marker').exists()
+
+  replaced = _run(*args, '--overwrite', '--config.output_format=orbax')
+  assert replaced.returncode == 0, replaced.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ['merge_spec.json', 'params']
+  again = merge.orbax_params_reader(str(out)).read(list(SHAPES))
+  for name in SHAPES:
+    np.testing.assert_array_equal(again[name], got[name])
+  assert not [f for f in os.listdir(tmp_path) if 'partial' in f]
+
+
+def _train_checkpoint(workdir, params, lr):
+  tx = optax.adamw(lr)
+  opt_state = tx.init(params)
+  rng = np.random.default_rng(int(lr * 100))
+  for _ in range(2):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  state = TrainState(step=jnp.int32(2), params=params, opt_state=opt_state,
+                     rng=jnp.zeros((2,), jnp.uint32))
+  checkpointer = Checkpointer(str(workdir), async_save=False)
+  checkpointer.save(2, state, {'position': 0}, {'name': 'test'})
+  checkpointer.close()
+  return params, opt_state[0].nu
+
+
+def test_merge_binary_on_orbax_train_checkpoints(tmp_path):
+  rng = np.random.default_rng(1)
+  base = {'embed': jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+          'layers_0': {'w': jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)}}
+  merge.save_orbax(str(tmp_path / 'base'), base)
+  trained = [_train_checkpoint(tmp_path / f'e{t}', base, 0.1 * (t + 1)) for t in range(2)]
+  out = tmp_path / 'out'
+  done = _run(f'--output={out}', f'--config.base={tmp_path / "base"}',
+              f'--config.experts={tmp_path / "e0"},{tmp_path / "e1"}')
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = merge.SafetensorsReader(str(out)).read_tree()
+  want = _expected(base, [p for p, _ in trained], [nu for _, nu in trained])
+  np.testing.assert_array_equal(got['embed'], np.asarray(want['embed']))
+  np.testing.assert_array_equal(got['layers_0']['w'], np.asarray(want['layers_0']['w']))
+
+
+def test_config_variants_build():
+  sys.path.insert(0, REPO)
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+  for variant in ('linear', 'task_arithmetic', 'ties', 'dare', 'fisher', 'ota', 'ota_ffg',
+                  'ffg_graft', 'test'):
+    config = load_config('merge', variant)
+    assert config.method in merge.METHODS
+  with pytest.raises(ValueError, match='unknown configs/merge.py variant'):
+    load_config('merge', 'slerp')

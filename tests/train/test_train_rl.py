@@ -1,0 +1,207 @@
+"""The RL trainer: rollout alignment, the jit'd update (with and without CAPO), resume, sharding."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from curvopt import models
+from curvopt import rl
+from curvopt import train
+
+_CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
+_VOCAB = 264
+
+
+def _rl_config(**overrides):
+  config = train.load_config(os.path.join(_CONFIGS, 'rl.py'), 'test')
+  for key, value in overrides.items():
+    target = config
+    *path, leaf = key.split('.')
+    for part in path:
+      target = target[part]
+    target[leaf] = value
+  return config
+
+
+def _digit_reward(prompts, completions, answers):
+  """A dense reward a random policy already varies on, so advantages are not all zero."""
+  del prompts, answers
+  return np.asarray([sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions],
+                    np.float32)
+
+
+@pytest.fixture(scope='module')
+def policy():
+  cfg = models.model_config('tiny', d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64,
+                            vocab_size=_VOCAB, dtype='float32')
+  model = models.Decoder(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  return model, params
+
+
+def _apply_fn(model):
+  def apply_fn(params, tokens, positions, attention_mask):
+    return model.apply({'params': params}, tokens, positions=positions,
+                       attention_mask=attention_mask)
+  return apply_fn
+
+
+def _rollout(model, params, group_size=4):
+  rng = np.random.default_rng(0)
+  prompts = np.full((2, 6), 256, np.int32)
+  mask = np.zeros((2, 6), np.int32)
+  for row, length in enumerate((6, 3)):  # left padding of different lengths
+    prompts[row, 6 - length:] = rng.integers(0, 256, length)
+    mask[row, 6 - length:] = 1
+  cache = models.init_cache(model, 2 * group_size, 6 + 10)
+  samples = rl.sample(models.decode_fn_for(model), params, cache, jnp.asarray(prompts),
+                      jnp.asarray(mask), jax.random.key(1), max_new_tokens=10,
+                      num_samples=group_size, temperature=1.0, eos_id=258, pad_id=256)
+  index = np.asarray(samples.prompt_index)
+  batch = train.rollout_batch(jnp.asarray(prompts)[index], jnp.asarray(mask)[index],
+                              samples.completions, samples.mask)
+  return samples, batch
+
+
+def test_update_forward_reads_the_sampled_tokens_log_probs(policy):
+  model, params = policy
+  samples, batch = _rollout(model, params)
+  from curvopt.train import _rl_step  # pylint: disable=g-import-not-at-top
+  logp, (hidden, entropy) = _rl_step.completion_logprobs(_apply_fn(model), params, batch)
+  valid = np.asarray(samples.mask) > 0
+  np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(samples.logp)[valid],
+                             rtol=1e-4, atol=1e-4)
+  assert hidden.shape == (*logp.shape, 32)
+  assert np.all(np.asarray(entropy)[valid] > 0)
+
+
+def _step_fn(model, capo_options, tx):
+  from curvopt.train import _rl  # pylint: disable=g-import-not-at-top
+  head_fn = _rl._head_fn(model.cfg)  # pylint: disable=protected-access
+  return train.make_rl_step(_apply_fn(model), head_fn, tx, learning_rate=lambda s: 1e-4,
+                            loss_options={'agg': 'seq-mean-token-mean'},
+                            capo_options=capo_options)
+
+
+def _state(params, tx):
+  return train.RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       shadow=rl.capo_shadow_init(_VOCAB, 32))
+
+
+_CAPO = {'tau_H': 0.01, 'tau_F': 1e-4, 'symmetric': True, 'top_k': 20, 'chunk_size': 16}
+
+
+@pytest.mark.parametrize('capo_options, expect_update, expect_masked', [
+    (None, True, None),                             # plain GRPO
+    (_CAPO, True, None),                            # CAPO at the reference thresholds
+    # Only zero-advantage tokens survive: the step is a no-op.
+    (dict(_CAPO, tau_H=1e-30, tau_F=1e-30), False, 'nonzero_advantage_tokens'),
+])
+def test_rl_step(policy, capo_options, expect_update, expect_masked):
+  model, params = policy
+  samples, batch = _rollout(model, params)
+  batch['advantages'] = rl.group_advantages(jnp.arange(8, dtype=jnp.float32) % 3, 4)
+  tx = optax.sgd(1e-2)
+  state, metrics = jax.jit(_step_fn(model, capo_options, tx))(_state(params, tx), batch)
+  moved = optax.global_norm(jax.tree.map(jnp.subtract, state.params, params))
+  assert (float(moved) > 0) == expect_update
+  assert int(state.step) == 1
+  assert np.isfinite(float(metrics['loss']))
+  if capo_options is None:
+    # A small step along the surrogate's gradient raises sum_i A_i * mean_t logp_it.
+    from curvopt.train import _rl_step  # pylint: disable=g-import-not-at-top
+    def objective(p):
+      logp = _rl_step.completion_logprobs(_apply_fn(model), p, batch)[0]
+      mask = batch['completion_mask']
+      per_seq = (logp * mask).sum(1) / mask.sum(1)
+      return float((batch['advantages'] * per_seq).sum())
+    assert objective(state.params) > objective(params)
+    assert 'capo/masked_frac' not in metrics
+    assert int(state.shadow.count) == 0
+  else:
+    assert int(state.shadow.count) == 1
+    if expect_masked is not None:
+      mask = np.asarray(batch['completion_mask'])
+      zero_adv = np.asarray(batch['advantages']) == 0
+      assert zero_adv.any() and not zero_adv.all()
+      np.testing.assert_allclose(float(metrics['capo/masked_frac']),
+                                 1 - mask[zero_adv].sum() / mask.sum(), rtol=1e-6)
+      np.testing.assert_array_equal(np.asarray(state.shadow.mu), 0.0)  # kept g are all 0
+
+
+def test_rl_step_on_8_devices_equals_one(policy):
+  """The trainer's layout: batch rows over 'data', params and optimizer state FSDP-sharded."""
+  model, params = policy
+  _, batch = _rollout(model, params)
+  batch['advantages'] = rl.group_advantages(jnp.arange(8, dtype=jnp.float32) % 3, 4)
+  tx = optax.sgd(1e-2, momentum=0.9)  # Adam would magnify reduction-order noise of ~0 grads
+  step_fn = _step_fn(model, _CAPO, tx)
+  single, single_metrics = jax.jit(step_fn)(_state(params, tx), batch)
+  mesh = train.make_mesh(data=2, fsdp=4, num_devices=8)
+  state = _state(params, tx)
+  shardings = train.fsdp_shardings(jax.eval_shape(lambda: state), mesh)
+  step = jax.jit(step_fn, in_shardings=(shardings, train.batch_sharding(mesh)),
+                 out_shardings=(shardings, None))
+  sharded, sharded_metrics = step(jax.device_put(state, shardings),
+                                  jax.device_put(batch, train.batch_sharding(mesh)))
+  for key in ('loss', 'capo/masked_frac', 'grad_norm'):
+    np.testing.assert_allclose(float(sharded_metrics[key]), float(single_metrics[key]),
+                               rtol=1e-5, atol=1e-7)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               sharded.params, single.params)
+  np.testing.assert_allclose(sharded.shadow.nu, single.shadow.nu, rtol=1e-5, atol=1e-12)
+
+
+def test_prompt_stream_resumes_and_reshuffles_each_epoch():
+  source = [{'prompt': str(i)} for i in range(5)]
+  stream = train.PromptStream(source, seed=3)
+  first = [e['prompt'] for e in stream.take(7)]
+  assert sorted(first[:5]) == [str(i) for i in range(5)]  # one epoch is a permutation
+  state = stream.get_state()
+  rest = [e['prompt'] for e in stream.take(6)]
+  other = train.PromptStream(source, seed=3)
+  other.set_state(state)
+  assert [e['prompt'] for e in other.take(6)] == rest
+
+
+def test_halt_and_resume_equals_an_uninterrupted_run(tmp_path, mini_data_dir):
+  del mini_data_dir  # the tasks are prepared under each run's own data dir below
+  data_dir = str(tmp_path / 'tfds')
+  full = train.train_rl(_rl_config(**{'task.data_dir': data_dir}), str(tmp_path / 'full'),
+                        reward_fn=_digit_reward)
+  halted = train.train_rl(_rl_config(**{'task.data_dir': data_dir, 'halt_after_steps': 2}),
+                          str(tmp_path / 'resumed'), reward_fn=_digit_reward)
+  assert halted.halted and halted.step == 2
+  resumed = train.train_rl(_rl_config(**{'task.data_dir': data_dir}), str(tmp_path / 'resumed'),
+                           reward_fn=_digit_reward)
+  assert resumed.step == full.step == 4 and resumed.completions_seen == full.completions_seen
+  by_step = lambda d: {r['step']: r for r in train.read_metrics(d)}
+  full_m, resumed_m = by_step(str(tmp_path / 'full')), by_step(str(tmp_path / 'resumed'))
+  for step in (3, 4):
+    for key in ('reward', 'loss', 'grad_norm', 'capo/masked_frac'):
+      assert resumed_m[step][key] == full_m[step][key], (step, key)
+  assert any(full_m[s]['grad_norm'] > 0 for s in (1, 2, 3, 4))  # the policy really moved
+
+  with pytest.raises(ValueError, match='config.capo differs'):
+    train.train_rl(_rl_config(**{'task.data_dir': data_dir, 'capo.tau_H': 0.5}),
+                   str(tmp_path / 'resumed'), reward_fn=_digit_reward)
+
+
+@pytest.mark.parametrize('arg', ['grpo_conservative', 'grpo_aggressive', 'drgrpo_aggressive',
+                                 'capo_aggressive', 'drcapo_aggressive', 'test'])
+def test_rl_configs(arg):
+  config = train.load_config(os.path.join(_CONFIGS, 'rl.py'), arg)
+  assert config.advantage in rl.ADVANTAGE_MODES and config.loss.agg in rl.AGG_MODES
+  assert config.capo.enabled == ('capo' in arg or arg == 'test')
+  if arg.endswith('aggressive'):
+    conservative = train.load_config(os.path.join(_CONFIGS, 'rl.py'), 'grpo_conservative')
+    assert config.optimizer.learning_rate == 5 * conservative.optimizer.learning_rate
+    assert 12 * config.rollout.prompts_per_step == conservative.rollout.prompts_per_step
+
+
+def test_group_size_one_is_refused(tmp_path):
+  with pytest.raises(ValueError, match='group_size must be >= 2'):
+    train.train_rl(_rl_config(**{'rollout.group_size': 1}), str(tmp_path))

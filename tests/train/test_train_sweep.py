@@ -1,0 +1,90 @@
+"""The learning-rate sweep: two stages, best-point selection, steps-to-loss, report."""
+import math
+import os
+
+import ml_collections
+import pytest
+
+from curvopt import train
+
+_CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
+
+
+@pytest.mark.parametrize('steps, values, target, expected', [
+    ([10, 20, 30], [3.0, 2.0, 1.0], 1.5, 25.0),   # interpolated between 20 and 30
+    ([10, 20, 30], [3.0, 2.0, 1.0], 2.0, 20.0),   # hit exactly at a logged point
+    ([10, 20, 30], [3.0, 2.0, 1.0], 3.5, 10.0),   # already below at the first point
+    ([10, 20, 30], [3.0, 2.0, 1.0], 0.5, math.inf),  # never reached
+    ([10, 20, 30], [3.0, 1.0, 2.0], 1.5, 17.5),   # the first crossing counts
+])
+def test_steps_to_reach(steps, values, target, expected):
+  assert train.steps_to_reach(steps, values, target) == pytest.approx(expected)
+  # The same curve mirrored is an accuracy reaching -target from below.
+  assert train.steps_to_reach(steps, [-v for v in values], -target,
+                              higher_is_better=True) == pytest.approx(expected)
+
+
+# Fake runs: a final loss that depends on the learning rate and a little on the seed, so the
+# best point and the seed statistics are known in advance.
+_BEST_LR = {'a': 0.02, 'b': 0.3}
+
+
+def _fake_train(config, workdir):
+  best = _BEST_LR[config.optimizer.tag]
+  final = 1.0 + abs(math.log(config.optimizer.learning_rate / best)) + 0.01 * config.seed
+  writer = train.MetricWriter(workdir, tensorboard=False)
+  for step in (10, 20, 30, 40):
+    writer.write(step, {'eval_loss': final + (40 - step) / 10})
+  writer.close()
+  _fake_train.calls.append((config.optimizer.tag, config.optimizer.learning_rate, config.seed))
+
+
+def _sweep(tmp_path):
+  base = ml_collections.ConfigDict({'seed': 0, 'optimizer': {'learning_rate': 0.0, 'tag': ''},
+                                    'data': {'data_dir': None}})
+  grid = ml_collections.ConfigDict({'a': {'tag': 'a', 'learning_rate': [0.01, 0.02, 0.04]},
+                                    'b': {'tag': 'b', 'learning_rate': [0.1, 0.3]}})
+  _fake_train.calls = []
+  results = train.run_sweep(base, grid, (0, 1, 2), str(tmp_path), train_fn=_fake_train)
+  return results, list(_fake_train.calls)
+
+
+def test_sweep_runs_every_rate_then_the_best_ones_seeds(tmp_path):
+  results, calls = _sweep(tmp_path)
+  assert calls == [('a', 0.01, 0), ('a', 0.02, 0), ('a', 0.04, 0), ('a', 0.02, 1), ('a', 0.02, 2),
+                   ('b', 0.1, 0), ('b', 0.3, 0), ('b', 0.3, 1), ('b', 0.3, 2)]
+  best = train.best_point(results['a'])
+  assert best.learning_rate == 0.02
+  assert best.final_losses == pytest.approx([1.0, 1.01, 1.02])
+  assert best.mean_curve == ([10, 20, 30, 40], pytest.approx([4.01, 3.01, 2.01, 1.01]))
+  assert os.path.exists(os.path.join(train.sweep_run_dir(str(tmp_path), 'b', 0.3, 2), 'metrics.jsonl'))
+
+
+def test_sweep_report_steps_ratio_against_the_anchor(tmp_path):
+  results, _ = _sweep(tmp_path)
+  text = train.sweep_report(results, 'b')
+  # b's mean final loss 1.01 at step 40; a's mean curve (offset 0) reaches 1.01 at step 40 too,
+  # while a at lr 0.01 (stage one only) is not a best point.
+  rows = {line.split(' | ')[0].strip('| '): line for line in text.splitlines()
+          if line.startswith('| a') or line.startswith('| b')}
+  assert rows['b'].endswith('| 1 |')
+  assert rows['a'].endswith('| 1 |')
+  with pytest.raises(ValueError, match="anchor 'c'"):
+    train.sweep_report(results, 'c')
+
+
+def test_sweep_rejects_an_empty_grid_entry(tmp_path):
+  base = ml_collections.ConfigDict({'seed': 0, 'optimizer': {'learning_rate': 0.0},
+                                    'data': {'data_dir': None}})
+  grid = ml_collections.ConfigDict({'a': {'learning_rate': []}})
+  with pytest.raises(ValueError, match="'a' has no learning rates"):
+    train.run_sweep(base, grid, (0,), str(tmp_path), train_fn=_fake_train)
+
+
+@pytest.mark.parametrize('arg', ['tiny', 'small', 'smoke'])
+def test_sweep_configs_name_registry_optimizers(arg):
+  config = train.load_config(os.path.join(_CONFIGS, 'lm_sweep.py'), arg)
+  assert config.anchor in config.grid
+  for entry in config.grid.values():
+    assert entry.name in train.OPTIMIZERS
+    assert len(entry.learning_rate) >= 1
