@@ -56,7 +56,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.optimizer.eps = 1e-8
   config.optimizer.momentum = 0.95
   config.optimizer.consistent_rms = config_dict.placeholder(float)  # optax_muon only
-  config.optimizer.lanton_mapping = 'min_ratio'  # lanton: layer lr = lr * s(H); lanton_mean: mean
+  config.optimizer.lanton_mapping = 'mean_ratio'  # or 'min_ratio' (the spec's candidate)
   # The sign LMO moves every embedding / head entry by the full step: a smaller share of the
   # schedule keeps it in line with the hidden matrices' spectral steps (1.0 = the spec as written).
   config.optimizer.lanton_embed_head_scale = 1.0

@@ -18,18 +18,24 @@ def _lm(arg: str) -> ml_collections.ConfigDict:
   return train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lm.py'), arg)
 
 
-def _grid(adamw, dmuon, lanton_min, lanton_mean) -> ml_collections.ConfigDict:
+def _grid(adamw, dmuon, lanton_min, lanton_mean, lanton_mean_every4=None
+          ) -> ml_collections.ConfigDict:
   # Muon-family entries keep AdamW at its own fixed rate on the leaves they leave to Adam, so
   # the sweep moves only the geometry-aware step. LANTON's sign-LMO embedding / head runs at 0.1
   # of the schedule (a full-rate sign step trained far worse: docs/lm_experiments.md).
   adam = {'adam_learning_rate': 3e-3}
   lanton = dict(adam, lanton_embed_head_scale=0.1)
-  return ml_collections.ConfigDict({
+  grid = {
       'adamw': {'name': 'adamw', 'learning_rate': adamw},
       'dmuon': dict(adam, name='dmuon', learning_rate=dmuon),
-      'lanton_min': dict(lanton, name='lanton', learning_rate=lanton_min),
+      'lanton_min': dict(lanton, name='lanton', lanton_mapping='min_ratio',
+                         learning_rate=lanton_min),
       'lanton_mean': dict(lanton, name='lanton_mean', learning_rate=lanton_mean),
-  })
+  }
+  if lanton_mean_every4:  # the cheaper noise estimate: refreshed every 4th step
+    grid['lanton_mean_every4'] = dict(lanton, name='lanton_mean', lanton_noise_every=4,
+                                      learning_rate=lanton_mean_every4)
+  return ml_collections.ConfigDict(grid)
 
 
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
@@ -38,8 +44,11 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.seeds = (0, 1, 2)
   # min_ratio gives most layers 0.002-0.015 of the schedule (the quietest layer sets 1), so its
   # peak rates sit an order of magnitude above the others'.
-  config.grid = _grid(adamw=[1e-3, 3e-3, 1e-2], dmuon=[0.01, 0.02, 0.04],
-                      lanton_min=[0.03, 0.1, 0.3], lanton_mean=[0.015, 0.03, 0.06])
+  # The first grid's best D-Muon and LANTON (mean) points sat at its low edge (0.01, 0.015):
+  # one more point below each.
+  config.grid = _grid(adamw=[1e-3, 3e-3, 1e-2], dmuon=[0.005, 0.01, 0.02, 0.04],
+                      lanton_min=[0.03, 0.1, 0.3], lanton_mean=[0.0075, 0.015, 0.03, 0.06],
+                      lanton_mean_every4=[0.0075, 0.015])
   if arg == 'tiny':
     config.base = _lm('tiny')
     config.base.update(total_steps=300, eval_every=25)

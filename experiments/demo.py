@@ -111,9 +111,7 @@ def main(argv):
   parts += [text for text in (section(_CONFIG.value, workdir) for section in SECTIONS) if text]
   parts.append(f'_Total wall time: {time.perf_counter() - start:.0f} s._\n')
   report = os.path.join(workdir, 'report.md')
-  with open(report + '.tmp', 'w') as f:
-    f.write('\n'.join(parts))
-  os.replace(report + '.tmp', report)  # a crash never leaves a half-written report
+  train.write_text(report, '\n'.join(parts))
   print(f'wrote {report}', flush=True)
 
 

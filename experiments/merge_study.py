@@ -28,9 +28,7 @@ def main(argv):
   text = (f'# Merging study: {len(study.tasks)} experts ({", ".join(study.tasks)})\n\n'
           + train.merge_study_report(study, workdir) + '\n')
   path = os.path.join(workdir, 'merge_study.md')
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
+  train.write_text(path, text)
   print(text, flush=True)
 
 

@@ -29,9 +29,7 @@ def main(argv):
                                   baseline=config.baseline, candidate=config.candidate,
                                   collapse_fraction=config.collapse_fraction) + '\n')
   path = os.path.join(workdir, 'rl_study.md')
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
+  train.write_text(path, text)
   print(text, flush=True)
 
 

@@ -36,9 +36,7 @@ def main(argv):
           + train.sweep_report(results, config.anchor)
           + f'\n\n![eval loss]({os.path.basename(plot)})\n')
   path = os.path.join(workdir, 'sweep.md')
-  with open(path + '.tmp', 'w') as f:
-    f.write(text)
-  os.replace(path + '.tmp', path)
+  train.write_text(path, text)
   print(text, flush=True)
 
 

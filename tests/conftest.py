@@ -52,12 +52,7 @@ def lm_test_config(mini_data_dir):
     config.schedule.warmup_steps = 2
     config.checkpoint.update(every=4, async_save=True)
     config.mesh.num_devices = 1
-    for key, value in overrides.items():
-      target = config
-      *path, leaf = key.split('.')
-      for part in path:
-        target = target[part]
-      target[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
   return make

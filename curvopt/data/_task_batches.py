@@ -18,19 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from curvopt.data._packing import _positive_int  # pylint: disable=protected-access
 from curvopt.data._permutation import IndexPermutation
 
 _STATE_FORMAT = 'curvopt.TaskBatches/1'
-
-
-def _positive_int(value, name: str) -> int:
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise TypeError(f'{name} must be an int, got {type(value).__name__}: {value!r}') from None
-  if value < 1:
-    raise ValueError(f'{name} must be >= 1, got {value}')
-  return value
 
 
 def _text(example, field: str, where: str) -> str:

@@ -34,6 +34,7 @@ from curvopt.train._sft import restore_params
 from curvopt.train._sft import SftResult
 from curvopt.train._schedules import SCHEDULES
 from curvopt.train._state import TrainState
+from curvopt.train._report import write_text
 from curvopt.train._rl import PromptStream
 from curvopt.train._rl import RLResult
 from curvopt.train._rl import train_rl

@@ -178,10 +178,8 @@ class _EvalCache:
 
   def put(self, model: str, task: str, value: float) -> None:
     self.values.setdefault(model, {})[task] = float(value)
-    with open(self._path + '.tmp', 'w') as f:
-      json.dump({'settings': self._settings, 'accuracy': self.values}, f, indent=1,
-                sort_keys=True)
-    os.replace(self._path + '.tmp', self._path)
+    _report.write_text(self._path, json.dumps(
+        {'settings': self._settings, 'accuracy': self.values}, indent=1, sort_keys=True))
 
 
 def _fmt(x: float) -> str:

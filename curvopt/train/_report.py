@@ -45,6 +45,14 @@ def curves(workdir: str, prefix: str) -> dict[str, tuple[list[int], list[float]]
   return {k: _series(records, k) for k in keys}
 
 
+def write_text(path: str, text: str) -> str:
+  """Writes `text` to `path` through a temporary file: a crash never leaves half a report."""
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+  return path
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
   def fmt(x):
     return f'{x:.4g}' if isinstance(x, float) else str(x)

@@ -17,12 +17,7 @@ _VOCAB = 264
 
 def _rl_config(**overrides):
   config = train.load_config(os.path.join(_CONFIGS, 'rl.py'), 'test')
-  for key, value in overrides.items():
-    target = config
-    *path, leaf = key.split('.')
-    for part in path:
-      target = target[part]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

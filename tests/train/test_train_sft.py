@@ -32,12 +32,7 @@ def sft_config(sft_data_dir):
   def make(**overrides):
     config = train.load_config(os.path.join(REPO, 'configs', 'sft.py'), 'test')
     config.data.data_dir = sft_data_dir
-    for key, value in overrides.items():
-      target = config
-      *path, leaf = key.split('.')
-      for part in path:
-        target = target[part]
-      target[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
   return make
