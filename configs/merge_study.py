@@ -36,11 +36,11 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   # The base: a light multi-task warm-up (its tasks are set to config.tasks by the study).
   config.base = _sft('multitask')
   config.base.init_from = _PRETRAINED
-  config.base.total_steps = 200
+  config.base.total_steps = 300
   config.base.data.batch_size = 16
   # An expert template: the study sets data.tasks, eval.tasks and init_from (the base).
   config.expert = _sft('expert_reversal')
-  config.expert.total_steps = 200
+  config.expert.total_steps = 600  # 200-step experts barely learned (docs/merge_experiments.md)
   config.expert.optimizer.learning_rate = 1e-3
   config.expert.data.batch_size = 16
   for run in (config.base, config.expert):
@@ -54,7 +54,7 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
     run.schedule.warmup_steps = max(2, run.total_steps // 20)
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.num_prompts = 64  # greedy completions of the first test prompts, per task
+  config.eval.num_prompts = 128  # greedy completions of the first test prompts, per task
   config.eval.max_prompt_len = 48
   config.eval.max_new_tokens = 64
 

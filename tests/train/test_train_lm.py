@@ -194,7 +194,7 @@ def test_two_processes_match_one_process(lm_test_config, tmp_path):
 def test_lanton_run_logs_per_layer_learning_rate_scales(lm_test_config, tmp_path):
   workdir = str(tmp_path / 'lanton')
   config = lm_test_config(**{'optimizer.name': 'lanton', 'optimizer.learning_rate': 0.02,
-                             'total_steps': 4})
+                             'optimizer.lanton_mapping': 'min_ratio', 'total_steps': 4})
   result = train.train_lm(config, workdir)
   assert np.isfinite(result.train_loss)
   last = train.read_metrics(workdir)[-1]
