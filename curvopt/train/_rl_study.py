@@ -91,8 +91,12 @@ def rl_study_report(workdir: str, variants: Sequence[str], seeds: Sequence[int],
   parts = [_report.markdown_table(
       ['variant', 'seeds', 'completions', 'start acc', 'final acc (mean)', 'final acc (std)',
        'best mean acc', 'collapsed', 'max masked'], rows)]
-  reached = (f'{candidate} first reaches it after {candidate_needs:.0f}: ratio **{ratio:.2f}x**'
-             if math.isfinite(candidate_needs) else f'{candidate} never reaches it')
+  if baseline_needs <= target_x[0]:  # the baseline never improved on its start
+    reached = 'the ratio is undefined (the baseline ends at or below its starting accuracy)'
+  elif math.isfinite(candidate_needs):
+    reached = f'{candidate} first reaches it after {candidate_needs:.0f}: ratio **{ratio:.2f}x**'
+  else:
+    reached = f'{candidate} never reaches it'
   parts.append(f'Sample efficiency: {baseline} ends at mean accuracy {target:.4f}, first reached '
                f'after {baseline_needs:.0f} completions; {reached}. Collapse: final held-out '
                f'accuracy below {collapse_fraction:g} of the run\'s start.')

@@ -49,6 +49,9 @@ def test_report_ratio_and_collapse_counts(tmp_path):
   assert rows['cand'].endswith('| 5.00% |') and rows['base'].endswith('| - |')
   assert os.path.exists(os.path.join(workdir, 'rl_accuracy.png'))
   assert os.path.exists(os.path.join(workdir, 'rl_masked.png'))
+  # A baseline that ends below its start defines no ratio.
+  text = train.rl_study_report(workdir, ['bad', 'cand'], (0, 1), baseline='bad', candidate='cand')
+  assert 'the ratio is undefined' in text
 
 
 @pytest.mark.parametrize('arg', ['default', 'smoke'])
