@@ -13,19 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from curvopt.data import _batch_state
 from curvopt.data._permutation import IndexPermutation
 
 _STATE_FORMAT = 'curvopt.PackedBatches/1'
-
-
-def _positive_int(value, name: str) -> int:
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise TypeError(f'{name} must be an int, got {type(value).__name__}: {value!r}') from None
-  if value < 1:
-    raise ValueError(f'{name} must be >= 1, got {value}')
-  return value
 
 
 def _check_source(source) -> int:
@@ -36,14 +27,6 @@ def _check_source(source) -> int:
   if num_records < 1:
     raise ValueError(f'source {source!r:.80} has no records')
   return num_records
-
-
-def _source_id(source) -> str | None:
-  """Names the source when it can say what it is (a TextSource), to catch swapped sources."""
-  name, split = getattr(source, 'name', None), getattr(source, 'split', None)
-  if isinstance(name, str) and isinstance(split, str):
-    return f'{name}/{split}'
-  return None
 
 
 def _document_tokens(source, tokenizer, record: int) -> np.ndarray:
@@ -63,8 +46,8 @@ class PackedBatches:
   def __init__(self, source, tokenizer, *, batch_size: int, seq_len: int, seed: int = 0):
     self._source = source
     self._tokenizer = tokenizer
-    self._batch_size = _positive_int(batch_size, 'batch_size')
-    self._seq_len = _positive_int(seq_len, 'seq_len')
+    self._batch_size = _batch_state.positive_int(batch_size, 'batch_size')
+    self._seq_len = _batch_state.positive_int(seq_len, 'seq_len')
     try:
       self._seed = operator.index(seed)
     except TypeError:
@@ -148,7 +131,7 @@ class PackedBatches:
         'seq_len': self._seq_len,
         'seed': self._seed,
         'num_records': self._num_records,
-        'source': _source_id(self._source),
+        'source': _batch_state.source_id(self._source),
         'vocab_size': int(self._tokenizer.vocab_size),
     }
 
@@ -163,24 +146,9 @@ class PackedBatches:
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Resumes from `get_state()` of a PackedBatches with the same settings and source."""
-    if not isinstance(state, dict):
-      raise ValueError(f'state must be a dict from get_state(), got {type(state).__name__}')
-    expected_keys = {'format', 'num_batches', 'rows', *self._settings()}
-    if set(state) != expected_keys:
-      raise ValueError(
-          f'state keys {sorted(state)} differ from get_state()\'s {sorted(expected_keys)}')
-    if state['format'] != _STATE_FORMAT:
-      raise ValueError(f'state format {state["format"]!r} is not {_STATE_FORMAT!r}')
-    mismatched = {
-        key: (state[key], value) for key, value in self._settings().items()
-        if state[key] != value}
-    if mismatched:
-      details = ', '.join(f'{k}: state has {s!r}, this has {v!r}'
-                          for k, (s, v) in mismatched.items())
-      raise ValueError(f'state was saved with other settings ({details})')
+    _batch_state.check_state(state, state_format=_STATE_FORMAT, settings=self._settings(),
+                             fields=('num_batches', 'rows'))
     num_batches = state['num_batches']
-    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 0:
-      raise ValueError(f'state num_batches must be an int >= 0, got {num_batches!r}')
     rows = state['rows']
     if not isinstance(rows, list) or len(rows) != self._batch_size:
       raise ValueError(
@@ -229,9 +197,9 @@ def eval_batches(source, tokenizer, *, batch_size: int, seq_len: int,
   Returns:
     A list of at most `num_batches` np.int32 arrays of shape [batch_size, seq_len + 1].
   """
-  batch_size = _positive_int(batch_size, 'batch_size')
-  seq_len = _positive_int(seq_len, 'seq_len')
-  num_batches = _positive_int(num_batches, 'num_batches')
+  batch_size = _batch_state.positive_int(batch_size, 'batch_size')
+  seq_len = _batch_state.positive_int(seq_len, 'seq_len')
+  num_batches = _batch_state.positive_int(num_batches, 'num_batches')
   num_records = _check_source(source)
   wanted = num_batches * batch_size * seq_len + 1
   docs = []

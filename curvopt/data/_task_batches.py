@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from curvopt.data._packing import _positive_int  # pylint: disable=protected-access
+from curvopt.data import _batch_state
 from curvopt.data._permutation import IndexPermutation
 
 _STATE_FORMAT = 'curvopt.TaskBatches/1'
@@ -75,8 +75,8 @@ class TaskBatches:
     self._names = tuple(sources)
     self._sources = dict(sources)
     self._tokenizer = tokenizer
-    self._batch_size = _positive_int(batch_size, 'batch_size')
-    self._seq_len = _positive_int(seq_len, 'seq_len')
+    self._batch_size = _batch_state.positive_int(batch_size, 'batch_size')
+    self._seq_len = _batch_state.positive_int(seq_len, 'seq_len')
     try:
       self._seed = operator.index(seed)
     except TypeError:
@@ -185,7 +185,7 @@ class TaskBatches:
         'seed': self._seed,
         'weights': self.weights,
         'sizes': dict(self._sizes),
-        'sources': {name: _source_id(self._sources[name]) for name in self._names},
+        'sources': {name: _batch_state.source_id(self._sources[name]) for name in self._names},
         'vocab_size': int(self._tokenizer.vocab_size),
     }
 
@@ -196,26 +196,12 @@ class TaskBatches:
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Resumes from `get_state()` of a TaskBatches with the same settings and sources."""
-    if not isinstance(state, dict):
-      raise ValueError(f'state must be a dict from get_state(), got {type(state).__name__}')
-    expected_keys = {'format', 'num_batches', 'positions', *self._settings()}
-    if set(state) != expected_keys:
-      raise ValueError(
-          f'state keys {sorted(state)} differ from get_state()\'s {sorted(expected_keys)}')
-    if state['format'] != _STATE_FORMAT:
-      raise ValueError(f'state format {state["format"]!r} is not {_STATE_FORMAT!r}')
-    mismatched = {key: (state[key], value) for key, value in self._settings().items()
-                  if state[key] != value}
-    if mismatched:
-      details = ', '.join(f'{k}: state has {s!r}, this has {v!r}'
-                          for k, (s, v) in mismatched.items())
-      raise ValueError(f'state was saved with other settings ({details})')
+    _batch_state.check_state(state, state_format=_STATE_FORMAT, settings=self._settings(),
+                             fields=('num_batches', 'positions'))
     num_batches = state['num_batches']
-    if not _is_count(num_batches):
-      raise ValueError(f'state num_batches must be an int >= 0, got {num_batches!r}')
     positions = state['positions']
     if (not isinstance(positions, dict) or set(positions) != set(self._names) or
-        not all(_is_count(v) for v in positions.values())):
+        not all(_batch_state.is_count(v) for v in positions.values())):
       raise ValueError(f'state positions must map every task {sorted(self._names)} to an '
                        f'int >= 0, got {positions!r:.200}')
     if sum(positions.values()) != num_batches * self._batch_size:
@@ -227,17 +213,6 @@ class TaskBatches:
   def __repr__(self) -> str:
     return (f'TaskBatches(tasks={self.weights}, batch_size={self._batch_size}, '
             f'seq_len={self._seq_len}, seed={self._seed}, num_batches={self._num_batches})')
-
-
-def _is_count(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _source_id(source) -> str | None:
-  name, split = getattr(source, 'name', None), getattr(source, 'split', None)
-  if isinstance(name, str) and isinstance(split, str):
-    return f'{name}/{split}'
-  return None
 
 
 def prompt_batch(examples: Sequence[Mapping[str, str] | str], tokenizer, *,
@@ -255,7 +230,7 @@ def prompt_batch(examples: Sequence[Mapping[str, str] | str], tokenizer, *,
     1 on real tokens). Pass `positions_from_mask(prompt_mask)` to the model so that every
     prompt starts at position 0, as in training.
   """
-  max_prompt_len = _positive_int(max_prompt_len, 'max_prompt_len')
+  max_prompt_len = _batch_state.positive_int(max_prompt_len, 'max_prompt_len')
   if isinstance(examples, (str, Mapping)):
     raise TypeError('examples must be a sequence of examples or prompt strings, got one '
                     f'{type(examples).__name__}')
