@@ -37,13 +37,6 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per repetition.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved repetitions; the median is reported.')
 
 
-def _head(params, cfg):
-  """The [V, H] head: the tied embedding, or the transposed untied kernel."""
-  if cfg.tie_embeddings:
-    return params['embed']['embedding']
-  return params['head']['kernel'].T
-
-
 def _completion_logp_hidden(model, params, tokens, prompt_len):
   """Log-probs of the completion tokens and the hidden states producing them.
 
@@ -75,7 +68,7 @@ def make_steps(model, cfg, optimizer, prompt_len):
   def capo_step(params, opt_state, shadow, batch):
     (logp, hidden), vjp_fn = jax.vjp(lambda p: forward(p, batch['tokens']), params)
     actions = batch['tokens'][:, prompt_len:]
-    head = jax.lax.stop_gradient(_head(params, cfg))
+    head = jax.lax.stop_gradient(models.output_head(params, cfg))
     hidden = jax.lax.stop_gradient(hidden)
     m_h, m_f = rl.capo_token_stats(hidden, head, actions, batch['advantages'], shadow, _LR.value,
                                    top_k=_TOP_K.value, chunk_size=_CHUNK.value)

@@ -12,6 +12,7 @@ also prints MFU: model FLOPs (6 N + 12 L d T per token, the PaLM count) over the
 rate.
 """
 
+import ast
 import os
 
 from absl import app
@@ -30,8 +31,11 @@ _SEQ = flags.DEFINE_integer('seq_len', None, 'Tokens per sequence (default per m
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per repetition.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repetitions; the median is reported.')
 _PEAK = flags.DEFINE_float('peak_tflops', None, 'Peak bf16 TFLOP/s (default: by device kind).')
-_OPTIMIZERS = flags.DEFINE_list('optimizers', ['adamw'],
-                                'Registry optimizers to time; ratios are against the first.')
+_OPTIMIZERS = flags.DEFINE_list(
+    'optimizers', ['adamw'], 'Registry optimizers to time, ratios against the first; '
+    'NAME+field=value sets config.optimizer.field (lanton+lanton_noise_every=4).')
+_ATTENTION = flags.DEFINE_enum('attention_impl', None, ['xla', 'cudnn'],
+                               'jax.nn.dot_product_attention implementation (default: JAX\'s).')
 _LM_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'lm.py')
 
 # Dense bf16 peaks from the vendors' datasheets (no sparsity).
@@ -46,10 +50,19 @@ def _peak_tflops():
   return next((v for k, v in _PEAK_TFLOPS.items() if k in kind), None)
 
 
-def _make_step(model, opt_name, seq_len, logits_fn):
-  """The trainer's own step for the registry optimizer `opt_name`, with its state."""
+def _make_step(model, spec, seq_len, logits_fn):
+  """The trainer's own step for the optimizer `spec` (NAME[+field=value...]), with its state."""
   lm = train.load_config(_LM_CONFIG, 'tiny')
-  lm.optimizer.name = opt_name
+  lm.optimizer.name, *overrides = spec.split('+')
+  for override in overrides:
+    field, _, value = override.partition('=')
+    if field not in lm.optimizer:
+      raise ValueError(f'{spec!r}: config.optimizer has no field {field!r}')
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a string, e.g. a mapping name
+    lm.optimizer[field] = value  # ConfigDict checks the type
   opt = train.make_optimizer(lm.optimizer, 1000, lm.schedule)
   state = jax.jit(train.make_init_state(model, opt.tx, seq_len=seq_len))(jax.random.key(0))
   step = jax.jit(train.make_train_step(logits_fn, opt.tx, pad_id=-1,
@@ -62,7 +75,8 @@ def bench(name: str):
   batch_size, seq_len = _DEFAULTS[name]
   batch_size, seq_len = _BATCH.value or batch_size, _SEQ.value or seq_len
   dtype = train.resolve_dtype('auto')
-  cfg = models.model_config(name, dtype=dtype, max_len=max(seq_len, 8))
+  cfg = models.model_config(name, dtype=dtype, max_len=max(seq_len, 8),
+                            attention_impl=_ATTENTION.value)
   model = models.Decoder(cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(
       0, min(cfg.vocab_size, 256), (batch_size, seq_len + 1)), jnp.int32)
@@ -93,11 +107,12 @@ def bench(name: str):
   median = {k: float(np.median(v)) for k, v in times.items()}
   tokens_per_step = batch_size * seq_len
   n_params = models.count_params(anchor_params)
-  print(f'{name}: {n_params / 1e6:.2f}M params, batch {batch_size}x{seq_len}, {dtype}')
+  print(f'{name}: {n_params / 1e6:.2f}M params, batch {batch_size}x{seq_len}, {dtype}, '
+        f'attention {_ATTENTION.value or "default"}')
   first = _OPTIMIZERS.value[0]
   peak = _peak_tflops()
   for key, t in median.items():
-    line = (f'  {key:12s} {tokens_per_step / t:10.0f} tok/s  time / fwd+bwd '
+    line = (f'  {key:36s} {tokens_per_step / t:10.0f} tok/s  time / fwd+bwd '
             f'{t / median["fwd+bwd"]:.3f}  time / {first} {t / median[first]:.3f}')
     if key != 'fwd+bwd' and jax.default_backend() != 'cpu' and peak:
       flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.d_model * seq_len

@@ -8,6 +8,7 @@ from curvopt.models._config import model_config
 from curvopt.models._config import PRESET_NAMES
 from curvopt.models._decoder import Decoder
 from curvopt.models._params import count_params
+from curvopt.models._params import output_head
 from curvopt.models._policy import decode_fn_for
 from curvopt.models._rope import positions_from_mask
 
@@ -21,5 +22,6 @@ __all__ = (
     'dot_product_attention',
     'init_cache',
     'model_config',
+    'output_head',
     'positions_from_mask',
 )

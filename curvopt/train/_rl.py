@@ -1,5 +1,6 @@
 """The RL trainer: sample groups of completions, reward them, one policy-gradient step each."""
 import dataclasses
+import functools
 import os
 import time
 from typing import Optional
@@ -57,12 +58,6 @@ class PromptStream:
 
   def set_state(self, state: dict) -> None:
     self.position = int(state['position'])
-
-
-def _head_fn(model_cfg):
-  if model_cfg.tie_embeddings:
-    return lambda params: params['embed']['embedding']
-  return lambda params: params['head']['kernel'].T
 
 
 def _capo_options(cfg):
@@ -130,7 +125,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str,
                       beta=config.loss.beta, kl=config.loss.kl,
                       max_len=roll.max_new_tokens)
   rl_step = jax.jit(
-      _rl_step.make_rl_step(apply_fn, _head_fn(model_cfg), optimizer.tx,
+      _rl_step.make_rl_step(apply_fn, functools.partial(models.output_head, cfg=model_cfg), optimizer.tx,
                             learning_rate=optimizer.learning_rate, loss_options=loss_options,
                             capo_options=_capo_options(config.capo)),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),

@@ -143,6 +143,18 @@ def test_output_shapes_and_dtypes(dtype):
     np.testing.assert_allclose(logits, ref_logits, atol=0.1 * scale)
 
 
+@pytest.mark.parametrize('tied', [True, False])
+def test_output_head_gives_the_logits(tied):
+  cfg = _cfg(tie_embeddings=tied)
+  params = _random_params(cfg)
+  logits, hidden = _forward(params, np.arange(10, dtype=np.int32).reshape(2, 5), None, None,
+                            cfg=cfg)
+  head = models.output_head(params, cfg)
+  assert head.shape == (cfg.vocab_size, cfg.d_model)
+  np.testing.assert_allclose(logits, np.einsum('btd,vd->btv', hidden, head), rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_causality():
   """Changing token t changes no logit before t, and does change later ones."""
   cfg = _cfg(n_kv_heads=2)

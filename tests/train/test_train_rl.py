@@ -1,4 +1,5 @@
 """The RL trainer: rollout alignment, the jit'd update (with and without CAPO), resume, sharding."""
+import functools
 import os
 
 import jax
@@ -74,8 +75,7 @@ def test_update_forward_reads_the_sampled_tokens_log_probs(policy):
 
 
 def _step_fn(model, capo_options, tx):
-  from curvopt.train import _rl  # pylint: disable=g-import-not-at-top
-  head_fn = _rl._head_fn(model.cfg)  # pylint: disable=protected-access
+  head_fn = functools.partial(models.output_head, cfg=model.cfg)
   return train.make_rl_step(_apply_fn(model), head_fn, tx, learning_rate=lambda s: 1e-4,
                             loss_options={'agg': 'seq-mean-token-mean'},
                             capo_options=capo_options)
