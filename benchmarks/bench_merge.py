@@ -11,6 +11,9 @@ r"""OTA + FFG merge throughput: in memory vs a bandwidth anchor, and out of core
    - ota_ffg: the in-memory operators `ffg_mask` (global density: one jit'd computation, a
      bisection over fp32 bit patterns started from a sampled bracket, ~20 counting passes) then
      `ota`;
+   - fused: `ota_ffg` (the same exact cutoffs, then one fused pass per tensor that recomputes
+     the masks inline: no mask written, the inputs read once by the merge);
+   - fused_sampled: `ota_ffg(quantile='sampled')`, each cutoff from a strided 65k sample;
    - streamed: `merge_streaming` over the same arrays (`TreeReader`), whose global cutoff is the
      two-pass radix select.
    GB/s counts the logical bytes (inputs once + output), so the ratio to the anchor is the
@@ -102,6 +105,9 @@ def bench_memory(params_m, num, density):
     masks = [merge.ffg_mask(base, e, v, density=density) for e, v in zip(experts, moments)]
     return merge.ota(base, experts, moments, masks=masks)
 
+  def fused(quantile):
+    return lambda: merge.ota_ffg(base, experts, moments, density=density, quantile=quantile)
+
   def streamed():
     writer = merge.MemoryWriter()
     merge.merge_streaming('ota', [merge.TreeReader(e) for e in experts], writer,
@@ -111,7 +117,7 @@ def bench_memory(params_m, num, density):
     return list(writer.values.values())
 
   fns = {'anchor': lambda: anchor(base, experts, moments), 'ota_ffg': ota_ffg,
-         'streamed': streamed}
+         'fused': fused('exact'), 'fused_sampled': fused('sampled'), 'streamed': streamed}
   for fn in fns.values():  # compile
     jax.block_until_ready(fn())
   times = {k: [] for k in fns}
@@ -123,7 +129,7 @@ def bench_memory(params_m, num, density):
   print(f'[memory] {params_m:g}M params, {num} experts, {gb:.2f} GB logical '
         f'({jax.devices()[0].platform})')
   for k in fns:
-    print(f'  {k:9s} {med[k]:8.3f} s  {gb / med[k]:7.2f} GB/s  '
+    print(f'  {k:13s} {med[k]:8.3f} s  {gb / med[k]:7.2f} GB/s  '
           f'ratio to anchor {med["anchor"] / med[k]:.3f}')
 
 

@@ -30,7 +30,6 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   # the variant that beat D-Muon on every seed).
   config.lm_runs = ml_collections.ConfigDict({
       'adamw': {'name': 'adamw', 'learning_rate': 3e-3},
-      'optax_muon': {'name': 'optax_muon', 'learning_rate': 0.01, 'adam_learning_rate': 3e-3},
       'dmuon': {'name': 'dmuon', 'learning_rate': 0.01, 'adam_learning_rate': 3e-3},
       'lanton_mean': {'name': 'lanton_mean', 'learning_rate': 0.015, 'adam_learning_rate': 3e-3,
                       'lanton_embed_head_scale': 0.1, 'lanton_noise_every': 4},
@@ -49,6 +48,21 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   for run in config.rl.runs.values():
     run.update(total_steps=40, eval_every=10)
     run.task.eval_prompts = 128
+  # Merge section: the RL section's arithmetic SFT model and a kv_recall expert, both fine-tuned
+  # with AdamW from the LM section's AdamW model (the base), merged by every method (the full
+  # study is experiments/merge_study.py). From that base, 300 steps of 32 sequences at lr 3e-3
+  # teach kv_recall (0.83 greedy accuracy) where reversal and format stay at 0 (16 sequences:
+  # 0.16).
+  config.merge = _load_config('merge_study', 'default')
+  config.merge.tasks = ('arithmetic', 'kv_recall')
+  config.merge.expert.total_steps = 300
+  config.merge.expert.optimizer.learning_rate = 3e-3
+  config.merge.expert.data.batch_size = 32
+  config.merge.expert.schedule.warmup_steps = 15
+  config.merge.expert.checkpoint.every = 100
+  config.merge.eval.num_prompts = 64
+  config.merge.merge.ta_scales = (0.5, 1.0)
+  config.merge.merge.ffg_densities = (0.3,)
   if arg == 'smoke':
     config.lm.model.update(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64)
     config.lm.data.name = 'code_corpus/mini'
@@ -69,4 +83,9 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
       run.model = config.lm.model.copy_and_resolve_references()
       run.update(total_steps=2, eval_every=1, log_every=1, tensorboard=False)
       run.capo.enabled = capo
+    merge_test = _load_config('merge_study', 'smoke')
+    merge_test.tasks = config.merge.tasks
+    for run in (merge_test.base, merge_test.expert):
+      run.model = config.lm.model.copy_and_resolve_references()
+    config.merge = merge_test
   return config

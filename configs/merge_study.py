@@ -33,6 +33,9 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   config.tasks = ('reversal', 'sorting', 'kv_recall', 'format')
   config.data_dir = ''  # tfds data dir of the tasks; '' = <workdir>/tfds
 
+  # Existing runs instead of training: the base's params (no warm-up) and {task: expert run}.
+  config.base_from = ''
+  config.expert_runs = ml_collections.ConfigDict()
   # The base: a light multi-task warm-up (its tasks are set to config.tasks by the study).
   config.base = _sft('multitask')
   config.base.init_from = _PRETRAINED

@@ -70,13 +70,22 @@ def lanton_section(config, workdir: str) -> str:
           f'![lr scales]({os.path.basename(plot)})\n')
 
 
+def _sft_dir(workdir: str) -> str:
+  """The RL section's arithmetic SFT run (the merge section's arithmetic expert too)."""
+  return os.path.join(workdir, 'rl', 'sft')
+
+
+def _tasks_dir(config, workdir: str) -> str:
+  return config.rl.sft.data.data_dir or os.path.join(workdir, 'rl', 'tfds')
+
+
 def rl_section(config, workdir: str) -> str:
   """SFT on arithmetic from the LM section's model, then aggressive GRPO vs aggressive CAPO."""
   rl_dir = os.path.join(workdir, 'rl')
   sft = config.rl.sft.copy_and_resolve_references()
   sft.init_from = os.path.join(workdir, 'lm', config.rl.init_from_lm)
-  sft.data.data_dir = sft.data.data_dir or os.path.join(rl_dir, 'tfds')
-  sft_dir = os.path.join(rl_dir, 'sft')
+  sft.data.data_dir = _tasks_dir(config, workdir)
+  sft_dir = _sft_dir(workdir)
   logging.info('SFT on arithmetic in %s', sft_dir)
   result = train.train_sft(sft, sft_dir)
   # From the metrics, not the result: a finished run reused by a rerun evaluates nothing.
@@ -97,7 +106,24 @@ def rl_section(config, workdir: str) -> str:
           f'{report}\n')
 
 
-SECTIONS = (lm_section, lanton_section, rl_section)
+def merge_section(config, workdir: str) -> str:
+  """Merges the RL section's arithmetic model with a second task's expert, by every method."""
+  study_config = config.merge.copy_and_resolve_references()
+  study_config.base_from = os.path.join(workdir, 'lm', config.rl.init_from_lm)
+  study_config.expert_runs = {'arithmetic': _sft_dir(workdir)}
+  study_config.data_dir = _tasks_dir(config, workdir)
+  study = train.run_merge_study(study_config, os.path.join(workdir, 'merge'))
+  second = next(t for t in study_config.tasks if t != 'arithmetic')
+  return ('## Model merging: OTA + FFG\n\nThe LM section\'s AdamW model is the base; its '
+          f'arithmetic fine-tune from the RL section and a {second} expert '
+          f'({study_config.expert.total_steps} AdamW steps from the base) are merged by every '
+          'method, each capability scored by greedy exact match on '
+          f'{study_config.eval.num_prompts} test prompts and normalized by its own expert; the '
+          'full study is experiments/merge_study.py.\n\n'
+          + train.merge_study_report(study, workdir) + '\n')
+
+
+SECTIONS = (lm_section, lanton_section, rl_section, merge_section)
 
 
 def main(argv):

@@ -20,6 +20,7 @@ from curvopt.merge._ffg import ffg_mask
 from curvopt.merge._ffg import ffg_mask_leaf
 from curvopt.merge._ffg import ffg_saliency
 from curvopt.merge._ffg import ffg_threshold
+from curvopt.merge._ffg import QUANTILES
 from curvopt.merge._ffg import SCOPES
 from curvopt.merge._ffg import SCORES
 from curvopt.merge._fisher_merge import fisher
@@ -42,6 +43,7 @@ from curvopt.merge._ota import NORMALISE
 from curvopt.merge._ota import ota
 from curvopt.merge._ota import ota_expert_weight
 from curvopt.merge._ota import ota_leaf
+from curvopt.merge._ota_ffg import ota_ffg
 from curvopt.merge._rank1 import Rank1
 from curvopt.merge._rank1 import rank1_compress
 from curvopt.merge._rank1 import rank1_compress_leaf
@@ -66,6 +68,7 @@ __all__ = (
     'METHODS',
     'MemoryWriter',
     'NORMALISE',
+    'QUANTILES',
     'OrbaxMomentsReader',
     'OrbaxReader',
     'OrbaxWriter',
@@ -101,6 +104,7 @@ __all__ = (
     'orbax_params_reader',
     'ota',
     'ota_expert_weight',
+    'ota_ffg',
     'ota_leaf',
     'rank1_compress',
     'rank1_compress_leaf',

@@ -63,22 +63,23 @@ def _expert_weight(moment, *, power, eps, scale, correction, normalise, mask,
   return weight
 
 
+def by_power(power, merge):
+  """merge(root) for this p: one compilation for every p (p stays traced); the
+  branch taken for p = 0.5 is one whole fused pass with sqrt in place of pow."""
+  return jax.lax.cond(power == 0.5, lambda: merge(True), lambda: merge(False))
+
+
 @functools.partial(jax.jit,
                    static_argnames=('normalise', 'fallback_to_base'))
 def _ota_kernel(base, experts, moments, masks, power, eps, scales_T,
                 corrections_T, *, normalise, fallback_to_base):
-  # Power stays traced (one compilation for every p); the branch taken for
-  # p = 0.5 is one whole fused pass with sqrt in place of pow.
-  def merge(root):
-    return lambda: _ota_merge(base, experts, moments, masks, power, eps,
-                              scales_T, corrections_T, normalise=normalise,
-                              fallback_to_base=fallback_to_base, root=root)
-
-  return jax.lax.cond(power == 0.5, merge(True), merge(False))
+  return by_power(power, lambda root: ota_merge(
+      base, experts, moments, masks, power, eps, scales_T, corrections_T,
+      normalise=normalise, fallback_to_base=fallback_to_base, root=root))
 
 
-def _ota_merge(base, experts, moments, masks, power, eps, scales_T,
-               corrections_T, *, normalise, fallback_to_base, root):
+def ota_merge(base, experts, moments, masks, power, eps, scales_T,
+              corrections_T, *, normalise, fallback_to_base, root):
   num = len(experts)
   reference = experts[0] if base is None else base
   base32 = None if base is None else base.astype(F32)
@@ -132,7 +133,7 @@ def bias_corrections(bias_correction: Any, num: int) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
-def _options_for(num, power, eps, normalise, bias_correction, scales):
+def options_for(num, power, eps, normalise, bias_correction, scales):
   power = _options.positive(power, what='power')
   eps = _options.positive(eps, what='eps')
   normalise = _options.choice(normalise, NORMALISE, what='normalise')
@@ -200,7 +201,7 @@ def ota_leaf(base: Any, experts: Sequence[Any], second_moments: Sequence[Any],
   _tree.check_moment_group(second_moments, num, shape, name=name,
                            what='second moment')
   leaf_masks = _leaf_masks(masks, num, name=name, shape=shape)
-  power, eps, normalise, corrections, scales = _options_for(
+  power, eps, normalise, corrections, scales = options_for(
       num, power, eps, normalise, bias_correction, scales)
   out, ok = _ota_kernel(base, tuple(experts), tuple(second_moments),
                         leaf_masks, power, eps, scales, corrections,
@@ -252,7 +253,7 @@ def ota(base: Any, experts: Sequence[Any], second_moments: Sequence[Any], *,
   leaf_moments = _tree.gather_moments(gathered, second_moments,
                                       what='second moments')
   leaf_masks = _gather_masks(gathered, masks)
-  power, eps, normalise, corrections, scales = _options_for(
+  power, eps, normalise, corrections, scales = options_for(
       num, power, eps, normalise, bias_correction, scales)
   bases = gathered.base or (None,) * len(gathered.names)
   checks = _tree.ValueChecks()

@@ -1,7 +1,9 @@
 """The merging capability study: a base, one AdamW expert per task, every merge method.
 
 The base is a light multi-task warm-up (optionally from a pretrained LM), each expert is
-fine-tuned from it on one task with AdamW, so its checkpoint keeps Adam's `nu`. Every merge
+fine-tuned from it on one task with AdamW, so its checkpoint keeps Adam's `nu`. Existing runs
+can stand in for either: `config.base_from` (a run whose params are the base, no warm-up) and
+`config.expert_runs` ({task: run}, runs trained with Adam-family optimizers). Every merge
 method of curvopt.merge runs in memory on the experts' params and `nu`, and each merged model
 is scored by greedy exact match on every task. A capability's score is normalized by its own
 expert's accuracy on it.
@@ -133,22 +135,34 @@ class MergeStudy:
   options: dict[str, Any]
 
 
-def _train_all(config, workdir, train_fn):
+def _train_all(config, workdir, train_fn) -> tuple[str, str, dict[str, str]]:
+  """Trains what the config does not give: (tasks' data dir, base run, {task: expert run})."""
   data_dir = config.data_dir or os.path.join(workdir, 'tfds')
-  base = config.base.copy_and_resolve_references()
-  base.data.data_dir = data_dir
-  base.data.tasks = ml_collections.ConfigDict({t: 1.0 for t in config.tasks})
-  logging.info('merge study: base in %s', base_dir(workdir))
-  train_fn(base, base_dir(workdir))
+  base_run = config.get('base_from') or base_dir(workdir)
+  if not config.get('base_from'):
+    base = config.base.copy_and_resolve_references()
+    base.data.data_dir = data_dir
+    base.data.tasks = ml_collections.ConfigDict({t: 1.0 for t in config.tasks})
+    logging.info('merge study: base in %s', base_run)
+    train_fn(base, base_run)
+  given = dict(config.get('expert_runs') or {})
+  unknown = sorted(set(given) - set(config.tasks))
+  if unknown:
+    raise ValueError(f'expert_runs names task(s) {unknown} outside tasks {list(config.tasks)}')
+  expert_runs = {}
   for task in config.tasks:
+    if task in given:
+      expert_runs[task] = given[task]
+      continue
     expert = config.expert.copy_and_resolve_references()
     expert.data.data_dir = data_dir
     expert.data.tasks = ml_collections.ConfigDict({task: 1.0})
     expert.eval.tasks = task
-    expert.init_from = base_dir(workdir)
-    logging.info('merge study: expert %s in %s', task, expert_dir(workdir, task))
-    train_fn(expert, expert_dir(workdir, task))
-  return data_dir
+    expert.init_from = base_run
+    expert_runs[task] = expert_dir(workdir, task)
+    logging.info('merge study: expert %s in %s', task, expert_runs[task])
+    train_fn(expert, expert_runs[task])
+  return data_dir, base_run, expert_runs
 
 
 def _read(reader) -> Any:
@@ -213,11 +227,11 @@ def run_merge_study(config: ml_collections.ConfigDict, workdir: str, *,
   if unknown:
     raise ValueError(f'unknown task(s) {unknown}; valid: {list(data_lib.TASK_NAMES)}')
   os.makedirs(workdir, exist_ok=True)
-  data_dir = _train_all(config, workdir, train_fn)
+  data_dir, base_run, expert_runs = _train_all(config, workdir, train_fn)
 
-  base = _read(merge.orbax_params_reader(base_dir(workdir)))
-  experts = [_read(merge.orbax_params_reader(expert_dir(workdir, t))) for t in tasks]
-  nus = [_read(merge.orbax_moments_reader(expert_dir(workdir, t))) for t in tasks]
+  base = _read(merge.orbax_params_reader(base_run))
+  experts = [_read(merge.orbax_params_reader(expert_runs[t])) for t in tasks]
+  nus = [_read(merge.orbax_moments_reader(expert_runs[t])) for t in tasks]
 
   ecfg, m = config.eval, config.merge
   model = models.Decoder(_loop.model_config_from(config.base.model))
@@ -288,6 +302,8 @@ def run_merge_study(config: ml_collections.ConfigDict, workdir: str, *,
   normalized = {name: normalized_scores(a, expert_accuracy) for name, a in accuracy.items()}
 
   default_masks = masks(m.ffg_density)
+  base_description = ('base (multi-task warm-up)' if not config.get('base_from') else
+                      f'base (the run {os.path.basename(base_run.rstrip("/"))}, no warm-up)')
   pairs = list(itertools.combinations(range(len(tasks)), 2))
   return MergeStudy(
       tasks=tasks, accuracy=accuracy, expert_accuracy=expert_accuracy, normalized=normalized,
@@ -295,7 +311,7 @@ def run_merge_study(config: ml_collections.ConfigDict, workdir: str, *,
       mask_jaccard={(tasks[i], tasks[j]): mask_jaccard(default_masks[i], default_masks[j])
                     for i, j in pairs},
       nu_cosine={(tasks[i], tasks[j]): cosine_similarity(nus[i], nus[j]) for i, j in pairs},
-      options={'descriptions': {**model_names(config), 'base': 'base (multi-task warm-up)',
+      options={'descriptions': {**model_names(config), 'base': base_description,
                                 graft: f'FFG graft of each expert alone, density '
                                        f'{m.ffg_density:g} (one model per task)'},
                'ffg_density': m.ffg_density, 'ffg_densities': sorted(

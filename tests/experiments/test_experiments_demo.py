@@ -1,4 +1,5 @@
 """The main job end to end on its smoke config: report.md with a table and a PNG plot."""
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ def test_demo_smoke_writes_report_and_plot(tmp_path, mini_data_dir):
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = (workdir / 'report.md').read_text()
   assert '## Language-model pretraining' in report
-  for optimizer in ('adamw', 'optax_muon', 'dmuon', 'lanton_mean'):
+  for optimizer in ('adamw', 'dmuon', 'lanton_mean'):
     row = next(line for line in report.splitlines() if line.startswith(f'| {optimizer} |'))
     cells = [c.strip() for c in row.strip('|').split('|')]
     assert cells[2] == '6'  # steps
@@ -24,7 +25,14 @@ def test_demo_smoke_writes_report_and_plot(tmp_path, mini_data_dir):
   assert '## RL with the CAPO mask' in report
   for variant in ('grpo_aggressive', 'capo_aggressive'):
     assert f'| {variant} | 1 | 16 |' in report  # one seed, 2 steps x 8 completions
-  for name in ('lm_eval_loss.png', 'lanton_lr_scale.png', 'rl_accuracy.png', 'rl_masked.png'):
+  assert '## Model merging: OTA + FFG' in report
+  for model in ('base', 'linear', 'ota', 'ota_ffg_d0.3', 'ota_ffg_rank1_d0.3'):
+    row = next(line for line in report.splitlines() if line.startswith(f'| {model} |'))
+    # Normalized scores: nan where an expert scores 0 (as the smoke config's do).
+    scores = [float(c) for c in row.strip('|').split('|')[1:3]]  # arithmetic, kv_recall
+    assert all(math.isnan(v) or 0 <= v for v in scores)
+  for name in ('lm_eval_loss.png', 'lanton_lr_scale.png', 'rl_accuracy.png', 'rl_masked.png',
+               'merge_normalized.png'):
     png = workdir / name
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 5000
 

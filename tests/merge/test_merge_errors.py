@@ -42,6 +42,7 @@ OPERATORS = {
         b, es[-1], vs[-1], density=0.5, scope='per_tensor'), True),
     'ffg_graft': (lambda b, es, vs: merge.ffg_graft(
         b, es[-1], jax.tree.map(lambda x: x > 0, b)), False),
+    'ota_ffg': (lambda b, es, vs: merge.ota_ffg(b, es, vs, density=0.5), True),
 }
 MOMENT_OPERATORS = sorted(n for n, (_, uses) in OPERATORS.items() if uses)
 
@@ -153,6 +154,7 @@ def test_density_or_mass_outside_unit_interval(density):
       lambda: merge.ffg_mask(base, experts[0], moments[0], mass=density),
       lambda: merge.ffg_threshold([jnp.ones(3)], density=density),
       lambda: merge.ffg_threshold([jnp.ones(3)], mass=density),
+      lambda: merge.ota_ffg(base, experts, moments, density=[0.5, density]),
   ]
   for call in calls:
     with pytest.raises(ValueError, match=str(density)):
@@ -194,6 +196,14 @@ BAD_OPTIONS = {
         b, es[0], vs[0], density=0.5, score='hessian'), 'hessian'),
     'fisher_score_needs_moment': (lambda b, es, vs: merge.ffg_mask(
         b, es[0], None, density=0.5), 'second_moment'),
+    'ota_ffg_no_base': (lambda b, es, vs: merge.ota_ffg(
+        None, es, vs, density=0.5), 'base'),
+    'ota_ffg_no_selector': (lambda b, es, vs: merge.ota_ffg(b, es, vs),
+                            'exactly one'),
+    'ota_ffg_quantile': (lambda b, es, vs: merge.ota_ffg(
+        b, es, vs, density=0.5, quantile='median'), 'median'),
+    'ota_ffg_thresholds': (lambda b, es, vs: merge.ota_ffg(
+        b, es, vs, threshold=[1.0, 2.0, 3.0]), 'threshold'),
 }
 
 

@@ -410,6 +410,57 @@ def test_ota_ffg_matches_numpy():
   _assert_close(out, ref_ota(base, experts, dense, masks=ref_masks), base)
 
 
+@pytest.mark.parametrize('rank1', [False, True])
+def test_fused_ota_ffg_equals_ota_over_ffg_masks(rank1):
+  base, experts, moments, _ = _problem(seed=7)
+  if rank1:
+    moments = [merge.rank1_compress(m) for m in moments]
+  densities = [0.2, 0.5, 1.0]
+  masks = [merge.ffg_mask(base, e, v, density=d)
+           for e, v, d in zip(experts, moments, densities)]
+  want = merge.ota(base, experts, moments, masks=masks)
+  got = merge.ota_ffg(base, experts, moments, density=densities)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  # Density 0 everywhere keeps nothing: every entry falls back to the base.
+  none = merge.ota_ffg(base, experts, moments, density=0.0)
+  for g, b in zip(jax.tree.leaves(none), jax.tree.leaves(base)):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(b, np.float32))
+  threshold = merge.ota_ffg(base, experts, moments, threshold=1e-3, power=0.7)
+  masks = [merge.ffg_mask(base, e, v, threshold=1e-3) for e, v in zip(experts, moments)]
+  for g, w in zip(jax.tree.leaves(threshold),
+                  jax.tree.leaves(merge.ota(base, experts, moments, masks=masks, power=0.7))):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+def test_sampled_quantile_keeps_about_the_density():
+  """quantile='sampled' on a model big enough to be sampled: the cutoff keeps the density
+  to within the sample's spread, and ota_ffg merges over exactly that cutoff's masks."""
+  rng = np.random.default_rng(8)
+  shapes = {'a': (300, 1024), 'b': (2000,)}
+  base = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  experts = [{k: (v + 0.01 * rng.normal(size=v.shape)).astype(np.float32)
+              for k, v in base.items()} for _ in range(2)]
+  moments = [{k: (rng.uniform(size=s) ** 4).astype(np.float32) for k, s in shapes.items()}
+             for _ in range(2)]
+  total = sum(int(np.prod(s)) for s in shapes.values())
+  densities = [0.3, 0.05]
+  cutoffs = []
+  for e, v, d in zip(experts, moments, densities):
+    saliency = [merge.ffg_saliency(base[k], e[k], v[k]) for k in shapes]
+    cutoff = merge.ffg_threshold(saliency, density=d, quantile='sampled')
+    assert cutoff != merge.ffg_threshold(saliency, density=d)  # not the exact path
+    kept = sum(int(np.sum(np.asarray(x) >= cutoff)) for x in saliency)
+    assert abs(kept / total - d) <= 0.05 * d, (kept / total, d)  # rank std 0.6-1.7%
+    cutoffs.append(cutoff)
+  got = merge.ota_ffg(base, experts, moments, density=densities, quantile='sampled')
+  masks = [merge.ffg_mask(base, e, v, threshold=c) for e, v, c in zip(experts, moments, cutoffs)]
+  want = merge.ota(base, experts, moments, masks=masks)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_rank1_matches_numpy():
   _, _, moments, _ = _problem(seed=7)
   factors = merge.rank1_compress(moments[0])

@@ -55,6 +55,7 @@ OPERATORS = {
     'ffg_mask_per_tensor': lambda b, es, vs, ms: merge.ffg_mask(
         b, es[1], vs[1], density=0.3, scope='per_tensor'),
     'ffg_graft': lambda b, es, vs, ms: merge.ffg_graft(b, es[2], ms[2]),
+    'ota_ffg': lambda b, es, vs, ms: merge.ota_ffg(b, es, vs, density=[0.2, 0.5, 0.8]),
     'rank1_round_trip': lambda b, es, vs, ms: merge.rank1_expand(
         merge.rank1_compress(vs[0])),
 }
@@ -63,7 +64,7 @@ OPERATORS = {
 # Operators with whole-tensor steps (sorts, means, sums, a global cutoff),
 # also run on an Auto-axes mesh such as the trainers' `jax.sharding.Mesh`.
 AUTO_MESH_OPERATORS = ('dare', 'ffg_mask_global', 'ffg_mask_per_tensor',
-                       'ota', 'ota_masks_rank1', 'ties')
+                       'ota', 'ota_ffg', 'ota_masks_rank1', 'ties')
 CASES = ([(name, 'explicit') for name in sorted(OPERATORS)]
          + [(name, 'auto') for name in AUTO_MESH_OPERATORS])
 

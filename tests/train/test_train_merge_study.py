@@ -172,3 +172,18 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, monkeypatch):
   again = train.run_merge_study(config, workdir, train_fn=lambda c, d: None)
   assert again.accuracy == study.accuracy
   assert again.mask_jaccard == study.mask_jaccard
+
+  # Existing runs stand in for the base and the experts: nothing is trained, same models.
+  monkeypatch.undo()
+  given = config.copy_and_resolve_references()
+  given.base_from = _merge_study.base_dir(workdir)
+  given.expert_runs = {t: _merge_study.expert_dir(workdir, t) for t in config.tasks}
+  trained = []
+  reused = train.run_merge_study(given, str(tmp_path / 'reuse'),
+                                 train_fn=lambda c, d: trained.append(d))
+  assert trained == []
+  assert reused.accuracy == study.accuracy
+  assert 'no warm-up' in reused.options['descriptions']['base']
+  given.expert_runs = {'sorting': given.base_from}
+  with pytest.raises(ValueError, match='sorting'):
+    train.run_merge_study(given, str(tmp_path / 'bad'), train_fn=lambda c, d: None)
