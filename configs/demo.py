@@ -1,6 +1,6 @@
 r"""The main job: a small version of every experiment, written up as one report.
 
-  python experiments/demo.py --workdir=/tmp/curvopt_demo                 # default, < 10 min on 2 cores
+  python experiments/demo.py --workdir=/tmp/curvopt_demo                 # default, ~10 min on 2 cores
   python experiments/demo.py --workdir=/tmp/demo --config=configs/demo.py:smoke   # seconds, for tests
 """
 import os

@@ -59,13 +59,35 @@ def _without_unset(value):
   return value
 
 
+def _run_defining(key: str, value):
+  value = _without_unset(value)
+  if key == 'optimizer' and isinstance(value, dict):
+    ignored = _optimizers.fields_ignored_by(value.get('name'))
+    value = {k: v for k, v in value.items() if k not in ignored}
+  return value
+
+
 def check_resume_compatible(saved: dict, config: dict, keys=_RUN_DEFINING) -> None:
-  """Raises unless the saved run's config equals this one on every run-defining key."""
+  """Raises unless the saved run's config equals this one on every run-defining key.
+
+  Fields added to the configs later (unset) and optimizer fields that the run's optimizer does
+  not read are ignored; the error names the fields that differ.
+  """
   for key in keys:
-    if _without_unset(saved.get(key)) != _without_unset(config.get(key)):
-      raise ValueError(
-          f'config.{key} differs from the checkpoint\'s: {config.get(key)!r} vs saved '
-          f'{saved.get(key)!r}; use a new workdir for a different run')
+    old, new = _run_defining(key, saved.get(key)), _run_defining(key, config.get(key))
+    if old != new:
+      if isinstance(old, dict) and isinstance(new, dict):
+        detail = describe_differences({k: (old.get(k), new.get(k))
+                                       for k in sorted(set(old) | set(new))})
+      else:
+        detail = f'saved {old!r}, config {new!r}'
+      raise ValueError(f'config.{key} differs from the checkpoint\'s ({detail}); use a new '
+                       'workdir for a different run')
+
+
+def describe_differences(pairs: dict) -> str:
+  """'k: saved A, config B' for each key whose (saved, config) pair differs."""
+  return ', '.join(f'{k}: saved {s!r}, config {c!r}' for k, (s, c) in pairs.items() if s != c)
 
 
 def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:

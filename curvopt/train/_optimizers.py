@@ -61,6 +61,24 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
 }
 _STATS: dict[str, StatsFn] = {'lanton': lanton_metrics, 'lanton_mean': lanton_metrics}
 
+_MUON_FAMILY = ('optax_muon', 'dmuon', 'lanton', 'lanton_mean')
+# Fields of config.optimizer that only some optimizers read: a change in one (e.g. a new default)
+# does not change a run of another optimizer, so resuming that run ignores it.
+_READ_ONLY_BY = {
+    'momentum': _MUON_FAMILY,
+    'adam_learning_rate': _MUON_FAMILY,
+    'consistent_rms': ('optax_muon',),
+    'lanton_mapping': ('lanton',),  # lanton_mean fixes its mapping
+    'lanton_embed_head_scale': ('lanton', 'lanton_mean'),
+    'lanton_noise_every': ('lanton', 'lanton_mean'),
+    'lanton_noise_ns_steps': ('lanton', 'lanton_mean'),
+}
+
+
+def fields_ignored_by(name: str) -> frozenset[str]:
+  """The config.optimizer fields that the optimizer `name` never reads."""
+  return frozenset(f for f, readers in _READ_ONLY_BY.items() if name not in readers)
+
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
                    schedule_cfg: ml_collections.ConfigDict) -> Optimizer:

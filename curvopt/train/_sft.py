@@ -83,12 +83,10 @@ def restore_params(init_from: str, abstract_params: Any,
       raise ValueError(f'config.init_from={init_from!r} holds no checkpoint')
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     saved_cfg = _loop.model_config_from(ml_collections.ConfigDict(saved['model']))
-    differing = {f.name: (getattr(saved_cfg, f.name), getattr(model_cfg, f.name))
-                 for f in dataclasses.fields(model_cfg)
-                 if f.name not in _NUMERICS_ONLY
-                 and getattr(saved_cfg, f.name) != getattr(model_cfg, f.name)}
-    if differing:
-      details = ', '.join(f'{k}: saved {s!r}, config {c!r}' for k, (s, c) in differing.items())
+    details = _loop.describe_differences(
+        {f.name: (getattr(saved_cfg, f.name), getattr(model_cfg, f.name))
+         for f in dataclasses.fields(model_cfg) if f.name not in _NUMERICS_ONLY})
+    if details:
       raise ValueError(f'config.model differs from the model of init_from={init_from!r} '
                        f'({details})')
     target = {'params': abstract_params}

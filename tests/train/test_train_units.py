@@ -199,3 +199,18 @@ def test_resume_check_ignores_fields_added_later_but_not_changed_ones():
   with pytest.raises(ValueError, match='config.optimizer differs'):
     _loop.check_resume_compatible(
         saved, {'optimizer': {'name': 'lanton', 'learning_rate': 0.03, 'lanton_noise_every': 4}})
+
+
+def test_resume_check_ignores_fields_the_optimizer_does_not_read():
+  from curvopt.train import _loop  # pylint: disable=g-import-not-at-top
+  adamw = {'name': 'adamw', 'learning_rate': 3e-3, 'lanton_mapping': 'min_ratio', 'momentum': 0.9}
+  # A later default of a LANTON or Muon field does not change an AdamW run.
+  _loop.check_resume_compatible({'optimizer': adamw}, {'optimizer': {
+      **adamw, 'lanton_mapping': 'mean_ratio', 'momentum': 0.95}})
+  lanton = {**adamw, 'name': 'lanton'}
+  with pytest.raises(ValueError, match="lanton_mapping: saved 'min_ratio', config 'mean_ratio'"):
+    _loop.check_resume_compatible({'optimizer': lanton},
+                                  {'optimizer': {**lanton, 'lanton_mapping': 'mean_ratio'}})
+  with pytest.raises(ValueError, match='learning_rate: saved 0.003, config 0.001'):
+    _loop.check_resume_compatible({'optimizer': adamw},
+                                  {'optimizer': {**adamw, 'learning_rate': 1e-3}})
