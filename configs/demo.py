@@ -83,8 +83,7 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
       run.model = config.lm.model.copy_and_resolve_references()
       run.update(total_steps=2, eval_every=1, log_every=1, tensorboard=False)
       run.capo.enabled = capo
-    merge_test = _load_config('merge_study', 'smoke')
-    merge_test.tasks = config.merge.tasks
+    merge_test = _load_config('merge_study', 'smoke')  # arithmetic + reversal: they fit max_len
     for run in (merge_test.base, merge_test.expert):
       run.model = config.lm.model.copy_and_resolve_references()
     config.merge = merge_test

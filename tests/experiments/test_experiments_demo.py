@@ -29,7 +29,7 @@ def test_demo_smoke_writes_report_and_plot(tmp_path, mini_data_dir):
   for model in ('base', 'linear', 'ota', 'ota_ffg_d0.3', 'ota_ffg_rank1_d0.3'):
     row = next(line for line in report.splitlines() if line.startswith(f'| {model} |'))
     # Normalized scores: nan where an expert scores 0 (as the smoke config's do).
-    scores = [float(c) for c in row.strip('|').split('|')[1:3]]  # arithmetic, kv_recall
+    scores = [float(c) for c in row.strip('|').split('|')[1:3]]  # the two tasks
     assert all(math.isnan(v) or 0 <= v for v in scores)
   for name in ('lm_eval_loss.png', 'lanton_lr_scale.png', 'rl_accuracy.png', 'rl_masked.png',
                'merge_normalized.png'):
