@@ -22,7 +22,8 @@ r"""OTA + FFG merge throughput: in memory vs a bandwidth anchor, and out of core
    export/exp_avg_sq.safetensors), generated tensor by tensor (never a whole model in memory);
    the streaming merge (sharded safetensors output) runs in a child process whose peak RSS
    (VmHWM) is compared to the bytes on disk; its time against a plain sequential read of the
-   same files. The page cache is warm for both (the files were just written or read).
+   same files, once with exact FFG cutoffs (3 passes) and once with sampled ones (2). The page
+   cache is warm where the files fit in it (they were just written or read).
 """
 import json
 import os
@@ -52,6 +53,9 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repetitions; the medi
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the out-of-core files go (default: /tmp).')
 _KEEP = flags.DEFINE_bool('keep', False, 'Keep the generated files.')
 _BATCH = flags.DEFINE_integer('batch_bytes', 1 << 28, 'merge_streaming batch_bytes.')
+_QUANTILES = flags.DEFINE_list('quantiles', ['exact', 'sampled'],
+                               "Out of core: FFG's global cutoffs timed, exact (2 passes) and/or "
+                               'sampled (1).')
 _CHILD = flags.DEFINE_string('child_merge', None, 'Internal: run the streaming merge on this dir.')
 
 COLS = 1024
@@ -176,7 +180,8 @@ def child_merge(root):
   specs = {n: base.spec(n) for n in base.names}
   with merge.SafetensorsWriter(out, specs, max_shard_bytes=1 << 30) as writer:
     result = merge.merge_streaming('ota', experts, writer, base=base, moments=moments,
-                                   ffg={'density': _DENSITY.value}, batch_bytes=_BATCH.value)
+                                   ffg={'density': _DENSITY.value, 'quantile': _QUANTILES.value[0]},
+                                   batch_bytes=_BATCH.value)
   seconds = time.perf_counter() - start
   print(json.dumps({'seconds': seconds, 'peak_rss': _vm_hwm_bytes(),
                     'bytes_read': result.bytes_read, 'passes': result.passes}))
@@ -207,27 +212,25 @@ def bench_disk(params_m, num):
     disk = sum(os.path.getsize(f) for f in files)
     print(f'[disk] {params_m:g}M params, {num} experts: {disk / 1e9:.2f} GB of inputs '
           f'generated in {gen_s:.0f} s')
-    reads, merges = [], []
+    reads, merges = [], {q: [] for q in _QUANTILES.value}
     for _ in range(_REPEATS.value):
       reads.append(_sequential_read(files)[0])
-      child = subprocess.run(
-          [sys.executable, __file__, f'--child_merge={root}', f'--density={_DENSITY.value}',
-           f'--batch_bytes={_BATCH.value}'], capture_output=True, text=True, check=True)
-      merges.append(json.loads(child.stdout.strip().splitlines()[-1]))
+      for quantile in _QUANTILES.value:
+        child = subprocess.run(
+            [sys.executable, __file__, f'--child_merge={root}', f'--density={_DENSITY.value}',
+             f'--batch_bytes={_BATCH.value}', f'--quantiles={quantile}'],
+            capture_output=True, text=True, check=True)
+        merges[quantile].append(json.loads(child.stdout.strip().splitlines()[-1]))
     read_s = statistics.median(reads)
-    merge_s = statistics.median(m['seconds'] for m in merges)
-    rss = max(m['peak_rss'] for m in merges)
-    passes = merges[0]['passes']
     print(f'  sequential read  {read_s:8.2f} s  {disk / read_s / 1e9:6.2f} GB/s')
-    print(f'  streaming merge  {merge_s:8.2f} s  {disk / merge_s / 1e9:6.2f} GB/s of inputs '
-          f'({passes} passes: {merges[0]["bytes_read"] / merge_s / 1e9:.2f} GB/s read), '
-          f'ratio to the read {read_s / merge_s:.3f}')
-    print(f'  peak RSS {rss / 1e9:.2f} GB = {rss / disk:.3f} x the bytes on disk '
-          f'(batch_bytes {_BATCH.value / 2**20:.0f} MiB)')
-    scale = 1000 / params_m
-    print(f'  1B params (x{scale:.1f}): ~{disk * scale / 1e9:.0f} GB on disk, merge ~'
-          f'{merge_s * scale / 60:.0f} min at this rate (page cache cold: bounded by the disk), '
-          f'peak RSS ~{rss / 1e9:.1f} GB (it follows batch_bytes, not the model)')
+    for quantile, runs in merges.items():
+      merge_s = statistics.median(m['seconds'] for m in runs)
+      rss = max(m['peak_rss'] for m in runs)
+      print(f'  streaming merge, {quantile} cutoffs  {merge_s:8.2f} s  '
+            f'{disk / merge_s / 1e9:6.2f} GB/s of inputs ({runs[0]["passes"]} passes: '
+            f'{runs[0]["bytes_read"] / merge_s / 1e9:.2f} GB/s read), ratio to the read '
+            f'{read_s / merge_s:.3f}; peak RSS {rss / 1e9:.2f} GB = {rss / disk:.3f} x the '
+            f'bytes on disk (batch_bytes {_BATCH.value / 2**20:.0f} MiB)')
   finally:
     if not _KEEP.value:
       shutil.rmtree(root, ignore_errors=True)

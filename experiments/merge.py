@@ -50,7 +50,7 @@ def spec_from_config(config) -> dict:
                        else value)
   spec.setdefault('options', config.options.to_dict())
   if config.ffg.enabled and 'ffg' not in spec:
-    ffg = {k: config.ffg[k] for k in ('scope', 'score')}
+    ffg = {k: config.ffg[k] for k in ('scope', 'score', 'quantile')}
     given = {k: config.ffg[k] for k in ('mass', 'threshold') if config.ffg[k] is not None}
     ffg.update(given or {'density': config.ffg.density})
     spec['ffg'] = ffg

@@ -269,6 +269,12 @@ _sampled_threshold_kernel = jax.jit(_sampled_kth_largest,
                                     static_argnames=('stride',))
 
 
+def sampled_threshold(samples, rank) -> jax.Array:
+  """The rank-th largest over sample arrays already taken (fp32, +inf for
+  rank 0): the last step of the sampled quantile."""
+  return _sampled_threshold_kernel(tuple(samples), rank, stride=1)
+
+
 @functools.partial(jax.jit, static_argnames=('score', 'stride'))
 def sampled_cutoffs_kernel(bases, experts_T, moments_T, ranks_T, *, score,
                            stride):

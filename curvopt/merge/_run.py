@@ -15,7 +15,7 @@ ml_collections. The spec, mergekit-like:
              'include': [regex] | None, 'exclude': [regex] | None}, ...]
   options: method options (power, eps, normalise, fallback_to_base, scale,
            combine, seed for dare, ...)
-  ffg: None or {'density' | 'mass' | 'threshold', 'scope', 'score'}; an
+  ffg: None or {'density' | 'mass' | 'threshold', 'scope', 'score', 'quantile'}; an
        expert's own 'density' overrides ffg density for ota / ffg_graft
   rank1: bool
   include / exclude: [regex] of the tensors merged (others copied)

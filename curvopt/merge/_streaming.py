@@ -222,9 +222,56 @@ def _ffg_selectors(ffg: Mapping[str, Any], num: int):
   return kind, values
 
 
-def _global_cutoffs(plan, kind, values, score, batch_bytes, prefetch):
-  """Per-expert global cutoffs, streamed (two passes unless trivial)."""
+def _each_saliency(plan, names, score, batch_bytes, prefetch, wanted, use):
+  """One pass over the inputs: use(t, saliency) for every tensor of every
+  expert t with wanted(t). Returns the bytes read."""
+  nbytes = 0
+  for batch, got, size in _stream(plan, names, moments=score == 'fisher',
+                                  batch_bytes=batch_bytes, prefetch=prefetch):
+    nbytes += size
+    for name in batch:
+      base = plan.place(name, got['base'][name])
+      for t in plan.experts_of[name]:
+        if not wanted(t):
+          continue
+        moment = (_moment(plan, got, t, name) if score == 'fisher'
+                  else None)
+        use(t, _ffg.ffg_saliency(
+            base, plan.place(name, got['experts'][t][name]), moment,
+            score=score, name=name))
+  return nbytes
+
+
+def _sampled_cutoffs(plan, names, densities, score, batch_bytes, prefetch):
+  """Per-expert cutoffs as `ffg_threshold(..., quantile='sampled')`: one
+  pass, or None where a model is too small to sample (then exact)."""
   num = len(plan.experts)
+  specs = [[plan.experts[t].spec(n) for n in names if t in plan.experts_of[n]]
+           for t in range(num)]
+  strides = [_ffg.density_plan(specs[t], 1.0)[1] for t in range(num)]
+  if not all(strides):
+    return None
+  parts = [[] for _ in range(num)]
+  nbytes = _each_saliency(
+      plan, names, score, batch_bytes, prefetch, lambda t: True,
+      lambda t, s: parts[t].append(jnp.ravel(s)[::strides[t]]))
+  cutoffs = [float(_ffg.sampled_threshold(
+      parts[t], _ffg.sampled_rank(specs[t], float(densities[t]), strides[t])))
+             for t in range(num)]
+  return cutoffs, 1, nbytes
+
+
+def _global_cutoffs(plan, kind, values, score, batch_bytes, prefetch,
+                    quantile):
+  """Per-expert global cutoffs, streamed (two passes unless trivial; one
+  with quantile='sampled')."""
+  num = len(plan.experts)
+  names = [n for n in plan.names if n in plan.merged]
+  if quantile == 'sampled' and kind == 'density':
+    sampled = _sampled_cutoffs(plan, names, values, score, batch_bytes,
+                               prefetch)
+    if sampled is not None:
+      return sampled
   totals = [0] * num
   for name in plan.merged:
     for t in plan.experts_of[name]:
@@ -233,25 +280,12 @@ def _global_cutoffs(plan, kind, values, score, batch_bytes, prefetch):
   cutoffs = [_stream_cutoff.StreamedCutoff(total=totals[t],
                                            **{kind: values[t]})
              for t in range(num)]
-  names = [n for n in plan.names if n in plan.merged]
   passes, nbytes = 0, 0
   while not all(c.done for c in cutoffs):
     passes += 1
-    for batch, got, size in _stream(plan, names,
-                                    moments=score == 'fisher',
-                                    batch_bytes=batch_bytes,
-                                    prefetch=prefetch):
-      nbytes += size
-      for name in batch:
-        base = plan.place(name, got['base'][name])
-        for t in plan.experts_of[name]:
-          if cutoffs[t].done:
-            continue
-          moment = (_moment(plan, got, t, name) if score == 'fisher'
-                    else None)
-          s = _ffg.ffg_saliency(base, plan.place(name, got['experts'][t][name]),
-                                moment, score=score, name=name)
-          cutoffs[t].add(s)
+    nbytes += _each_saliency(plan, names, score, batch_bytes, prefetch,
+                             lambda t: not cutoffs[t].done,
+                             lambda t, s: cutoffs[t].add(s))
     for c in cutoffs:
       c.end_pass()
   return [c.threshold for c in cutoffs], passes, nbytes
@@ -354,7 +388,9 @@ def merge_streaming(method: str, experts: Sequence[_sources.LeafReader],
       and per-expert lists (module docstring).
     ffg: for ota / ffg_graft: {'density' | 'mass' | 'threshold': scalar or
       one per expert, 'scope': 'global' (default) or 'per_tensor',
-      'score': 'fisher' (default) or 'magnitude'}.
+      'score': 'fisher' (default) or 'magnitude', 'quantile': 'exact'
+      (default; the global density cutoff in two passes) or 'sampled'
+      (`ffg_threshold`'s sampled quantile, in one pass)}.
     rank1: compress every 2-D second moment to its rank-1 factors as it is
       read (`rank1_compress`), before FFG and OTA use it.
     include: regexes; only matching tensors are merged (None: all).
@@ -444,8 +480,10 @@ def merge_streaming(method: str, experts: Sequence[_sources.LeafReader],
     _options.choice(score, _ffg.SCORES, what='ffg score')
     kind, values = _ffg_selectors(ffg, num)
     if kind != 'threshold' and ffg.get('scope', 'global') == 'global':
-      cutoffs, passes, nbytes = _global_cutoffs(plan, kind, values, score,
-                                                batch_bytes, prefetch)
+      cutoffs, passes, nbytes = _global_cutoffs(
+          plan, kind, values, score, batch_bytes, prefetch,
+          _options.choice(ffg.get('quantile', 'exact'), _ffg.QUANTILES,
+                          what='ffg quantile'))
     elif kind == 'threshold':
       cutoffs = [float(resolve(v, '', what='ffg threshold')) for v in values]
 

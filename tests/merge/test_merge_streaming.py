@@ -232,3 +232,22 @@ def test_missing_and_mismatched_tensors_are_named():
   with pytest.raises(ValueError, match="unknown method 'slerp'"):
     merge.merge_streaming('slerp', [merge.TreeReader(base)],
                           merge.MemoryWriter())
+
+
+def test_sampled_quantile_streams_in_two_passes_and_equals_in_memory():
+  """ffg quantile='sampled' on a model big enough to be sampled: one pass for the cutoffs,
+  one to merge, and the same merge as the in-memory `ota_ffg(quantile='sampled')`."""
+  rng = np.random.default_rng(11)
+  shapes = {'a': (300, 1024), 'b': (2000,), 'c': (64, 512)}
+  base = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  experts = [{k: (v + 0.01 * rng.normal(size=v.shape)).astype(np.float32)
+              for k, v in base.items()} for _ in range(2)]
+  moments = [{k: (rng.uniform(size=s) ** 4).astype(np.float32) for k, s in shapes.items()}
+             for _ in range(2)]
+  got, result = _stream(base, experts, moments, method='ota',
+                        ffg={'density': [0.3, 0.1], 'quantile': 'sampled'})
+  assert result.passes == 2
+  _assert_equal(got, merge.ota_ffg(base, experts, moments, density=[0.3, 0.1],
+                                   quantile='sampled'))
+  with pytest.raises(ValueError, match='median'):
+    _stream(base, experts, moments, method='ota', ffg={'density': 0.3, 'quantile': 'median'})
