@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project, in one go (about 8 minutes on one H100/H200).
+# Every GPU measurement of the project, in one go (about 7 minutes on one H100/H200; the
+# sections' limits add up to 9.5).
 # XLA's GPU compile of one gpt2s step takes ~35 s on an H200 (2026-11-27), so each section times
 # few programs: the limits below leave the other sections their time.
 #   On the device machine, from the repository root:  bash benchmarks/gpu_suite.sh
