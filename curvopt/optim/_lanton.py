@@ -23,6 +23,7 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from curvopt.optim import _batched
@@ -43,13 +44,19 @@ DEFAULT_GROUP_LMOS = {
 
 
 class ScaleByLantonState(NamedTuple):
-  """State of `scale_by_lanton`; per-leaf scalars are float32 / int32."""
+  """State of `scale_by_lanton`.
+
+  The per-leaf scalars are vectors with one entry per leaf of `momentum`, in
+  its flattening order (`lanton_stats` names them): one small array each
+  rather than a scalar per leaf, so that an update launches a few kernels for
+  them instead of several per leaf.
+  """
   count: jax.Array  # steps taken (int32 scalar)
   momentum: Any  # B, like the params
   prev_grad: Any  # G_{t-1} (noise='previous'); () for noise='independent'
-  noise: Any  # H per leaf: EMA of the squared dual norm of noise samples
-  noise_count: Any  # noise samples per leaf (int32)
-  lr_scale: Any  # s per leaf used by the last step
+  noise: jax.Array  # [leaves] H: EMA of the squared dual norm of noise samples
+  noise_count: jax.Array  # [leaves] noise samples taken (int32)
+  lr_scale: jax.Array  # [leaves] s used by the last step
 
 
 class _Leaf(NamedTuple):
@@ -174,16 +181,15 @@ def scale_by_lanton(
 
   def init_fn(params):
     plan(params)  # Checks labels and ranks early, naming the leaf.
-    scalar = lambda v, dtype: jax.tree.map(  # noqa: E731
-        lambda _: jnp.full([], v, dtype), params)
+    num = len(jax.tree.leaves(params))
     return ScaleByLantonState(
         count=jnp.zeros([], jnp.int32),
         momentum=optax.tree.zeros_like(params, dtype=mu_dtype),
         prev_grad=(optax.tree.zeros_like(params, dtype=noise_buffer_dtype)
                    if noise == 'previous' else ()),
-        noise=scalar(0.0, jnp.float32),
-        noise_count=scalar(0, jnp.int32),
-        lr_scale=scalar(1.0, jnp.float32),
+        noise=jnp.zeros([num], jnp.float32),
+        noise_count=jnp.zeros([num], jnp.int32),
+        lr_scale=jnp.ones([num], jnp.float32),
     )
 
   def update_fn(updates, state, params=None, *, noise_grads=None,
@@ -230,28 +236,23 @@ def scale_by_lanton(
         leaves, ahead, samples, state.count, noise_ns_steps=noise_ns_steps,
         noise_every=noise_every, ns_sharding=ns_sharding)
 
-    noise_old = flat(state.noise)
-    count_old = flat(state.noise_count)
-    noise_new, count_new = [], []
-    for h, n, dual, hit in zip(noise_old, count_old, duals, sampled):
-      square = jnp.square(dual)
-      # A finite but huge sample can overflow the square: skip it too.
-      take = has_prev & hit & jnp.isfinite(square)
-      noise_new.append(jnp.where(take, b2 * h + (1 - b2) * square,
-                                 h).astype(jnp.float32))
-      count_new.append(n + take.astype(jnp.int32))
-
+    square = jnp.square(jnp.stack([jnp.asarray(d, jnp.float32)
+                                   for d in duals]))
+    # A finite but huge sample can overflow the square: skip it too.
+    take = has_prev & jnp.stack(sampled) & jnp.isfinite(square)
+    noise_new = jnp.where(take, b2 * state.noise + (1 - b2) * square,
+                          state.noise)
+    count_new = state.noise_count + take.astype(jnp.int32)
     scales = _group_scales(leaves, noise_new, count_new, b2, map_fn,
                            lr_scales)
     out = []
-    for g, d, wd_x, s in zip(grads, directions, decay, scales):
+    for i, (g, d, wd_x) in enumerate(zip(grads, directions, decay)):
       step = -d if wd_x is None else wd_x - d
-      out.append((s * step).astype(g.dtype))
+      out.append(jnp.where(finite, scales[i] * step, 0.0).astype(g.dtype))
 
     def keep(new, old):
       return [jnp.where(finite, a, b) for a, b in zip(new, old)]
 
-    out = [jnp.where(finite, u, jnp.zeros_like(u)) for u in out]
     new_state = ScaleByLantonState(
         count=optax.safe_increment(state.count),
         momentum=jax.tree.unflatten(
@@ -259,11 +260,9 @@ def scale_by_lanton(
         prev_grad=(jax.tree.unflatten(treedef, keep(
             [g.astype(p.dtype) for g, p in zip(grads, flat(state.prev_grad))],
             flat(state.prev_grad))) if noise == 'previous' else ()),
-        noise=jax.tree.unflatten(treedef, keep(noise_new, noise_old)),
-        noise_count=jax.tree.unflatten(treedef, keep(count_new, count_old)),
-        lr_scale=jax.tree.unflatten(
-            treedef, keep([s.astype(jnp.float32) for s in scales],
-                          flat(state.lr_scale))),
+        noise=jnp.where(finite, noise_new, state.noise),
+        noise_count=jnp.where(finite, count_new, state.noise_count),
+        lr_scale=jnp.where(finite, scales, state.lr_scale),
     )
     new_state = new_state._replace(
         count=jnp.where(finite, new_state.count, state.count))
@@ -417,14 +416,14 @@ def _round_robin_duals(leaves, spectral, d_mats, count, *, noise_ns_steps,
 
 
 def _group_scales(leaves, noise, counts, b2, map_fn, lr_scales):
-  """Per-leaf scales: the mapping of each group's bias-corrected H."""
+  """[leaves] scales: the mapping of each group's bias-corrected H."""
   members = collections.defaultdict(list)
   for i, leaf in enumerate(leaves):
     members[leaf.group].append(i)
-  scales: list[Any] = [None] * len(leaves)
+  scales = jnp.ones(noise.shape, jnp.float32)
   for group, idx in members.items():
-    h = jnp.stack([noise[i] for i in idx])
-    n = jnp.stack([counts[i] for i in idx])
+    idx = np.asarray(idx)
+    h, n = noise[idx], counts[idx]
     correction = jnp.where(n > 0, 1 - b2 ** n.astype(jnp.float32), 1.0)
     h_hat = jnp.where(n > 0, h / correction, 0.0)
     s = jnp.asarray(map_fn(h_hat), jnp.float32)
@@ -433,9 +432,8 @@ def _group_scales(leaves, noise, counts, b2, map_fn, lr_scales):
                        f'for the {len(idx)} leaves of group {group!r}; it '
                        f'must return one scale per leaf {h_hat.shape}')
     ready = jnp.all(n > 0)
-    s = jnp.where(ready, s, 1.0) * lr_scales.get(group, 1.0)
-    for k, i in enumerate(idx):
-      scales[i] = s[k]
+    scales = scales.at[idx].set(jnp.where(ready, s, 1.0)
+                                * lr_scales.get(group, 1.0))
   return scales
 
 
@@ -560,9 +558,8 @@ def lanton_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
                      f'(of type {type(opt_state).__name__})')
   out: dict[str, dict[str, jax.Array]] = {'h': {}, 'lr_scale': {}}
   for state in states:
-    for path, h in _paths.leaves_with_paths(state.noise):
-      out['h'][_paths.path_str(path)] = h
-    for path, s in _paths.leaves_with_paths(state.lr_scale):
-      out['lr_scale'][_paths.path_str(path)] = s
+    for i, (path, _) in enumerate(_paths.leaves_with_paths(state.momentum)):
+      out['h'][_paths.path_str(path)] = state.noise[i]
+      out['lr_scale'][_paths.path_str(path)] = state.lr_scale[i]
   return out
 

@@ -33,8 +33,11 @@ def _flat(tree):
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _scalars(tree):
-  return {p: float(v) for p, v in _flat(tree).items()}
+def _per_leaf(state, field):
+  """A state's per-leaf vector as {leaf path: value}, in its momentum's leaf order."""
+  values = np.asarray(getattr(state, field))
+  assert values.shape == (len(_flat(state.momentum)),)
+  return {p: values[i].item() for i, p in enumerate(_flat(state.momentum))}
 
 
 def _random(seed, scale=1.0):
@@ -116,11 +119,11 @@ def _check_step(ours, state, expected):
   for p in _SHAPES:
     np.testing.assert_allclose(got[p], updates[p], rtol=2e-4, atol=1e-6,
                                err_msg=p)
-  np.testing.assert_allclose([_flat(state.noise)[p] for p in _SHAPES],
+  np.testing.assert_allclose([_per_leaf(state, 'noise')[p] for p in _SHAPES],
                              [h[p] for p in _SHAPES], rtol=1e-4)
-  assert [int(_flat(state.noise_count)[p]) for p in _SHAPES] == [
+  assert [int(_per_leaf(state, 'noise_count')[p]) for p in _SHAPES] == [
       n[p] for p in _SHAPES]
-  np.testing.assert_allclose([_flat(state.lr_scale)[p] for p in _SHAPES],
+  np.testing.assert_allclose([_per_leaf(state, 'lr_scale')[p] for p in _SHAPES],
                              [scale[p] for p in _SHAPES], rtol=1e-4)
 
 
@@ -139,7 +142,7 @@ def test_matches_numpy_reference_previous_gradient(noise_ns_steps):
   assert int(state.count) == 4
   # Groups are reduced separately: the lone embed_head leaf always gets 1
   # and the least noisy hidden leaf gets 1.
-  scales = _scalars(state.lr_scale)
+  scales = _per_leaf(state, 'lr_scale')
   assert scales['embed/embedding'] == pytest.approx(1.0)
   hidden = [scales[p] for p in _SHAPES if _GROUP[p] == 'hidden']
   assert max(hidden) == pytest.approx(1.0) and min(hidden) < 0.99
@@ -194,7 +197,7 @@ def test_user_mapping_is_called_per_group_and_checked():
   for t in range(2):
     _, state = update(_random(40 + t), state, params)
   assert sorted(set(seen)) == [(1,), (3,)]  # embed_head+vector, hidden
-  assert set(_scalars(state.lr_scale).values()) == {0.5}
+  assert set(_per_leaf(state, 'lr_scale').values()) == {0.5}
   bad = optim.scale_by_lanton(mapping=lambda h: h[:1])
   with pytest.raises(ValueError, match='one scale per leaf'):
     jax.jit(bad.update)(_random(3), bad.init(params), params)
@@ -232,12 +235,12 @@ def test_noise_every_round_robin_buckets():
         lambda x, t=t: jnp.asarray(np.random.default_rng(t).standard_normal(
             x.shape), jnp.float32), params)
     _, state = update(grads, state, params)
-    counts.append(sorted(int(v) for v in _scalars(state.noise_count).values()))
+    counts.append(sorted(int(v) for v in _per_leaf(state, 'noise_count').values()))
     if t < 2:  # not every leaf has a sample yet: scales stay 1
-      assert set(_scalars(state.lr_scale).values()) == {1.0}
+      assert set(_per_leaf(state, 'lr_scale').values()) == {1.0}
   assert counts == [[0] * 6, [0, 0, 0, 1, 1, 1], [1] * 6,
                     [1, 1, 1, 2, 2, 2]]
-  assert min(_scalars(state.lr_scale).values()) < 1.0
+  assert min(_per_leaf(state, 'lr_scale').values()) < 1.0
 
 
 def test_lanton_stats_through_wrappers():
@@ -302,4 +305,4 @@ def test_independent_noise_through_lanton_partition_and_chain():
   core = [s for s in jax.tree.leaves(
       state, is_leaf=lambda x: isinstance(x, optim.ScaleByLantonState))
           if isinstance(s, optim.ScaleByLantonState)][0]
-  assert set(int(v) for v in _scalars(core.noise_count).values()) == {2}
+  assert set(int(v) for v in _per_leaf(core, 'noise_count').values()) == {2}
