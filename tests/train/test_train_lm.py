@@ -148,12 +148,15 @@ def test_resume_with_a_different_model_is_refused(lm_test_config, tmp_path):
     train.train_lm(lm_test_config(**{'model.d_model': 64}), workdir)
 
 
-def test_eight_devices_match_one_device(lm_test_config, tmp_path):
+# LANTON: its per-leaf state vectors are sharded by the trainer's FSDP rule too.
+@pytest.mark.parametrize('optimizer', [{}, {'optimizer.name': 'lanton',
+                                            'optimizer.learning_rate': 0.02}])
+def test_eight_devices_match_one_device(lm_test_config, tmp_path, optimizer):
   one = str(tmp_path / 'one')
-  train.train_lm(lm_test_config(), one)
+  train.train_lm(lm_test_config(**optimizer), one)
   eight = str(tmp_path / 'eight')
-  train.train_lm(lm_test_config(**{'mesh.num_devices': None, 'mesh.data': 2, 'mesh.fsdp': 4}),
-                 eight)
+  train.train_lm(lm_test_config(**optimizer, **{'mesh.num_devices': None, 'mesh.data': 2,
+                                                'mesh.fsdp': 4}), eight)
   np.testing.assert_allclose(list(_losses(one).values()), list(_losses(eight).values()),
                              rtol=1e-5)
   _, state_one, _ = _final_state(one)
