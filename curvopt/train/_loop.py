@@ -188,13 +188,35 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     batches.set_state(data_pos)
     logging.info('resumed from step %d in %s', latest, ckpt.directory)
 
-  def evaluate(params) -> float:
+  def evaluate(params) -> dict[str, float]:
     total, count = 0.0, 0.0
     for tokens in eval_set:
       s, c = eval_step(params, _sharding.put_global_batch(tokens, batch_sharding))
       total, count = total + float(s), count + float(c)
-    return total / max(count, 1.0)
+    return {'eval_loss': total / max(count, 1.0)}
 
+  return run_steps(
+      config, workdir, state=state, batches=batches, train_step=train_step,
+      place=lambda tokens: _sharding.put_global_batch(tokens, batch_sharding), ckpt=ckpt,
+      latest=latest, config_json=config_json, evaluate=evaluate,
+      shown=lambda scalars: {k: v for k, v in scalars.items() if k in _SHOWN})
+
+
+_SHOWN = ('loss', 'eval_loss', 'learning_rate', 'grad_norm')
+
+
+def run_steps(config: ml_collections.ConfigDict, workdir: str, *, state: Any, batches: Any,
+              train_step: Callable, place: Callable, ckpt: _checkpoint.Checkpointer,
+              latest: int | None, config_json: dict,
+              evaluate: Callable[[Any], dict[str, float]],
+              shown: Callable[[dict], dict]) -> RunResult:
+  """The step loop of the LM and SFT trainers, up to total_steps (or halt_after_steps).
+
+  Runs train_step on place(next(batches)); at log, eval and checkpoint steps fetches the pending
+  metrics (raising NonFiniteError on a non-finite loss or gradient norm), writes their means with
+  the throughput and evaluate(params)'s scalars (which hold 'eval_loss') on eval steps, logs
+  shown(scalars), and checkpoints the state with the batches' position. Closes ckpt.
+  """
   writer = _metrics.MetricWriter(workdir, tensorboard=config.tensorboard)
   step = int(state.step)
   stop_at = config.total_steps
@@ -207,8 +229,7 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   train_loss, eval_loss, last_saved = float('nan'), float('nan'), latest
   try:
     while step < stop_at:
-      tokens = _sharding.put_global_batch(next(batches), batch_sharding)
-      state, metrics = train_step(state, tokens)
+      state, metrics = train_step(state, place(next(batches)))
       step += 1
       pending.append((step, metrics))
       if not clock_started:
@@ -226,20 +247,18 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
         train_loss = scalars['loss']
         scalars.update(progress.rates(step))
         if eval_now:
-          eval_loss = evaluate(state.params)
-          scalars['eval_loss'] = eval_loss
+          scalars.update(evaluate(state.params))
+          eval_loss = scalars['eval_loss']
         writer.write(step, scalars)
-        progress.log(step, {k: v for k, v in scalars.items()
-                            if k in ('loss', 'eval_loss', 'learning_rate', 'grad_norm')})
+        progress.log(step, shown(scalars))
       if save_now:
         ckpt.save(step, state, batches.get_state(), config_json)
         last_saved = step
   finally:
     writer.close()
     ckpt.close()
-  rates = progress.rates(step)
   halted = step < config.total_steps
   logging.info('%s at step %d (last checkpoint %s)', 'halted' if halted else 'finished', step,
                last_saved)
   return RunResult(step=step, halted=halted, train_loss=train_loss, eval_loss=eval_loss,
-                   tokens_per_s=rates.get('tokens_per_s', float('nan')))
+                   tokens_per_s=progress.rates(step).get('tokens_per_s', float('nan')))

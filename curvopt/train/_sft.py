@@ -19,12 +19,10 @@ from curvopt import data as data_lib
 from curvopt import models
 from curvopt.train import _checkpoint
 from curvopt.train import _loop
-from curvopt.train import _metrics
 from curvopt.train import _optimizers
 from curvopt.train import _rollout
 from curvopt.train import _sharding
 from curvopt.train import _state
-from curvopt.train import _step
 
 # Config sections that must match a checkpoint's for a resume to be the same run.
 _RUN_DEFINING = ('model', 'data', 'optimizer', 'schedule', 'seed', 'total_steps', 'init_from')
@@ -215,62 +213,28 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> SftResult:
     logging.info('%s (%d parameters) on mesh %s, tasks %s', config.model.name,
                  models.count_params(state.params), dict(mesh.shape), batches.weights)
 
-  writer = _metrics.MetricWriter(workdir, tensorboard=config.tensorboard)
-  step = int(state.step)
-  stop_at = config.total_steps
-  if config.halt_after_steps:
-    stop_at = min(stop_at, config.halt_after_steps)
-  progress = _metrics.Progress(step, config.total_steps,
-                               config.data.batch_size * config.data.seq_len)
-  pending: list[tuple[int, dict]] = []
-  clock_started = False
-  train_loss, eval_loss, last_saved = float('nan'), float('nan'), latest
   accuracy: dict[str, float] = {}
-  try:
-    while step < stop_at:
-      batch = _device_batch(next(batches), batch_sharding)
-      state, metrics = train_step(state, batch)
-      step += 1
-      pending.append((step, metrics))
-      if not clock_started:
-        jax.block_until_ready(metrics)
-        progress.start(step)  # after the first (compiling) step, so rates are steady-state
-        clock_started = True
-      is_last = step == stop_at
-      log_now = step % config.log_every == 0 or is_last
-      eval_now = (config.eval_every and step % config.eval_every == 0) or is_last
-      save_now = ckpt.should_save(step) or is_last
-      if log_now or eval_now or save_now:
-        fetched = _loop._check_finite(pending)  # pylint: disable=protected-access
-        pending = []
-        scalars = _loop._mean_metrics(fetched)  # pylint: disable=protected-access
-        train_loss = scalars['loss']
-        scalars.update(progress.rates(step))
-        shown = ['loss', 'eval_loss', 'accuracy/mean', 'learning_rate', 'grad_norm']
-        if eval_now:
-          eval_loss = evaluator.loss(state.params)
-          scalars['eval_loss'] = eval_loss
-          if config.eval.num_prompts:
-            accuracy = evaluator.accuracy(state.params)
-            scalars.update({f'accuracy/{k}': v for k, v in accuracy.items()})
-            scalars['accuracy/mean'] = float(np.mean(list(accuracy.values())))
-            shown += [f'accuracy/{k}' for k in accuracy] if len(accuracy) > 1 else []
-          scalars['wall_s'] = time.perf_counter() - started
-        writer.write(step, scalars)
-        progress.log(step, {k: scalars[k] for k in shown if k in scalars})
-      if save_now:
-        ckpt.save(step, state, batches.get_state(), config_json)
-        last_saved = step
-  finally:
-    writer.close()
-    ckpt.close()
-  rates = progress.rates(step)
-  halted = step < config.total_steps
-  logging.info('%s at step %d (last checkpoint %s)', 'halted' if halted else 'finished', step,
-               last_saved)
-  return SftResult(step=step, halted=halted, train_loss=train_loss, eval_loss=eval_loss,
-                   accuracy=accuracy,
+  shown = ['loss', 'eval_loss', 'accuracy/mean', 'learning_rate', 'grad_norm']
+
+  def evaluate(params) -> dict[str, float]:
+    nonlocal accuracy
+    scalars = {'eval_loss': evaluator.loss(params)}
+    if config.eval.num_prompts:
+      accuracy = evaluator.accuracy(params)
+      scalars.update({f'accuracy/{k}': v for k, v in accuracy.items()})
+      scalars['accuracy/mean'] = float(np.mean(list(accuracy.values())))
+      if len(accuracy) > 1:
+        shown[5:] = [f'accuracy/{k}' for k in accuracy]
+    scalars['wall_s'] = time.perf_counter() - started
+    return scalars
+
+  result = _loop.run_steps(
+      config, workdir, state=state, batches=batches, train_step=train_step,
+      place=lambda batch: _device_batch(batch, batch_sharding), ckpt=ckpt, latest=latest,
+      config_json=config_json, evaluate=evaluate,
+      shown=lambda scalars: {k: scalars[k] for k in shown if k in scalars})
+  return SftResult(step=result.step, halted=result.halted, train_loss=result.train_loss,
+                   eval_loss=result.eval_loss, accuracy=accuracy,
                    mean_accuracy=float(np.mean(list(accuracy.values()))) if accuracy
                    else float('nan'),
-                   tokens_per_s=rates.get('tokens_per_s', float('nan')),
-                   wall_s=time.perf_counter() - started)
+                   tokens_per_s=result.tokens_per_s, wall_s=time.perf_counter() - started)
