@@ -203,17 +203,24 @@ def _kth_largest_bits(leaves, k_hi, k_lo, rank_hi, rank_lo, *, stride):
   return _bisect(passes, lo, hi)
 
 
+def sample_stride(leaves) -> int:
+  """The stride of the ~65k-entry saliency sample over `leaves`; 0 where
+  there is no sample: small models, and Explicit-sharded leaves, which
+  cannot be strided (the cutoff then bisects over all of [0, inf])."""
+  total = sum(int(np.size(s)) for s in leaves)
+  sampled = total > 4 * _SAMPLE and not any(
+      _topk.explicit_spec(s) is not None for s in leaves
+      if isinstance(s, jax.Array))
+  return total // _SAMPLE if sampled else 0
+
+
 def density_plan(leaves, density):
   """Host-side integers for `_kth_largest_bits`: k, the sample stride and
   the sample ranks bracketing k (static stride, traced ranks)."""
   sizes = [int(np.size(s)) for s in leaves]
   total = sum(sizes)
   k = int(_topk.num_kept(density, total)) if density > 0 else 0
-  # An Explicit-sharded leaf cannot be strided; bisect over all of [0, inf].
-  sampled = total > 4 * _SAMPLE and not any(
-      _topk.explicit_spec(s) is not None for s in leaves
-      if isinstance(s, jax.Array))
-  stride = total // _SAMPLE if sampled else 0
+  stride = sample_stride(leaves)
   rank_hi = rank_lo = 0
   if stride:
     m = sum(-(-n // stride) for n in sizes)
@@ -401,10 +408,11 @@ def ffg_threshold(saliencies: Any, *, density: float | None = None,
   if not leaves or value == 0:
     return float('inf')
   if kind == 'density':
-    args, stride = density_plan(leaves, value)
+    stride = sample_stride(leaves)
     if quantile == 'sampled' and stride:
       return float(_sampled_threshold_kernel(
           leaves, sampled_rank(leaves, value, stride), stride=stride))
+    args, stride = density_plan(leaves, value)
     return float(_threshold_kernel(leaves, *args, stride=stride))
   else:
 

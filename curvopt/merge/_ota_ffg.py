@@ -44,7 +44,7 @@ def _ota_ffg_kernel(base, experts, moments, cutoffs_T, power, eps, scales_T,
 
 def _cutoffs(bases, experts_T, moments_T, densities, *, quantile, score):
   """Every expert's global cutoff for its density: [T] fp32 (+inf: keep none)."""
-  _, stride = _ffg.density_plan(bases, 1.0)
+  stride = _ffg.sample_stride(bases)
   # Small models and Explicit-sharded leaves (no strided sample): exact.
   if quantile == 'sampled' and stride:
     ranks = np.asarray([_ffg.sampled_rank(bases, float(d), stride)

@@ -248,7 +248,7 @@ def _sampled_cutoffs(plan, names, densities, score, batch_bytes, prefetch):
   num = len(plan.experts)
   specs = [[plan.experts[t].spec(n) for n in names if t in plan.experts_of[n]]
            for t in range(num)]
-  strides = [_ffg.density_plan(specs[t], 1.0)[1] for t in range(num)]
+  strides = [_ffg.sample_stride(specs[t]) for t in range(num)]
   if not all(strides):
     return None
   parts = [[] for _ in range(num)]
