@@ -138,6 +138,10 @@ class MergeStudy:
 def _train_all(config, workdir, train_fn) -> tuple[str, str, dict[str, str]]:
   """Trains what the config does not give: (tasks' data dir, base run, {task: expert run})."""
   data_dir = config.data_dir or os.path.join(workdir, 'tfds')
+  given = dict(config.get('expert_runs') or {})
+  unknown = sorted(set(given) - set(config.tasks))
+  if unknown:  # before any training
+    raise ValueError(f'expert_runs names task(s) {unknown} outside tasks {list(config.tasks)}')
   base_run = config.get('base_from') or base_dir(workdir)
   if not config.get('base_from'):
     base = config.base.copy_and_resolve_references()
@@ -145,10 +149,6 @@ def _train_all(config, workdir, train_fn) -> tuple[str, str, dict[str, str]]:
     base.data.tasks = ml_collections.ConfigDict({t: 1.0 for t in config.tasks})
     logging.info('merge study: base in %s', base_run)
     train_fn(base, base_run)
-  given = dict(config.get('expert_runs') or {})
-  unknown = sorted(set(given) - set(config.tasks))
-  if unknown:
-    raise ValueError(f'expert_runs names task(s) {unknown} outside tasks {list(config.tasks)}')
   expert_runs = {}
   for task in config.tasks:
     if task in given:
