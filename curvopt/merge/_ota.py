@@ -85,12 +85,17 @@ def ota_merge(base, experts, moments, masks, power, eps, scales_T,
   base32 = None if base is None else base.astype(F32)
   numerator = jnp.zeros(reference.shape, F32)
   denominator = jnp.zeros(reference.shape, F32)
-  oks = []
+  factors_ok = jnp.asarray(True)
   for t, expert in enumerate(experts):
-    oks.append(_tree.moment_ok(moments[t]))
     weight = _expert_weight(moments[t], power=power, eps=eps,
                             scale=scales_T[t], correction=corrections_T[t],
-                            normalise=normalise, mask=masks[t], root=root)
+                            normalise=normalise, mask=None, root=root)
+    if _rank1.is_rank1(moments[t]):
+      factors_ok &= _tree.moment_ok(moments[t])  # a few small vectors
+      if masks[t] is not None:
+        weight = jnp.where(masks[t], weight, 0.0)
+    else:
+      weight = _masked_nan_where_invalid(weight, moments[t], masks[t], root)
     theta = expert.astype(F32)
     numerator = numerator + weight * (theta if base is None else theta - base32)
     denominator = denominator + weight
@@ -109,7 +114,38 @@ def ota_merge(base, experts, moments, masks, power, eps, scales_T,
     merged = numerator / denominator
     if base is not None:
       merged = base32 + merged
-  return merged.astype(reference.dtype), jnp.stack(oks)
+  return merged.astype(reference.dtype), factors_ok
+
+
+def _masked_nan_where_invalid(weight, moment, mask, root):
+  """The masked weight, NaN wherever the moment is negative or non-finite.
+
+  Every merged entry that reads a bad moment is then NaN (whatever the mask,
+  power or normalisation), which `add_moment_check`'s screen of the output
+  finds: no reduction over the moments inside the fused pass. For p = 0.5
+  the weight's own sqrt does it: NaN for v < 0 or NaN, and v = inf gives
+  inf / inf downstream; masked entries take sqrt(v) * 0 (0 or NaN) in place
+  of 0. Other powers (v^1 of v < 0 is finite) need the explicit test, which
+  costs ~25% of the pass on the CPU.
+  """
+  if root:
+    if mask is None:
+      return weight
+    return jnp.where(mask, weight, jnp.sqrt(moment.astype(F32)) * 0.0)
+  if mask is not None:
+    weight = jnp.where(mask, weight, 0.0)
+  return jnp.where((moment >= 0) & (moment < jnp.inf), weight, jnp.nan)
+
+
+def add_moment_check(checks: _tree.ValueChecks, out: Any, factors_ok: Any,
+                     moments: Sequence[Any], name: str) -> None:
+  """Queues the check of one tensor's second moments after `ota_merge`: the
+  screen (output finite, Rank1 factors valid) on every call, the exact
+  per-expert check only where the screen fails (which non-finite experts
+  can also cause: then no error)."""
+  checks.add(_tree.finite_screen(out, factors_ok),
+             _tree.moment_message(name, 'second moment'),
+             recheck=lambda: _tree.moments_ok(tuple(moments)))
 
 
 def bias_corrections(bias_correction: Any, num: int) -> np.ndarray:
@@ -208,7 +244,7 @@ def ota_leaf(base: Any, experts: Sequence[Any], second_moments: Sequence[Any],
                         normalise=normalise,
                         fallback_to_base=bool(fallback_to_base))
   checks = _tree.ValueChecks()
-  checks.add(ok, _tree.moment_message(name, 'second moment'))
+  add_moment_check(checks, out, ok, second_moments, name)
   checks.raise_if_failed()
   return out
 
@@ -263,7 +299,7 @@ def ota(base: Any, experts: Sequence[Any], second_moments: Sequence[Any], *,
     out, ok = _ota_kernel(b, leaves, moments, masks_t, power, eps,
                           scales, corrections, normalise=normalise,
                           fallback_to_base=bool(fallback_to_base))
-    checks.add(ok, _tree.moment_message(name, 'second moment'))
+    add_moment_check(checks, out, ok, moments, name)
     outs.append(out)
   checks.raise_if_failed()
   return gathered.reference.unflatten(outs)

@@ -127,7 +127,7 @@ def ota_ffg(base: Any, experts: Sequence[Any], second_moments: Sequence[Any],
     out, ok = _ota_ffg_kernel(b, leaves, moments, cutoffs, power, eps, scales,
                               corrections, score=score, normalise=normalise,
                               fallback_to_base=bool(fallback_to_base))
-    checks.add(ok, _tree.moment_message(name, 'second moment'))
+    _ota.add_moment_check(checks, out, ok, moments, name)
     outs.append(out)
   checks.raise_if_failed()
   return gathered.reference.unflatten(outs)
