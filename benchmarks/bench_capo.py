@@ -6,7 +6,8 @@ r"""Overhead of the CAPO mask on the RL update step of the reference decoder.
 Times, side by side in one process (interleaved repetitions, median), two jit'd
 update steps on the same batch of prompt + completion tokens:
   - grpo: forward, policy_loss (seq-mean-token-mean), backward, Adam update;
-  - capo: the same forward, then capo_token_stats on its final hidden states,
+  - capo: the same forward, then capo_token_set (each token's top-K set, once)
+    and capo_token_stats on its final hidden states,
     capo_mask times the completion mask inside the loss, the backward through
     the same forward (jax.vjp, so no second forward), the Adam update, and
     capo_shadow_update on the kept tokens.
@@ -70,8 +71,10 @@ def make_steps(model, cfg, optimizer, prompt_len):
     actions = batch['tokens'][:, prompt_len:]
     head = jax.lax.stop_gradient(models.output_head(params, cfg))
     hidden = jax.lax.stop_gradient(hidden)
+    options = dict(top_k=_TOP_K.value, chunk_size=_CHUNK.value)
+    token_set = rl.capo_token_set(hidden, head, actions, **options)
     m_h, m_f = rl.capo_token_stats(hidden, head, actions, batch['advantages'], shadow, _LR.value,
-                                   top_k=_TOP_K.value, chunk_size=_CHUNK.value)
+                                   token_set=token_set, **options)
     keep = rl.capo_mask(m_h, m_f) & batch['mask']
 
     def loss_of_logp(lp):
@@ -81,7 +84,7 @@ def make_steps(model, cfg, optimizer, prompt_len):
     (grads,) = vjp_fn((dlogp, jnp.zeros_like(hidden)))
     updates, opt_state = optimizer.update(grads, opt_state, params)
     shadow = rl.capo_shadow_update(shadow, hidden, head, actions, batch['advantages'], keep,
-                                   top_k=_TOP_K.value, chunk_size=_CHUNK.value)
+                                   token_set=token_set, **options)
     masked = 1.0 - jnp.sum(keep) / jnp.maximum(jnp.sum(batch['mask']), 1)
     return optax.apply_updates(params, updates), opt_state, shadow, (loss, masked)
 

@@ -5,6 +5,7 @@ from curvopt.rl._advantages import group_advantages
 from curvopt.rl._capo import capo_mask
 from curvopt.rl._capo import capo_shadow_init
 from curvopt.rl._capo import capo_shadow_update
+from curvopt.rl._capo import capo_token_set
 from curvopt.rl._capo import capo_token_stats
 from curvopt.rl._capo import CapoShadow
 from curvopt.rl._capo_metrics import capo_metrics
@@ -38,6 +39,7 @@ __all__ = (
     'capo_metrics',
     'capo_shadow_init',
     'capo_shadow_update',
+    'capo_token_set',
     'capo_token_stats',
     'combine_rewards',
     'exact_match_reward',

@@ -60,11 +60,15 @@ def capo_shadow_init(vocab_size: int, hidden_size: int) -> CapoShadow:
                     count=jnp.zeros((), jnp.int32))
 
 
-def _check_inputs(hidden, head, actions, advantages, shadow, top_k,
-                  chunk_size, mask=None):
-  """Validates shapes and static options; returns the arrays as jnp arrays."""
-  hidden, head = jnp.asarray(hidden), jnp.asarray(head)
-  actions, advantages = jnp.asarray(actions), jnp.asarray(advantages)
+def _check_int_option(name, value):
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f'{name} must be an int, got {value!r}')
+
+
+def _check_tokens(hidden, head, actions, top_k, chunk_size):
+  """Validates the inputs every CAPO function takes; returns jnp arrays."""
+  hidden, head, actions = (jnp.asarray(hidden), jnp.asarray(head),
+                           jnp.asarray(actions))
   if hidden.ndim != 3:
     raise ValueError(f'hidden must be [B, T, H], got shape {hidden.shape}')
   batch, length, width = hidden.shape
@@ -78,6 +82,23 @@ def _check_inputs(hidden, head, actions, advantages, shadow, top_k,
                      f'{actions.shape}')
   if not jnp.issubdtype(actions.dtype, jnp.integer):
     raise TypeError(f'actions must be integer ids, got dtype {actions.dtype}')
+  _check_int_option('top_k', top_k)
+  if not 1 <= top_k <= vocab:
+    raise ValueError(f'top_k must be in [1, vocab={vocab}], got {top_k}')
+  _check_int_option('chunk_size', chunk_size)
+  if chunk_size < 1:
+    raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
+  return hidden, head, actions
+
+
+def _check_inputs(hidden, head, actions, advantages, shadow, top_k,
+                  chunk_size, token_set, mask=None):
+  """Validates the stats' / shadow update's inputs; returns jnp arrays."""
+  hidden, head, actions = _check_tokens(hidden, head, actions, top_k,
+                                        chunk_size)
+  batch, length, width = hidden.shape
+  vocab = head.shape[0]
+  advantages = jnp.asarray(advantages)
   if advantages.shape != (batch,):
     raise ValueError(f'advantages must be [B] = {(batch,)}, got shape '
                      f'{advantages.shape}')
@@ -86,6 +107,15 @@ def _check_inputs(hidden, head, actions, advantages, shadow, top_k,
     if mask.shape != (batch, length):
       raise ValueError(f'mask must be [B, T] = {(batch, length)}, got shape '
                        f'{mask.shape}')
+  if token_set is not None:
+    token_set = jnp.asarray(token_set)
+    if token_set.shape != (batch, length, top_k):
+      raise ValueError(f'token_set must be [B, T, top_k] = '
+                       f'{(batch, length, top_k)} (capo_token_set with the '
+                       f'same top_k), got shape {token_set.shape}')
+    if not jnp.issubdtype(token_set.dtype, jnp.integer):
+      raise TypeError('token_set must be integer ids, got dtype '
+                      f'{token_set.dtype}')
   if not isinstance(shadow, CapoShadow):
     raise TypeError(f'shadow must be a CapoShadow, got {type(shadow).__name__}')
   for name in ('mu', 'nu'):
@@ -93,16 +123,7 @@ def _check_inputs(hidden, head, actions, advantages, shadow, top_k,
     if leaf.shape != (vocab, width):
       raise ValueError(f'shadow.{name} has shape {leaf.shape}, expected the '
                        f"head's [V, H] = {(vocab, width)}")
-  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
-    raise TypeError(f'top_k must be an int, got {top_k!r}')
-  if not 1 <= top_k <= vocab:
-    raise ValueError(f'top_k must be in [1, vocab={vocab}], got {top_k}')
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size,
-                                                    (int, np.integer)):
-    raise TypeError(f'chunk_size must be an int, got {chunk_size!r}')
-  if chunk_size < 1:
-    raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
-  return hidden, head, actions, advantages, mask
+  return hidden, head, actions, advantages, mask, token_set
 
 
 def _chunked(x_BxT: jax.Array, steps: int, batch: int, positions: int):
@@ -115,10 +136,10 @@ def _chunked(x_BxT: jax.Array, steps: int, batch: int, positions: int):
 
 
 def _unchunked(x: jax.Array, batch: int, length: int) -> jax.Array:
-  """Inverse of `_chunked` for [n, B * positions] results."""
-  steps = x.shape[0]
-  x = x.reshape(steps, batch, -1)
-  return jnp.moveaxis(x, 0, 1).reshape(batch, -1)[:, :length]
+  """Inverse of `_chunked` for [n, B * positions, ...] results."""
+  steps, rest = x.shape[0], x.shape[2:]
+  x = jnp.moveaxis(x.reshape((steps, batch, -1) + rest), 0, 1)
+  return x.reshape((batch, -1) + rest)[:, :length]
 
 
 def _chunk_plan(batch: int, length: int, chunk_size: int) -> tuple[int, int]:
@@ -127,22 +148,45 @@ def _chunk_plan(batch: int, length: int, chunk_size: int) -> tuple[int, int]:
   return -(-length // positions), positions
 
 
-def _top_k_set(h_H, head_VxH, action, top_k):
-  """S (the K largest logits, the action forced in) and pi over it."""
+def _chunks(batch, length, chunk_size, *arrays):
+  """Each [B, T, ...] array (or None) as [n, C, ...] chunks of tokens."""
+  steps, positions = _chunk_plan(batch, length, chunk_size)
+  return tuple(None if x is None else _chunked(x, steps, batch, positions)
+               for x in arrays)
+
+
+def _chunk_ids(h_CxH, a_C, ids_CxK, head_VxH, top_k):
+  """S of each token of a chunk: the given token set's, or computed."""
+  if ids_CxK is not None:
+    return ids_CxK.astype(jnp.int32)
+  return jax.vmap(_top_k_ids, in_axes=(0, None, 0, None))(h_CxH, head_VxH,
+                                                          a_C, top_k)
+
+
+def _top_k_ids(h_H, head_VxH, action, top_k):
+  """S: the K largest logits' ids (descending), the action forced in."""
   logits_V = jnp.dot(head_VxH, h_H, precision=_HIGHEST)
-  _, ids_K = jax.lax.top_k(logits_V, top_k)
+  # The barrier keeps XLA's TopK: when the indices feed the update below,
+  # XLA CPU otherwise lowers top_k to a full sort of the V logits (6x slower).
+  _, ids_K = jax.lax.optimization_barrier(jax.lax.top_k(logits_V, top_k))
   in_set = jnp.any(ids_K == action)
   # Sampling uses the same top-K, so the action is in S; otherwise it replaces
   # the lowest member (top_k sorts in descending order).
-  ids_K = ids_K.at[top_k - 1].set(jnp.where(in_set, ids_K[top_k - 1], action))
-  pi_K = jax.nn.softmax(logits_V[ids_K])
+  return ids_K.at[top_k - 1].set(jnp.where(in_set, ids_K[top_k - 1], action))
+
+
+def _set_probs(h_H, head_VxH, action, ids_K):
+  """pi over S and v = e_a - pi, from S's own K logits (so that a given
+  `token_set` and one computed here give the same numbers)."""
+  logits_K = jnp.dot(head_VxH[ids_K], h_H, precision=_HIGHEST)
+  pi_K = jax.nn.softmax(logits_K)
   onehot_K = (ids_K == action).astype(jnp.float32)
-  return ids_K, pi_K, onehot_K - pi_K
+  return pi_K, onehot_K - pi_K
 
 
-def _token_stats(h_H, action, adv, lr, head_VxH, shadow, top_k, b1, b2, eps):
+def _token_stats(h_H, action, adv, ids_K, lr, head_VxH, shadow, b1, b2, eps):
   """(m_H, m_F) of one token (spec section 'Per-token quantities')."""
-  ids_K, pi_K, v_K = _top_k_set(h_H, head_VxH, action, top_k)
+  pi_K, v_K = _set_probs(h_H, head_VxH, action, ids_K)
   g_KxH = adv * v_K[:, None] * h_H[None, :]
   step = shadow.count.astype(jnp.float32) + 1.0
   m_hat = (b1 * shadow.mu[ids_K] + (1.0 - b1) * g_KxH) / (1.0 - b1**step)
@@ -163,6 +207,54 @@ def _token_stats(h_H, action, adv, lr, head_VxH, shadow, top_k, b1, b2, eps):
   return jnp.where(zero_adv, 0.0, m_h), jnp.where(zero_adv, 0.0, m_f)
 
 
+def capo_token_set(
+    hidden: jax.Array,
+    head: jax.Array,
+    actions: jax.Array,
+    *,
+    top_k: int = 50,
+    chunk_size: int = 256,
+) -> jax.Array:
+  """Each token's set S: the top_k ids of head @ h, the action forced in.
+
+  `capo_token_stats` and `capo_shadow_update` compute S themselves (a [V]
+  logit product and a top-k per token: most of CAPO's cost on a small
+  model); a step that calls both can compute it once and pass it to both as
+  `token_set`, with the same results.
+
+  Args:
+    hidden: [B, T, H], as in capo_token_stats.
+    head: [V, H] output head, rows = vocabulary ids.
+    actions: [B, T] token ids in [0, V).
+    top_k: K.
+    chunk_size: about how many tokens are processed at once.
+
+  Returns:
+    int32 [B, T, K]: ids in descending order of their logits, except that an
+    action outside the top K takes the last place.
+  """
+  hidden, head, actions = _check_tokens(hidden, head, actions, top_k,
+                                        chunk_size)
+  batch, length, _ = hidden.shape
+  if length == 0:
+    return jnp.zeros((batch, 0, top_k), jnp.int32)
+  spec_BxT = _sharding.spec_of(hidden)[:2]
+  return _sharding.call_with_auto_axes(
+      functools.partial(_token_set_chunked, top_k=top_k,
+                        chunk_size=chunk_size),
+      (hidden, head, actions), lambda: PartitionSpec(*spec_BxT, None))
+
+
+def _token_set_chunked(hidden, head, actions, *, top_k, chunk_size):
+  batch, length, _ = hidden.shape
+  head_VxH = head.astype(jnp.float32)
+  xs = _chunks(batch, length, chunk_size, hidden.astype(jnp.float32),
+               actions.astype(jnp.int32))
+  ids = jax.lax.map(
+      lambda chunk: _chunk_ids(*chunk, None, head_VxH, top_k), xs)
+  return _unchunked(ids, batch, length)
+
+
 def capo_token_stats(
     hidden: jax.Array,
     head: jax.Array,
@@ -176,6 +268,7 @@ def capo_token_stats(
     b2: float = 0.999,
     eps: float = 1e-8,
     chunk_size: int = 256,
+    token_set: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
   """CAPO's predicted objective change m_H and policy change m_F per token.
 
@@ -204,12 +297,15 @@ def capo_token_stats(
     eps: shadow Adam's epsilon.
     chunk_size: about how many tokens are processed at once (at least B: a
       chunk spans the whole batch).
+    token_set: None, or S of every token from `capo_token_set` (same
+      hidden, head, actions and top_k), which is then not computed again.
 
   Returns:
     (m_H, m_F): float32 [B, T] each.
   """
-  hidden, head, actions, advantages, _ = _check_inputs(
-      hidden, head, actions, advantages, shadow, top_k, chunk_size)
+  hidden, head, actions, advantages, _, token_set = _check_inputs(
+      hidden, head, actions, advantages, shadow, top_k, chunk_size,
+      token_set)
   batch, length, _ = hidden.shape
   if length == 0:
     empty = jnp.zeros((batch, 0), jnp.float32)
@@ -218,12 +314,12 @@ def capo_token_stats(
   return _sharding.call_with_auto_axes(
       functools.partial(_token_stats_chunked, top_k=top_k, b1=b1, b2=b2,
                         eps=eps, chunk_size=chunk_size),
-      (hidden, head, actions, advantages, shadow, jnp.asarray(lr)),
+      (hidden, head, actions, advantages, shadow, jnp.asarray(lr), token_set),
       lambda: (PartitionSpec(*spec_BxT),) * 2)
 
 
-def _token_stats_chunked(hidden, head, actions, advantages, shadow, lr, *,
-                         top_k, b1, b2, eps, chunk_size):
+def _token_stats_chunked(hidden, head, actions, advantages, shadow, lr,
+                         token_set, *, top_k, b1, b2, eps, chunk_size):
   """capo_token_stats after validation: lax.map over chunks of tokens."""
   batch, length, _ = hidden.shape
   head_VxH = head.astype(jnp.float32)
@@ -231,19 +327,17 @@ def _token_stats_chunked(hidden, head, actions, advantages, shadow, lr, *,
                       jnp.asarray(shadow.nu, jnp.float32),
                       jnp.asarray(shadow.count, jnp.int32))
   lr = jnp.asarray(lr, jnp.float32)
-  steps, positions = _chunk_plan(batch, length, chunk_size)
   adv_BxT = jnp.broadcast_to(advantages.astype(jnp.float32)[:, None],
                              (batch, length))
-  xs = (_chunked(hidden.astype(jnp.float32), steps, batch, positions),
-        _chunked(actions.astype(jnp.int32), steps, batch, positions),
-        _chunked(adv_BxT, steps, batch, positions))
-
+  xs = _chunks(batch, length, chunk_size, hidden.astype(jnp.float32),
+               actions.astype(jnp.int32), adv_BxT, token_set)
   per_token = jax.vmap(
-      _token_stats, in_axes=(0, 0, 0, None, None, None, None, None, None, None))
+      _token_stats, in_axes=(0, 0, 0, 0, None, None, None, None, None, None))
 
   def chunk_fn(chunk):
-    h_CxH, a_C, adv_C = chunk
-    return per_token(h_CxH, a_C, adv_C, lr, head_VxH, shadow, top_k, b1, b2,
+    h_CxH, a_C, adv_C, ids_CxK = chunk
+    ids_CxK = _chunk_ids(h_CxH, a_C, ids_CxK, head_VxH, top_k)
+    return per_token(h_CxH, a_C, adv_C, ids_CxK, lr, head_VxH, shadow, b1, b2,
                      eps)
 
   m_h, m_f = jax.lax.map(chunk_fn, xs)
@@ -285,10 +379,10 @@ def capo_mask(
   return lower & (m_H < tau_H) & (m_F < tau_F)
 
 
-def _token_rows(h_H, action, adv, keep, head_VxH, top_k):
-  """The token's S and the coefficients c with g = outer(c, h) (0 if masked)."""
-  ids_K, _, v_K = _top_k_set(h_H, head_VxH, action, top_k)
-  return ids_K, keep * adv * v_K
+def _token_coefficients(h_H, action, adv, keep, ids_K, head_VxH):
+  """The coefficients c with g = outer(c, h) over S (0 if masked)."""
+  _, v_K = _set_probs(h_H, head_VxH, action, ids_K)
+  return keep * adv * v_K
 
 
 def capo_shadow_update(
@@ -304,6 +398,7 @@ def capo_shadow_update(
     b2: float = 0.999,
     chunk_size: int = 256,
     axis_name: Optional[str] = None,
+    token_set: Optional[jax.Array] = None,
 ) -> CapoShadow:
   """Advances the shadow Adam state by the batch's kept token gradients.
 
@@ -331,18 +426,21 @@ def capo_shadow_update(
     b2: shadow Adam's second-moment decay.
     chunk_size: about how many tokens are processed at once.
     axis_name: a mapped axis to sum over, or None.
+    token_set: None, or S of every token from `capo_token_set`, as in
+      capo_token_stats.
 
   Returns:
     The new CapoShadow.
   """
-  hidden, head, actions, advantages, mask = _check_inputs(
-      hidden, head, actions, advantages, shadow, top_k, chunk_size, mask)
+  hidden, head, actions, advantages, mask, token_set = _check_inputs(
+      hidden, head, actions, advantages, shadow, top_k, chunk_size,
+      token_set, mask)
   mu = jnp.asarray(shadow.mu, jnp.float32)
   nu = jnp.asarray(shadow.nu, jnp.float32)
   spec_VxH = _sharding.spec_of(mu)
   sum_VxH, count_V = _sharding.call_with_auto_axes(
       functools.partial(_row_sums, top_k=top_k, chunk_size=chunk_size),
-      (hidden, head, actions, advantages, mask),
+      (hidden, head, actions, advantages, mask, token_set),
       lambda: (PartitionSpec(*spec_VxH), PartitionSpec(spec_VxH[0])))
   if axis_name is not None:
     sum_VxH, count_V = jax.lax.psum((sum_VxH, count_V), axis_name)
@@ -354,7 +452,8 @@ def capo_shadow_update(
                     count=jnp.asarray(shadow.count, jnp.int32) + 1)
 
 
-def _row_sums(hidden, head, actions, advantages, mask, *, top_k, chunk_size):
+def _row_sums(hidden, head, actions, advantages, mask, token_set, *, top_k,
+              chunk_size):
   """Per vocabulary row: the sum of the kept tokens' g rows, and their count.
 
   A scan over chunks of tokens scatter-adds each chunk's [C, K, H] rows into
@@ -367,20 +466,18 @@ def _row_sums(hidden, head, actions, advantages, mask, *, top_k, chunk_size):
   if not length:
     return sum_VxH, count_V
   head_VxH = head.astype(jnp.float32)
-  steps, positions = _chunk_plan(batch, length, chunk_size)
   adv_BxT = jnp.broadcast_to(advantages.astype(jnp.float32)[:, None],
                              (batch, length))
   keep_BxT = (mask != 0).astype(jnp.float32)
-  xs = (_chunked(hidden.astype(jnp.float32), steps, batch, positions),
-        _chunked(actions.astype(jnp.int32), steps, batch, positions),
-        _chunked(adv_BxT, steps, batch, positions),
-        _chunked(keep_BxT, steps, batch, positions))
-  rows = jax.vmap(_token_rows, in_axes=(0, 0, 0, 0, None, None))
+  xs = _chunks(batch, length, chunk_size, hidden.astype(jnp.float32),
+               actions.astype(jnp.int32), adv_BxT, keep_BxT, token_set)
+  coefficients = jax.vmap(_token_coefficients, in_axes=(0, 0, 0, 0, 0, None))
 
   def accumulate(carry, chunk):
     sum_VxH, count_V = carry
-    h_CxH, a_C, adv_C, keep_C = chunk
-    ids_CxK, coef_CxK = rows(h_CxH, a_C, adv_C, keep_C, head_VxH, top_k)
+    h_CxH, a_C, adv_C, keep_C, ids_CxK = chunk
+    ids_CxK = _chunk_ids(h_CxH, a_C, ids_CxK, head_VxH, top_k)
+    coef_CxK = coefficients(h_CxH, a_C, adv_C, keep_C, ids_CxK, head_VxH)
     g_CxKxH = coef_CxK[:, :, None] * h_CxH[:, None, :]
     flat_ids = ids_CxK.reshape(-1)
     sum_VxH = sum_VxH.at[flat_ids].add(g_CxKxH.reshape(-1, width))

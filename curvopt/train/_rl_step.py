@@ -86,8 +86,10 @@ def make_rl_step(apply_fn: ApplyFn, head_fn: HeadFn, optimizer: optax.GradientTr
       head = jax.lax.stop_gradient(head_fn(state.params)).astype(jnp.float32)
       prompt_len = batch['tokens'].shape[1] - mask.shape[1]
       actions = batch['tokens'][:, prompt_len:]
+      set_options = {k: v for k, v in stats_options.items() if k in ('top_k', 'chunk_size')}
+      token_set = rl.capo_token_set(hidden, head, actions, **set_options)
       m_h, m_f = rl.capo_token_stats(hidden, head, actions, advantages, shadow, lr,
-                                     **stats_options)
+                                     token_set=token_set, **stats_options)
       keep = rl.capo_mask(m_h, m_f, **mask_options) & (mask > 0)
       metrics.update(rl.capo_metrics(m_h, m_f, keep, mask))
       loss_mask = keep.astype(jnp.float32)
@@ -105,7 +107,7 @@ def make_rl_step(apply_fn: ApplyFn, head_fn: HeadFn, optimizer: optax.GradientTr
     params = optax.apply_updates(state.params, updates)
     if use_capo:
       shadow = rl.capo_shadow_update(shadow, hidden, head, actions, advantages, loss_mask > 0,
-                                     **shadow_options)
+                                     token_set=token_set, **shadow_options)
     metrics.update(loss_metrics)
     metrics.update(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=lr,
                    update_norm=optax.global_norm(updates))

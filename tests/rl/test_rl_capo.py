@@ -194,6 +194,38 @@ def test_shadow_init_then_update_then_stats_uses_adam(update_fn, stats_fn):
   np.testing.assert_allclose(m_f, ref_f, rtol=2e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize('chunk_size', [4, 7])
+def test_token_set_matches_reference(chunk_size):
+  hidden, head, actions, *_ = make_inputs(seed=5)
+  got = jax.jit(rl.capo_token_set, static_argnames=('top_k', 'chunk_size'))(
+      jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(actions), top_k=K,
+      chunk_size=chunk_size)
+  assert got.dtype == jnp.int32 and got.shape == (B, T, K)
+  want = [[_top_k_set(hidden[b, t], head, int(actions[b, t]), K)[0]
+           for t in range(T)] for b in range(B)]
+  np.testing.assert_array_equal(got, want)
+
+
+def test_shared_token_set_gives_the_same_stats_and_update(stats_fn,
+                                                          update_fn):
+  hidden, head, actions, adv, mu, nu, mask = make_inputs(seed=6)
+  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu),
+                         jnp.asarray(2, jnp.int32))
+  args = tuple(map(jnp.asarray, (hidden, head, actions, adv)))
+  token_set = rl.capo_token_set(*args[:3], top_k=K, chunk_size=4)
+  for given in (None, token_set):
+    stats = stats_fn(*args, shadow, 0.05, top_k=K, chunk_size=4,
+                     token_set=given)
+    new = update_fn(shadow, *args, jnp.asarray(mask), top_k=K, chunk_size=4,
+                    token_set=given)
+    if given is None:
+      want_stats, want_new = stats, new
+  for g, w in zip(jax.tree.leaves((stats, new)),
+                  jax.tree.leaves((want_stats, want_new))):
+    np.testing.assert_array_equal(g, w)
+  assert np.any(np.asarray(want_stats[0]) != 0)
+
+
 def test_mask_thresholds():
   m_h = jnp.asarray([0.0, 0.005, -0.005, 0.02, -0.02, 0.005, np.nan, -0.0])
   m_f = jnp.asarray([0.0, 5e-5, 5e-5, 0.0, 0.0, 2e-4, 0.0, 0.0])
@@ -231,6 +263,10 @@ def test_metrics():
     (lambda x: x.update(chunk_size=0), 'chunk_size must be >= 1, got 0'),
     (lambda x: x.update(shadow=rl.capo_shadow_init(V + 1, H)),
      r'shadow.mu has shape \(41, 8\)'),
+    (lambda x: x.update(token_set=np.zeros((B, T, K + 1), np.int32)),
+     r'token_set must be \[B, T, top_k\] = \(3, 5, 6\)'),
+    (lambda x: x.update(token_set=np.zeros((B, T, K))),
+     'token_set must be integer ids'),
 ])
 def test_bad_inputs(call, error):
   hidden, head, actions, adv, _, _, _ = make_inputs()
@@ -265,8 +301,9 @@ def test_peak_memory_never_holds_the_full_token_tensor():
         fn.__name__, analysis.temp_size_in_bytes, full_bytes)
 
 
+@pytest.mark.parametrize('shared_set', [False, True])
 def test_sharded_stats_mask_and_update_match_unsharded(mesh8, stats_fn,
-                                                       update_fn):
+                                                       update_fn, shared_set):
   """Batch over 'data', head and shadow rows over 'fsdp': same numbers."""
   hidden, head, actions, adv, mu, nu, mask = make_inputs(seed=4, batch=4)
   shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu),
@@ -274,11 +311,13 @@ def test_sharded_stats_mask_and_update_match_unsharded(mesh8, stats_fn,
   args = tuple(map(jnp.asarray, (hidden, head, actions, adv)))
 
   def stats_mask_update(h, w, a, adv, s, m):
+    token_set = (rl.capo_token_set(h, w, a, top_k=K, chunk_size=8)
+                 if shared_set else None)
     m_h, m_f = rl.capo_token_stats(h, w, a, adv, s, 0.05, top_k=K,
-                                   chunk_size=8)
+                                   chunk_size=8, token_set=token_set)
     keep = rl.capo_mask(m_h, m_f, tau_H=0.05, tau_F=1e-3) & m
-    return m_h, m_f, keep, rl.capo_shadow_update(s, h, w, a, adv, keep,
-                                                 top_k=K, chunk_size=8)
+    return m_h, m_f, keep, rl.capo_shadow_update(
+        s, h, w, a, adv, keep, top_k=K, chunk_size=8, token_set=token_set)
 
   fn = jax.jit(stats_mask_update)
   want = fn(*args, shadow, jnp.asarray(mask))
