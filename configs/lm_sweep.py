@@ -56,8 +56,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     config.base.update(total_steps=300, eval_every=25)
   elif arg == 'small':
     # 10M parameters at ~3 s a step on 2 CPU cores: half the tiny budget's steps at twice the
-    # sequence length, one seed, learning rates at tiny's best and one step above it (the full
-    # grid is ~3 h here; rerunning with a longer grid in the same workdir adds only new runs).
+    # sequence length, one seed, learning rates at tiny's best (and one step above it for the Muon
+    # family; the full grid is ~3 h here; rerunning with a longer grid in the same workdir adds
+    # only the new runs).
     config.base = _lm('small')
     config.base.update(total_steps=200, eval_every=25)
     config.base.data.update(batch_size=16, seq_len=256, eval_batches=8)
