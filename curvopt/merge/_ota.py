@@ -87,13 +87,15 @@ def ota_merge(base, experts, moments, masks, power, eps, scales_T,
   denominator = jnp.zeros(reference.shape, F32)
   factors_ok = jnp.asarray(True)
   for t, expert in enumerate(experts):
+    rank1 = _rank1.is_rank1(moments[t])
+    # Rank1 factors are checked directly (a few small vectors); full moments
+    # by the NaN they leave in the output, so they are masked below.
     weight = _expert_weight(moments[t], power=power, eps=eps,
                             scale=scales_T[t], correction=corrections_T[t],
-                            normalise=normalise, mask=None, root=root)
-    if _rank1.is_rank1(moments[t]):
-      factors_ok &= _tree.moment_ok(moments[t])  # a few small vectors
-      if masks[t] is not None:
-        weight = jnp.where(masks[t], weight, 0.0)
+                            normalise=normalise,
+                            mask=masks[t] if rank1 else None, root=root)
+    if rank1:
+      factors_ok &= _tree.moment_ok(moments[t])
     else:
       weight = _masked_nan_where_invalid(weight, moments[t], masks[t], root)
     theta = expert.astype(F32)
