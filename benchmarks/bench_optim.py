@@ -4,10 +4,11 @@ Times one optimizer update (no model) for optax.adamw, optax.contrib.muon
 (consistent_rms=0.2, embeddings/head/vectors on AdamW, as D-Muon), curvopt
 dmuon and curvopt lanton (plus cheaper noise-estimate variants), side by side
 in one process: repetitions are interleaved and the median is reported. Also
-prints optimizer-state bytes per parameter and, in a subprocess on a fake
+prints optimizer-state bytes per parameter, the fused kernels in each compiled
+update (a proxy for kernel launches on a GPU) and, in a subprocess on a fake
 8-device CPU mesh, the collectives XLA emits for one update of FSDP-sharded
-matrices: optax's per-matrix Newton-Schulz (before) against curvopt's
-same-shape batching and layout strategies (after).
+matrices and the MiB they return: optax's per-matrix Newton-Schulz (before)
+against curvopt's same-shape batching and layout strategies (after).
 
   python benchmarks/bench_optim.py                 # 12 layers, 3 repetitions
   python benchmarks/bench_optim.py --quick         # 2 layers, 2 repetitions
@@ -53,8 +54,11 @@ _COLLECTIVE_LAYERS = flags.DEFINE_integer(
     'collective_layers', 1, 'Blocks in the collectives check.')
 
 LR = 0.02
-_COLLECTIVE = re.compile(r'\s(all-gather|all-reduce|reduce-scatter|all-to-all'
-                         r'|collective-permute)(?:-start)?\(')
+_KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all',
+          'collective-permute')
+_HLO_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
+              'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+_COLLECTIVE = re.compile(r'\s(' + '|'.join(_KINDS) + r')(?:-start)?\(')
 
 
 def gpt2_shapes(layers, d, d_ff, vocab):
@@ -124,15 +128,17 @@ def time_updates(names, layers, reps, ns_dtype):
   runs = {}
   for name in names:
     opt = make_optimizer(name, params, ns_dtype)
-    update = jax.jit(opt.update, donate_argnums=(1,))
     start = time.perf_counter()
     state = opt.init(params)
-    for _ in range(2):  # compile, then one steady step (LANTON samples noise)
+    update = jax.jit(opt.update, donate_argnums=(1,)).lower(
+        grads, state, params).compile()
+    for _ in range(2):  # two steps: from the second, LANTON samples noise
       _, state = update(grads, state, params)
     jax.block_until_ready(state)
     runs[name] = dict(update=update, state=state, times=[],
                       warmup_s=time.perf_counter() - start,
-                      bytes_per_param=state_bytes(opt, params) / n_params)
+                      bytes_per_param=state_bytes(opt, params) / n_params,
+                      fusions=count_fusions(update.as_text()))
   for _ in range(reps):
     for name in names:
       run = runs[name]
@@ -144,16 +150,31 @@ def time_updates(names, layers, reps, ns_dtype):
   return n_params, {
       name: dict(median_s=statistics.median(r['times']),
                  mean_s=statistics.fmean(r['times']), times=r['times'],
-                 warmup_s=r['warmup_s'], bytes_per_param=r['bytes_per_param'])
+                 warmup_s=r['warmup_s'], bytes_per_param=r['bytes_per_param'],
+                 fusions=r['fusions'])
       for name, r in runs.items()}
 
 
+def count_fusions(text):
+  """Fused kernels in a compiled program (each a launch on a GPU)."""
+  return sum(1 for line in text.splitlines()
+             if ' fusion(' in line and 'calls=' in line)
+
+
 def count_collectives(text):
+  """{kind: count} of collectives, and 'MiB': the data they return, summed."""
   counts = {}
+  mib = 0.0
   for line in text.splitlines():
     m = _COLLECTIVE.search(line)
     if m:
       counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+      result_type = line[line.index('=') + 1:m.start()]
+      for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', result_type):
+        size = int(np.prod([int(d) for d in dims.split(',') if d]))
+        mib += size * _HLO_BYTES[dtype] / 2**20
+  if counts:
+    counts['MiB'] = round(mib, 1)
   return counts
 
 
@@ -241,14 +262,14 @@ def main(argv):
   base = results.get('optax_muon', {}).get('median_s')
   dmuon_s = results.get('dmuon', {}).get('median_s')
   print(f'{"optimizer":<18}{"median ms":>11}{"mean ms":>10}{"/muon":>8}'
-        f'{"/dmuon":>8}{"state B/param":>15}{"compile+2 s":>13}')
+        f'{"/dmuon":>8}{"state B/param":>15}{"compile+2 s":>13}{"fusions":>9}')
   for name, r in results.items():
     ratio = f'{r["median_s"] / base:8.2f}' if base else f'{"-":>8}'
     vs_dmuon = (f'{r["median_s"] / dmuon_s:8.2f}' if dmuon_s
                 else f'{"-":>8}')
     print(f'{name:<18}{1e3 * r["median_s"]:11.1f}{1e3 * r["mean_s"]:10.1f}'
           f'{ratio}{vs_dmuon}{r["bytes_per_param"]:15.2f}'
-          f'{r["warmup_s"]:13.1f}')
+          f'{r["warmup_s"]:13.1f}{r["fusions"]:9d}')
   if base and dmuon_s:
     cpu = jax.default_backend() == 'cpu'
     print(f'targets ({"CPU" if cpu else "accelerator"}): dmuon/optax_muon = '
@@ -260,7 +281,7 @@ def main(argv):
     print('\ncollectives in one compiled update, FSDP-sharded matrices on a '
           'fake 8-device mesh (2 data x 4 fsdp):')
     for key, counts in run_collectives_subprocess(layers_c).items():
-      total = sum(v for v in counts.values() if isinstance(v, int))
+      total = sum(v for k, v in counts.items() if k in _KINDS)
       print(f'  {key:<70} total={total:<4} {counts}')
 
 

@@ -1,5 +1,6 @@
 """Geometry-aware optimizers as optax transforms: D-Muon and LANTON."""
 
+from curvopt.optim._batched import nuclear_norms_many
 from curvopt.optim._batched import orthogonalize_many
 from curvopt.optim._dmuon import dmuon
 from curvopt.optim._dmuon import scale_by_dmuon
@@ -51,6 +52,7 @@ __all__ = (
     'mean_ratio',
     'min_ratio',
     'newton_schulz',
+    'nuclear_norms_many',
     'orthogonalize_many',
     'param_groups',
     'rownorm',

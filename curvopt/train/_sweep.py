@@ -1,8 +1,8 @@
 """Learning-rate sweeps: one LM run per (optimizer, learning rate, seed), then the best point's seeds.
 
 A sweep is a grid of optimizer settings, each with a list of peak learning rates. Stage one runs
-every learning rate with the first seed; stage two reruns each optimizer's best one (lowest final
-eval loss) with the remaining seeds. Every run has its own directory, so an interrupted sweep
+every learning rate of every entry with the first seed; stage two reruns each entry's best one
+(lowest final eval loss) with the remaining seeds, one seed round across all entries at a time. Every run has its own directory, so an interrupted sweep
 resumes run by run (`train_lm` resumes a run from its checkpoints, a finished run costs nothing).
 """
 import dataclasses
@@ -70,31 +70,34 @@ def run_sweep(base: ml_collections.ConfigDict, grid: ml_collections.ConfigDict,
   """
   if not seeds:
     raise ValueError('a sweep needs at least one seed')
-  results = {}
+  entries = {}
   for name, entry in grid.items():
     entry = entry.to_dict()
     rates = entry.pop('learning_rate')
     if not rates:
       raise ValueError(f'grid entry {name!r} has no learning rates')
+    entries[name] = (entry, rates)
 
-    def run(lr, seed, name=name, entry=entry):
-      config = base.copy_and_resolve_references()
-      config.optimizer.update(dict(entry, learning_rate=lr))
-      config.seed = seed
-      directory = sweep_run_dir(workdir, name, lr, seed)
-      logging.info('sweep run %s lr=%g seed=%d in %s', name, lr, seed, directory)
-      if not config.data.data_dir:  # one prepared corpus for the whole sweep
-        config.data.data_dir = os.path.join(workdir, 'tfds')
-      train_fn(config, directory)
-      return _report.curve(directory, 'eval_loss')
+  def run(name, lr, seed):
+    config = base.copy_and_resolve_references()
+    config.optimizer.update(dict(entries[name][0], learning_rate=lr))
+    config.seed = seed
+    directory = sweep_run_dir(workdir, name, lr, seed)
+    logging.info('sweep run %s lr=%g seed=%d in %s', name, lr, seed, directory)
+    if not config.data.data_dir:  # one prepared corpus for the whole sweep
+      config.data.data_dir = os.path.join(workdir, 'tfds')
+    train_fn(config, directory)
+    return _report.curve(directory, 'eval_loss')
 
-    points = [SweepPoint(name, lr, {seeds[0]: run(lr, seeds[0])}) for lr in rates]
-    best = min(range(len(points)), key=lambda i: _nan_last(points[i].final_losses[0]))
-    points[best] = dataclasses.replace(
-        points[best], curves={**points[best].curves,
-                              **{s: run(rates[best], s) for s in seeds[1:]}})
-    results[name] = points
-  return results
+  # Breadth first: every learning rate of every entry, then one seed round at a time across the
+  # entries, so a sweep stopped part-way has compared every entry on equal terms.
+  points = {name: [SweepPoint(name, lr, {seeds[0]: run(name, lr, seeds[0])}) for lr in rates]
+            for name, (_, rates) in entries.items()}
+  best = {name: min(ps, key=lambda p: _nan_last(p.final_losses[0])) for name, ps in points.items()}
+  for seed in seeds[1:]:
+    for name, point in best.items():
+      point.curves[seed] = run(name, point.learning_rate, seed)
+  return points
 
 
 def _nan_last(x: float) -> float:

@@ -203,22 +203,39 @@ def test_user_mapping_is_called_per_group_and_checked():
     jax.jit(bad.update)(_random(3), bad.init(params), params)
 
 
-def test_non_finite_gradients_leave_state_untouched():
+def _with_entry(tree, path, value):
+  flat = {p: np.array(x) for p, x in _flat(tree).items()}
+  flat[path].reshape(-1)[1] = value
+  return _tree({p: jnp.asarray(x) for p, x in flat.items()})
+
+
+# One bad entry at a time, so that each kind of value is caught on its own;
+# with noise='independent' the bad entry is in noise_grads.
+@pytest.mark.parametrize('noise, path, value', [
+    ('previous', 'layers_0/up/kernel', np.inf),
+    ('previous', 'norm/scale', np.nan),
+    ('previous', 'embed/embedding', -np.inf),
+    ('independent', 'layers_0/q/kernel', np.nan),
+    ('independent', 'norm/scale', np.inf)])
+def test_non_finite_gradients_leave_state_untouched(noise, path, value):
   params = _random(4)
-  tx = _core()
+  tx = _core(noise=noise)
   update = jax.jit(tx.update)
+  extra = lambda seed: (  # noqa: E731
+      {'noise_grads': _random(seed + 100)} if noise == 'independent' else {})
   state = tx.init(params)
   for t in range(2):
-    _, state = update(_random(50 + t), state, params)
-  bad = _random(52)
-  bad['layers_0']['up']['kernel'] = bad['layers_0']['up']['kernel'].at[
-      0, 0].set(jnp.inf)
-  bad['norm']['scale'] = bad['norm']['scale'].at[1].set(jnp.nan)
-  updates, after = update(bad, state, params)
+    _, state = update(_random(50 + t), state, params, **extra(50 + t))
+  if noise == 'independent':
+    grads, kwargs = _random(52), {'noise_grads': _with_entry(
+        _random(152), path, value)}
+  else:
+    grads, kwargs = _with_entry(_random(52), path, value), {}
+  updates, after = update(grads, state, params, **kwargs)
   assert all(np.all(u == 0) for u in _flat(updates).values())
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  updates, after = update(_random(53), after, params)
+  updates, after = update(_random(53), after, params, **extra(53))
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after))
   assert int(after.count) == 3
 

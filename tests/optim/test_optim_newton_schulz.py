@@ -109,3 +109,37 @@ def test_sharded_equals_unsharded(mesh8, spec):
   np.testing.assert_allclose(np.asarray(out),
                              np.asarray(optim.newton_schulz(x)),
                              rtol=1e-5, atol=1e-6)
+
+
+# Stacks of two oriented shapes ([8, 12] and [16, 16]), one of them tall.
+_STACKS = [(2, 8, 12), (1, 12, 8), (3, 8, 12), (1, 16, 16)]
+_NS = dict(steps=5, coeffs=optim.DEFAULT_NS_COEFFS, dtype='float32', eps=1e-8)
+
+
+def test_nuclear_norms_many_equal_the_svd_nuclear_norm():
+  xs = [_matrix(20 + i, s) for i, s in enumerate(_STACKS)]
+  got = optim.nuclear_norms_many(xs, **_NS, polar='svd')
+  for x, norm in zip(xs, got):
+    expected = sum(np.linalg.svd(np.asarray(m, np.float64),
+                                 compute_uv=False).sum() for m in x)
+    assert norm.dtype == jnp.float32 and norm.shape == ()
+    np.testing.assert_allclose(float(norm), expected, rtol=1e-5)
+
+
+def test_nuclear_norms_many_equal_the_pairing_with_the_polar_factors():
+  xs = [_matrix(30 + i, s) for i, s in enumerate(_STACKS)]
+  polars = optim.orthogonalize_many(xs, **_NS)
+  for x, o, norm in zip(xs, polars, optim.nuclear_norms_many(xs, **_NS)):
+    np.testing.assert_allclose(float(norm), float(jnp.sum(x * o)), rtol=1e-5)
+
+
+@pytest.mark.parametrize('ns_sharding', ['batch', 'replicated', 'none'])
+def test_nuclear_norms_many_sharded_equal_unsharded(mesh8, ns_sharding):
+  xs = [_matrix(40 + i, s) for i, s in enumerate(_STACKS)]
+  # FSDP-like: the matrices' long axis over 'fsdp' where it divides by 4.
+  sharded = [jax.device_put(x, NamedSharding(
+      mesh8, P(None, 'fsdp') if x.shape[1] % 4 == 0 else P())) for x in xs]
+  run = jax.jit(lambda ms: optim.nuclear_norms_many(
+      ms, **_NS, ns_sharding=ns_sharding))
+  for got, want in zip(run(sharded), optim.nuclear_norms_many(xs, **_NS)):
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)

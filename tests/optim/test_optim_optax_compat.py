@@ -115,25 +115,29 @@ def _mlp(p):
   return jnp.mean((h @ p['head']['kernel'] - _YM) ** 2)
 
 
+# problem -> (loss, initial params, steps, peak learning rate, required final
+# / initial loss). At a peak of 0.1 the MLP's LANTON runs spike early and end
+# at 0.07-0.12 of the start, so close to 0.1 that float summation order
+# decided the test; at 0.05 they end at 0.01-0.02.
 _PROBLEMS = {
     'quadratic': (_quadratic, lambda: {'w': {'kernel': jnp.zeros((6, 4))},
-                                       'b': jnp.zeros(4)}, 300, 1e-3),
+                                       'b': jnp.zeros(4)}, 300, 0.1, 1e-3),
     'rosenbrock': (_rosenbrock, lambda: {'xy': jnp.array([-1.0, 1.5])}, 300,
-                   1e-3),
+                   0.1, 1e-3),
     'mlp': (_mlp, lambda: {
         'layers_0': {'kernel': _normal(23, (2, 16)) / 2,
                      'bias': jnp.zeros(16)},
         'layers_1': {'kernel': _normal(24, (16, 16)) / 4,
                      'bias': jnp.zeros(16)},
-        'head': {'kernel': _normal(25, (16, 1)) / 4}}, 200, 0.1),
+        'head': {'kernel': _normal(25, (16, 1)) / 4}}, 200, 0.05, 0.1),
 }
 
 
 @pytest.mark.parametrize('problem', sorted(_PROBLEMS))
 @pytest.mark.parametrize('name', sorted(_OPTIMIZERS))
 def test_converges_on_small_problems(name, problem):
-  loss_fn, init, steps, factor = _PROBLEMS[problem]
-  opt = _OPTIMIZERS[name](optax.cosine_decay_schedule(0.1, steps))
+  loss_fn, init, steps, peak, factor = _PROBLEMS[problem]
+  opt = _OPTIMIZERS[name](optax.cosine_decay_schedule(peak, steps))
 
   @jax.jit
   def train(params):

@@ -51,8 +51,9 @@ def _sweep(tmp_path):
 
 def test_sweep_runs_every_rate_then_the_best_ones_seeds(tmp_path):
   results, calls = _sweep(tmp_path)
-  assert calls == [('a', 0.01, 0), ('a', 0.02, 0), ('a', 0.04, 0), ('a', 0.02, 1), ('a', 0.02, 2),
-                   ('b', 0.1, 0), ('b', 0.3, 0), ('b', 0.3, 1), ('b', 0.3, 2)]
+  # Breadth first: every rate of every entry, then one seed round at a time across entries.
+  assert calls == [('a', 0.01, 0), ('a', 0.02, 0), ('a', 0.04, 0), ('b', 0.1, 0), ('b', 0.3, 0),
+                   ('a', 0.02, 1), ('b', 0.3, 1), ('a', 0.02, 2), ('b', 0.3, 2)]
   best = train.best_point(results['a'])
   assert best.learning_rate == 0.02
   assert best.final_losses == pytest.approx([1.0, 1.01, 1.02])
