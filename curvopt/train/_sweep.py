@@ -2,8 +2,9 @@
 
 A sweep is a grid of optimizer settings, each with a list of peak learning rates. Stage one runs
 every learning rate of every entry with the first seed; stage two reruns each entry's best one
-(lowest final eval loss) with the remaining seeds, one seed round across all entries at a time. Every run has its own directory, so an interrupted sweep
-resumes run by run (`train_lm` resumes a run from its checkpoints, a finished run costs nothing).
+(lowest final eval loss) with the remaining seeds, one seed round across all entries at a time.
+Every run has its own directory, so an interrupted sweep resumes run by run (`train_lm` resumes a
+run from its checkpoints, a finished run costs nothing).
 """
 import dataclasses
 import math
