@@ -4,8 +4,8 @@ r"""Learning-rate sweep of AdamW, D-Muon and LANTON (both mappings) on the code 
   python experiments/sweep_lm.py --config=configs/lm_sweep.py:small --workdir=/tmp/sweep_small
 
 Stage one: each entry at each learning rate, seed 0; stage two: each entry's best learning rate
-with the other seeds, one seed at a time across the entries. Variants: tiny (~2 min a run on 2 CPU cores), small (10M params; a reduced budget,
-see below), smoke (seconds, for tests).
+with the other seeds, one seed at a time across the entries. Variants: tiny (~2 min a run on 2 CPU
+cores), small (10M params; a reduced budget, see below), smoke (seconds, for tests).
 """
 import os
 
