@@ -3,6 +3,8 @@ r"""Learning-rate sweep over optimizers; writes DIR/sweep.md and DIR/sweep_eval_
   python experiments/sweep_lm.py --config=configs/lm_sweep.py:tiny --workdir=/tmp/sweep_tiny
 
 Rerun with the same workdir to resume: finished runs are reused, interrupted ones resume.
+With --report_only it runs nothing and reports the runs finished so far (e.g. while the sweep
+runs in another process).
 """
 import os
 
@@ -14,6 +16,8 @@ from curvopt import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'e.g. configs/lm_sweep.py:tiny.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Runs, sweep.md and the plot go here.')
+_REPORT_ONLY = flags.DEFINE_bool('report_only', False,
+                                  'Run nothing: report the runs finished so far.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -22,7 +26,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   train.quiet_library_logs()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-  results = train.run_sweep(config.base, config.grid, config.seeds, workdir)
+  train_fn = (lambda config, workdir: None) if _REPORT_ONLY.value else train.train_lm
+  results = train.run_sweep(config.base, config.grid, config.seeds, workdir, train_fn=train_fn)
+  if config.anchor not in results:  # only a report can get here
+    print(f'no finished run of the anchor {config.anchor!r} yet in {workdir}; entries with '
+          f'finished runs: {sorted(results)}', flush=True)
+    return
   best = {name: train.best_point(points) for name, points in results.items()}
   plot = train.plot_curves(
       {f'{name} (lr {p.learning_rate:g}, {len(p.curves)} seeds)': p.mean_curve

@@ -67,7 +67,9 @@ def run_sweep(base: ml_collections.ConfigDict, grid: ml_collections.ConfigDict,
   """Runs the two-stage sweep; returns, per grid entry, its points in learning-rate order.
 
   `grid` maps a run name to optimizer overrides whose `learning_rate` is a list; the name is
-  what tables show (two entries may use one registry optimizer with different options).
+  what tables show (two entries may use one registry optimizer with different options). Runs
+  that did not reach `base.total_steps` are left out (with a `train_fn` that runs nothing, the
+  result is the report of the runs finished so far), and so are entries with none finished.
   """
   if not seeds:
     raise ValueError('a sweep needs at least one seed')
@@ -88,17 +90,29 @@ def run_sweep(base: ml_collections.ConfigDict, grid: ml_collections.ConfigDict,
     if not config.data.data_dir:  # one prepared corpus for the whole sweep
       config.data.data_dir = os.path.join(workdir, 'tfds')
     train_fn(config, directory)
-    return _report.curve(directory, 'eval_loss')
+    # Only finished runs count: a train_fn that runs nothing (a report of a sweep still going)
+    # meets runs part-way or not started.
+    try:
+      steps, values = _report.curve(directory, 'eval_loss')
+    except FileNotFoundError:
+      return None
+    return (steps, values) if steps and steps[-1] >= config.total_steps else None
+
+  def point(name, lr, seed_curves):
+    return SweepPoint(name, lr, {s: c for s, c in seed_curves.items() if c is not None})
 
   # Breadth first: every learning rate of every entry, then one seed round at a time across the
   # entries, so a sweep stopped part-way has compared every entry on equal terms.
-  points = {name: [SweepPoint(name, lr, {seeds[0]: run(name, lr, seeds[0])}) for lr in rates]
+  points = {name: [point(name, lr, {seeds[0]: run(name, lr, seeds[0])}) for lr in rates]
             for name, (_, rates) in entries.items()}
-  best = {name: min(ps, key=lambda p: _nan_last(p.final_losses[0])) for name, ps in points.items()}
+  best = {name: min((p for p in ps if p.curves), key=lambda p: _nan_last(p.final_losses[0]))
+          for name, ps in points.items() if any(p.curves for p in ps)}
   for seed in seeds[1:]:
-    for name, point in best.items():
-      point.curves[seed] = run(name, point.learning_rate, seed)
-  return points
+    for name, p in best.items():
+      curve = run(name, p.learning_rate, seed)
+      if curve is not None:
+        p.curves[seed] = curve
+  return {name: [p for p in ps if p.curves] for name, ps in points.items() if name in best}
 
 
 def _nan_last(x: float) -> float:

@@ -1,6 +1,7 @@
 """The learning-rate sweep: two stages, best-point selection, steps-to-loss, report."""
 import math
 import os
+import shutil
 
 import ml_collections
 import pytest
@@ -39,14 +40,34 @@ def _fake_train(config, workdir):
   _fake_train.calls.append((config.optimizer.tag, config.optimizer.learning_rate, config.seed))
 
 
-def _sweep(tmp_path):
-  base = ml_collections.ConfigDict({'seed': 0, 'optimizer': {'learning_rate': 0.0, 'tag': ''},
-                                    'data': {'data_dir': None}})
+def _sweep(tmp_path, train_fn=_fake_train):
+  base = ml_collections.ConfigDict({'seed': 0, 'total_steps': 40, 'data': {'data_dir': None},
+                                    'optimizer': {'learning_rate': 0.0, 'tag': ''}})
   grid = ml_collections.ConfigDict({'a': {'tag': 'a', 'learning_rate': [0.01, 0.02, 0.04]},
                                     'b': {'tag': 'b', 'learning_rate': [0.1, 0.3]}})
   _fake_train.calls = []
-  results = train.run_sweep(base, grid, (0, 1, 2), str(tmp_path), train_fn=_fake_train)
+  results = train.run_sweep(base, grid, (0, 1, 2), str(tmp_path), train_fn=train_fn)
   return results, list(_fake_train.calls)
+
+
+def test_a_report_of_a_sweep_part_way_shows_only_finished_runs(tmp_path):
+  results, _ = _sweep(tmp_path)
+  # Undo part of it: a's seed 2 never started, b's seed 1 stopped at step 20, b at 0.1 never ran.
+  shutil.rmtree(train.sweep_run_dir(str(tmp_path), 'a', 0.02, 2))
+  shutil.rmtree(train.sweep_run_dir(str(tmp_path), 'b', 0.1, 0))
+  path = os.path.join(train.sweep_run_dir(str(tmp_path), 'b', 0.3, 1), 'metrics.jsonl')
+  with open(path) as f:
+    lines = f.readlines()
+  with open(path, 'w') as f:
+    f.writelines(lines[:2])
+  report, calls = _sweep(tmp_path, train_fn=lambda config, workdir: None)
+  assert calls == []
+  assert [p.learning_rate for p in report['a']] == [0.01, 0.02, 0.04]
+  assert sorted(train.best_point(report['a']).curves) == [0, 1]
+  assert [p.learning_rate for p in report['b']] == [0.3]
+  assert sorted(report['b'][0].curves) == [0, 2]
+  # Nothing finished at all: no entries.
+  assert _sweep(tmp_path / 'empty', train_fn=lambda config, workdir: None)[0] == {}
 
 
 def test_sweep_runs_every_rate_then_the_best_ones_seeds(tmp_path):
@@ -75,8 +96,8 @@ def test_sweep_report_steps_ratio_against_the_anchor(tmp_path):
 
 
 def test_sweep_rejects_an_empty_grid_entry(tmp_path):
-  base = ml_collections.ConfigDict({'seed': 0, 'optimizer': {'learning_rate': 0.0},
-                                    'data': {'data_dir': None}})
+  base = ml_collections.ConfigDict({'seed': 0, 'total_steps': 40, 'data': {'data_dir': None},
+                                    'optimizer': {'learning_rate': 0.0}})
   grid = ml_collections.ConfigDict({'a': {'learning_rate': []}})
   with pytest.raises(ValueError, match="'a' has no learning rates"):
     train.run_sweep(base, grid, (0,), str(tmp_path), train_fn=_fake_train)
