@@ -123,7 +123,7 @@ def _per_shape(matrices, *, steps, coeffs, dtype, eps, polar, ns_sharding,
   out: list[jax.Array | None] = [None] * len(matrices)
   for (_, _, spec), members in groups.items():
     stacks = [oriented[i][0] for i in members]
-    results = _orthogonalize_stack(stacks, spec, run, ns_sharding,
+    results = _run_per_stack(stacks, spec, run, ns_sharding,
                                    reduced=nuclear)
     for i, r in zip(members, results):
       if nuclear:
@@ -145,7 +145,7 @@ def _inner_products(x: jax.Array, y: jax.Array) -> jax.Array:
              for cols in (slice(None, half), slice(half, None)))
 
 
-def _orthogonalize_stack(stacks, spec, run, ns_sharding, *, reduced):
+def _run_per_stack(stacks, spec, run, ns_sharding, *, reduced):
   """`run` on same-shape, same-layout stacks in one call.
 
   `run` maps [B, m, n] to [B, m, n] or, when `reduced`, to [B] values, which
