@@ -90,6 +90,20 @@ def optax_muon_dims(params):
       labels)
 
 
+# LANTON with cheaper noise estimates: refreshed every k-th step, fewer Newton-Schulz steps.
+_LANTON_VARIANTS = {
+    'lanton': {},
+    'lanton_ns2': {'noise_ns_steps': 2},
+    'lanton_every4': {'noise_every': 4},
+    'lanton_every8': {'noise_every': 8},
+    'lanton_every4_ns2': {'noise_every': 4, 'noise_ns_steps': 2},
+    'lanton_every4_ns4': {'noise_every': 4, 'noise_ns_steps': 4},
+}
+
+
+_NAMES = ('adamw', 'optax_muon', 'dmuon', 'dmuon_fp32', *_LANTON_VARIANTS)
+
+
 def make_optimizer(name, params, ns_dtype):
   if name == 'adamw':
     return optax.adamw(LR, b2=0.95, weight_decay=0.1)
@@ -102,16 +116,9 @@ def make_optimizer(name, params, ns_dtype):
     return optim.dmuon(LR, ns_dtype=ns_dtype)
   if name == 'dmuon_fp32':  # the same-shape batching alone, without bf16 Newton-Schulz
     return optim.dmuon(LR, ns_dtype='float32')
-  if name == 'lanton':
-    return optim.lanton(LR, ns_dtype=ns_dtype)
-  if name == 'lanton_every4':
-    return optim.lanton(LR, ns_dtype=ns_dtype, noise_every=4)
-  if name == 'lanton_ns2':
-    return optim.lanton(LR, ns_dtype=ns_dtype, noise_ns_steps=2)
-  if name == 'lanton_every4_ns4':
-    return optim.lanton(LR, ns_dtype=ns_dtype, noise_every=4,
-                        noise_ns_steps=4)
-  raise ValueError(f'unknown optimizer {name!r}')
+  if name in _LANTON_VARIANTS:
+    return optim.lanton(LR, ns_dtype=ns_dtype, **_LANTON_VARIANTS[name])
+  raise ValueError(f'unknown optimizer {name!r}; valid: {sorted(_NAMES)}')
 
 
 def state_bytes(opt, params):

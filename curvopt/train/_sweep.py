@@ -4,7 +4,7 @@ A sweep is a grid of optimizer settings, each with a list of peak learning rates
 every learning rate of every entry with the first seed; stage two reruns each entry's best one
 (lowest final eval loss) with the remaining seeds, one seed round across all entries at a time.
 Every run has its own directory, so an interrupted sweep resumes run by run (`train_lm` resumes a
-run from its checkpoints, a finished run costs nothing).
+run from its checkpoints; a finished run is read back from its metrics and not rerun).
 """
 import dataclasses
 import math
@@ -89,14 +89,13 @@ def run_sweep(base: ml_collections.ConfigDict, grid: ml_collections.ConfigDict,
     logging.info('sweep run %s lr=%g seed=%d in %s', name, lr, seed, directory)
     if not config.data.data_dir:  # one prepared corpus for the whole sweep
       config.data.data_dir = os.path.join(workdir, 'tfds')
-    train_fn(config, directory)
-    # Only finished runs count: a train_fn that runs nothing (a report of a sweep still going)
-    # meets runs part-way or not started.
-    try:
-      steps, values = _report.curve(directory, 'eval_loss')
-    except FileNotFoundError:
-      return None
-    return (steps, values) if steps and steps[-1] >= config.total_steps else None
+    # A finished run is read back, not restored: that costs nothing and still works after the
+    # optimizer's state layout changed since it ran.
+    curve = _finished_curve(directory, config.total_steps)
+    if curve is None:
+      train_fn(config, directory)
+      curve = _finished_curve(directory, config.total_steps)
+    return curve
 
   def point(name, lr, seed_curves):
     return SweepPoint(name, lr, {s: c for s, c in seed_curves.items() if c is not None})
@@ -113,6 +112,15 @@ def run_sweep(base: ml_collections.ConfigDict, grid: ml_collections.ConfigDict,
       if curve is not None:
         p.curves[seed] = curve
   return {name: [p for p in ps if p.curves] for name, ps in points.items() if name in best}
+
+
+def _finished_curve(directory: str, total_steps: int) -> tuple[list[int], list[float]] | None:
+  """A run's eval-loss curve if it reached `total_steps`, else None (part-way or not started)."""
+  try:
+    steps, values = _report.curve(directory, 'eval_loss')
+  except FileNotFoundError:
+    return None
+  return (steps, values) if steps and steps[-1] >= total_steps else None
 
 
 def _nan_last(x: float) -> float:

@@ -82,6 +82,20 @@ def test_sweep_runs_every_rate_then_the_best_ones_seeds(tmp_path):
   assert os.path.exists(os.path.join(train.sweep_run_dir(str(tmp_path), 'b', 0.3, 2), 'metrics.jsonl'))
 
 
+def test_a_rerun_sweep_reads_finished_runs_back_without_training(tmp_path):
+  first, _ = _sweep(tmp_path)
+  # Part-way run: b's seed 1 stopped at step 20, so only it trains again.
+  path = os.path.join(train.sweep_run_dir(str(tmp_path), 'b', 0.3, 1), 'metrics.jsonl')
+  with open(path) as f:
+    lines = f.readlines()
+  with open(path, 'w') as f:
+    f.writelines(lines[:2])
+  again, calls = _sweep(tmp_path)
+  assert calls == [('b', 0.3, 1)]
+  assert {n: [p.curves for p in ps] for n, ps in again.items()} == {
+      n: [p.curves for p in ps] for n, ps in first.items()}
+
+
 def test_sweep_report_steps_ratio_against_the_anchor(tmp_path):
   results, _ = _sweep(tmp_path)
   text = train.sweep_report(results, 'b')
