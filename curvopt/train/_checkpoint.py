@@ -67,11 +67,18 @@ class Checkpointer:
       abstract_state = jax.tree.map(
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
           self._manager.item_metadata(step)['state'])
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=ocp.args.JsonRestore()))
+    except ValueError as e:
+      # Orbax names the differing leaves but not the likely cause.
+      raise ValueError(
+          f'checkpoint step {step} in {self.directory} does not fit this run\'s train state '
+          '(written by another version of curvopt or with other model / optimizer settings? '
+          f'start a new workdir or restore without abstract_state to read it): {e}') from e
     return restored.state, restored.data
 
   def wait(self) -> None:

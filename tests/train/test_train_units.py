@@ -165,6 +165,15 @@ def test_checkpointer_roundtrip_into_shardings(tmp_path, mesh8):
   assert restored.params['w'].sharding.spec == jax.sharding.PartitionSpec('fsdp', None)
 
 
+def test_checkpointer_names_the_step_when_the_state_does_not_fit(tmp_path):
+  ckpt = train.Checkpointer(str(tmp_path), keep=1, save_every=1, async_save=False)
+  ckpt.save(3, {'x': jnp.zeros(2), 'y': jnp.ones(3)}, {}, {})
+  other = {'x': jax.ShapeDtypeStruct((2,), jnp.float32), 'z': jax.ShapeDtypeStruct((3,), jnp.float32)}
+  with pytest.raises(ValueError, match='checkpoint step 3 in .* does not fit'):
+    ckpt.restore(3, other)
+  ckpt.close()
+
+
 def test_checkpointer_keeps_last_k(tmp_path):
   state = {'x': jnp.zeros(2)}
   ckpt = train.Checkpointer(str(tmp_path), keep=2, save_every=1, async_save=False)
