@@ -16,6 +16,7 @@ against curvopt's same-shape batching and layout strategies (after).
 """
 
 import json
+import math
 import os
 import re
 import statistics
@@ -145,7 +146,8 @@ def time_updates(names, layers, reps, ns_dtype):
     runs[name] = dict(update=update, state=state, times=[],
                       warmup_s=time.perf_counter() - start,
                       bytes_per_param=state_bytes(opt, params) / n_params,
-                      fusions=count_fusions(update.as_text()))
+                      fusions=count_fusions(update.as_text()),
+                      temp_mib=temp_mib(update))
   for _ in range(reps):
     for name in names:
       run = runs[name]
@@ -158,8 +160,15 @@ def time_updates(names, layers, reps, ns_dtype):
       name: dict(median_s=statistics.median(r['times']),
                  mean_s=statistics.fmean(r['times']), times=r['times'],
                  warmup_s=r['warmup_s'], bytes_per_param=r['bytes_per_param'],
-                 fusions=r['fusions'])
+                 fusions=r['fusions'], temp_mib=r['temp_mib'])
       for name, r in runs.items()}
+
+
+def temp_mib(compiled):
+  """Scratch memory XLA allocates for one update (NaN where it does not say)."""
+  analysis = compiled.memory_analysis()
+  size = getattr(analysis, 'temp_size_in_bytes', None) if analysis else None
+  return math.nan if size is None else size / 2**20
 
 
 def count_fusions(text):
@@ -269,14 +278,15 @@ def main(argv):
   base = results.get('optax_muon', {}).get('median_s')
   dmuon_s = results.get('dmuon', {}).get('median_s')
   print(f'{"optimizer":<18}{"median ms":>11}{"mean ms":>10}{"/muon":>8}'
-        f'{"/dmuon":>8}{"state B/param":>15}{"compile+2 s":>13}{"fusions":>9}')
+        f'{"/dmuon":>8}{"state B/param":>15}{"compile+2 s":>13}{"fusions":>9}'
+        f'{"temp MiB":>10}')
   for name, r in results.items():
     ratio = f'{r["median_s"] / base:8.2f}' if base else f'{"-":>8}'
     vs_dmuon = (f'{r["median_s"] / dmuon_s:8.2f}' if dmuon_s
                 else f'{"-":>8}')
     print(f'{name:<18}{1e3 * r["median_s"]:11.1f}{1e3 * r["mean_s"]:10.1f}'
           f'{ratio}{vs_dmuon}{r["bytes_per_param"]:15.2f}'
-          f'{r["warmup_s"]:13.1f}{r["fusions"]:9d}')
+          f'{r["warmup_s"]:13.1f}{r["fusions"]:9d}{r["temp_mib"]:10.1f}')
   if base and dmuon_s:
     cpu = jax.default_backend() == 'cpu'
     print(f'targets ({"CPU" if cpu else "accelerator"}): dmuon/optax_muon = '

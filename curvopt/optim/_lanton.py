@@ -228,12 +228,10 @@ def scale_by_lanton(
       ahead = [b1 * b + (1 - b1) * g for g, b in zip(grads, momentum)]
     else:
       ahead = momentum
-    samples = [g.astype(jnp.float32) - t.astype(jnp.float32)
-               for g, t in zip(grads, tilde)]
-
     directions, duals, sampled = _directions_and_duals(
-        leaves, ahead, samples, state.count, noise_ns_steps=noise_ns_steps,
-        noise_every=noise_every, ns_sharding=ns_sharding)
+        leaves, ahead, grads, tilde, state.count,
+        noise_ns_steps=noise_ns_steps, noise_every=noise_every,
+        ns_sharding=ns_sharding)
 
     square = jnp.square(jnp.stack([jnp.asarray(d, jnp.float32)
                                    for d in duals]))
@@ -359,8 +357,13 @@ def _polars(leaves, items, *, steps_override, ns_sharding, nuclear=False):
   return out
 
 
-def _directions_and_duals(leaves, ahead, samples, count, *, noise_ns_steps,
-                          noise_every, ns_sharding):
+def _noise_sample(g, t):
+  """D = G - G~ in fp32."""
+  return g.astype(jnp.float32) - t.astype(jnp.float32)
+
+
+def _directions_and_duals(leaves, ahead, grads, tilde, count, *,
+                          noise_ns_steps, noise_every, ns_sharding):
   """LMO directions O, dual norms of the noise samples, and which are fresh."""
   n = len(leaves)
   directions: list[Any] = [None] * n
@@ -372,25 +375,26 @@ def _directions_and_duals(leaves, ahead, samples, count, *, noise_ns_steps,
   for i, leaf in enumerate(leaves):
     if i in spectral:
       continue
+    sample = _noise_sample(grads[i], tilde[i])
     if leaf.view is None:
       directions[i] = leaf.lmo.direction(ahead[i])
-      duals[i] = leaf.lmo.dual_norm(samples[i])
+      duals[i] = leaf.lmo.dual_norm(sample)
     else:
       directions[i] = leaf.view.from_matrices(
           leaf.lmo.direction(leaf.view.to_matrices(ahead[i])), like=ahead[i])
-      duals[i] = leaf.lmo.dual_norm(leaf.view.to_matrices(samples[i]))
+      duals[i] = leaf.lmo.dual_norm(leaf.view.to_matrices(sample))
 
   if not spectral:
     return directions, duals, sampled
 
   b_mats = [(i, leaves[i].view.to_matrices(ahead[i])) for i in spectral]
-  d_mats = [(i, leaves[i].view.to_matrices(samples[i])) for i in spectral]
   # Separate calls for momenta and noise samples: stacking both into one
   # call measured ~15% slower on CPU (twice the working set per matmul).
   b_polars = _polars(leaves, b_mats, steps_override=None,
                      ns_sharding=ns_sharding)
   noise_duals, fresh = _round_robin_duals(
-      leaves, spectral, d_mats, count, noise_ns_steps=noise_ns_steps,
+      leaves, spectral, [grads[i] for i in spectral],
+      [tilde[i] for i in spectral], count, noise_ns_steps=noise_ns_steps,
       noise_every=noise_every, ns_sharding=ns_sharding)
 
   for j, i in enumerate(spectral):
@@ -402,18 +406,24 @@ def _directions_and_duals(leaves, ahead, samples, count, *, noise_ns_steps,
   return directions, duals, sampled
 
 
-def _round_robin_duals(leaves, spectral, d_mats, count, *, noise_ns_steps,
-                       noise_every, ns_sharding):
-  """Nuclear norms of one round-robin bucket of noise samples per step."""
+def _round_robin_duals(leaves, spectral, grads, tilde, count, *,
+                       noise_ns_steps, noise_every, ns_sharding):
+  """Nuclear norms of one round-robin bucket of noise samples per step.
+
+  The samples are formed inside each branch, so a step only computes its
+  bucket's (the switch's operands are the gradients as they are).
+  """
   bucket = _bucket_of(leaves, spectral, noise_every)
 
   def branch(b):
     members = [j for j, i in enumerate(spectral) if bucket[i] == b]
 
-    def run(mats):
-      norms = _polars(leaves, [(spectral[j], mats[j]) for j in members],
-                      steps_override=noise_ns_steps, ns_sharding=ns_sharding,
-                      nuclear=True)
+    def run(operands):
+      gs, ts = operands
+      mats = [(spectral[j], leaves[spectral[j]].view.to_matrices(
+          _noise_sample(gs[j], ts[j]))) for j in members]
+      norms = _polars(leaves, mats, steps_override=noise_ns_steps,
+                      ns_sharding=ns_sharding, nuclear=True)
       values = [jnp.zeros([], jnp.float32)] * len(spectral)
       for j, norm in zip(members, norms):
         values[j] = norm
@@ -421,11 +431,10 @@ def _round_robin_duals(leaves, spectral, d_mats, count, *, noise_ns_steps,
       return values, hit
     return run
 
-  mats = [m for _, m in d_mats]
   if noise_every == 1:
-    return branch(0)(mats)
+    return branch(0)((grads, tilde))
   return jax.lax.switch(count % noise_every,
-                        [branch(b) for b in range(noise_every)], mats)
+                        [branch(b) for b in range(noise_every)], (grads, tilde))
 
 
 def _group_scales(leaves, noise, counts, b2, map_fn, lr_scales):

@@ -242,19 +242,28 @@ def test_non_finite_gradients_leave_state_untouched(noise, path, value):
 
 def test_noise_every_round_robin_buckets():
   # Six same-shape hidden matrices, two buckets: each step samples three.
+  # polar='svd' makes the nuclear norms exact, so H can be checked in numpy.
   params = {f'layers_{i}': {'kernel': jnp.ones((4, 6))} for i in range(6)}
-  tx = optim.scale_by_lanton(noise_every=2, noise_ns_steps=3)
+  tx = optim.scale_by_lanton(noise_every=2, polar='svd')
   state = tx.init(params)
   update = jax.jit(tx.update)
-  counts = []
+  counts, grads_seq = [], []
   for t in range(4):
     grads = jax.tree.map(
         lambda x, t=t: jnp.asarray(np.random.default_rng(t).standard_normal(
             x.shape), jnp.float32), params)
+    grads_seq.append(_flat(grads))
     _, state = update(grads, state, params)
     counts.append(sorted(int(v) for v in _per_leaf(state, 'noise_count').values()))
     if t < 2:  # not every leaf has a sample yet: scales stay 1
       assert set(_per_leaf(state, 'lr_scale').values()) == {1.0}
+    if t == 1:  # the leaves sampled now took their first sample, G_1 - G_0
+      sampled = [p for p, c in _per_leaf(state, 'noise_count').items() if c == 1]
+      assert len(sampled) == 3
+      h = _per_leaf(state, 'noise')
+      for p in sampled:
+        d = np.asarray(grads_seq[1][p], np.float64) - np.asarray(grads_seq[0][p])
+        assert h[p] == pytest.approx((1 - 0.95) * _dual('hidden', d) ** 2, rel=1e-4)
   assert counts == [[0] * 6, [0, 0, 0, 1, 1, 1], [1] * 6,
                     [1, 1, 1, 2, 2, 2]]
   assert min(_per_leaf(state, 'lr_scale').values()) < 1.0
