@@ -59,7 +59,9 @@ _KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all',
           'collective-permute')
 _HLO_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
               'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
-_COLLECTIVE = re.compile(r'\s(' + '|'.join(_KINDS) + r')(?:-start)?\(')
+# Synchronous ops, and of async pairs only the -done (its result is the output alone; a -start's
+# tuple also holds the operand).
+_COLLECTIVE = re.compile(r'\s(' + '|'.join(_KINDS) + r')(?:-done)?\(')
 
 
 def gpt2_shapes(layers, d, d_ff, vocab):
