@@ -102,8 +102,6 @@ _LANTON_VARIANTS = {
     'lanton_every4_ns2': {'noise_every': 4, 'noise_ns_steps': 2},
     'lanton_every4_ns4': {'noise_every': 4, 'noise_ns_steps': 4},
 }
-
-
 _NAMES = ('adamw', 'optax_muon', 'dmuon', 'dmuon_fp32', *_LANTON_VARIANTS)
 
 
