@@ -50,16 +50,21 @@ def _sweep(tmp_path, train_fn=_fake_train):
   return results, list(_fake_train.calls)
 
 
+def _stop_part_way(tmp_path, name, lr, seed):
+  """Cuts a finished fake run's metrics back to step 20, as if it had been stopped there."""
+  path = os.path.join(train.sweep_run_dir(str(tmp_path), name, lr, seed), 'metrics.jsonl')
+  with open(path) as f:
+    lines = f.readlines()
+  with open(path, 'w') as f:
+    f.writelines(lines[:2])
+
+
 def test_a_report_of_a_sweep_part_way_shows_only_finished_runs(tmp_path):
   results, _ = _sweep(tmp_path)
   # Undo part of it: a's seed 2 never started, b's seed 1 stopped at step 20, b at 0.1 never ran.
   shutil.rmtree(train.sweep_run_dir(str(tmp_path), 'a', 0.02, 2))
   shutil.rmtree(train.sweep_run_dir(str(tmp_path), 'b', 0.1, 0))
-  path = os.path.join(train.sweep_run_dir(str(tmp_path), 'b', 0.3, 1), 'metrics.jsonl')
-  with open(path) as f:
-    lines = f.readlines()
-  with open(path, 'w') as f:
-    f.writelines(lines[:2])
+  _stop_part_way(tmp_path, 'b', 0.3, 1)
   report, calls = _sweep(tmp_path, train_fn=lambda config, workdir: None)
   assert calls == []
   assert [p.learning_rate for p in report['a']] == [0.01, 0.02, 0.04]
@@ -85,11 +90,7 @@ def test_sweep_runs_every_rate_then_the_best_ones_seeds(tmp_path):
 def test_a_rerun_sweep_reads_finished_runs_back_without_training(tmp_path):
   first, _ = _sweep(tmp_path)
   # Part-way run: b's seed 1 stopped at step 20, so only it trains again.
-  path = os.path.join(train.sweep_run_dir(str(tmp_path), 'b', 0.3, 1), 'metrics.jsonl')
-  with open(path) as f:
-    lines = f.readlines()
-  with open(path, 'w') as f:
-    f.writelines(lines[:2])
+  _stop_part_way(tmp_path, 'b', 0.3, 1)
   again, calls = _sweep(tmp_path)
   assert calls == [('b', 0.3, 1)]
   assert {n: [p.curves for p in ps] for n, ps in again.items()} == {
