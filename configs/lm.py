@@ -64,6 +64,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   # and / or with fewer iterations (None: every step, the update's own ns_steps).
   config.optimizer.lanton_noise_every = config_dict.placeholder(int)
   config.optimizer.lanton_noise_ns_steps = config_dict.placeholder(int)
+  # Norm scales and other vector leaves: 'adamw' (None) or 'bias_rms', LANTON's bias-RMS LMO.
+  config.optimizer.lanton_vector = config_dict.placeholder(str)
   config.optimizer.grad_clip_norm = 1.0
 
   config.schedule = ml_collections.ConfigDict()

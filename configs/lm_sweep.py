@@ -35,6 +35,8 @@ _ENTRIES = {
     'lanton_mean_ns2': dict(_LANTON, name='lanton_mean', lanton_noise_ns_steps=2),
     'lanton_mean_every4_ns2': dict(_LANTON, name='lanton_mean', lanton_noise_every=4,
                                    lanton_noise_ns_steps=2),
+    # The spec's OPEN choice for vector leaves: the bias-RMS LMO instead of AdamW.
+    'lanton_mean_bias_rms': dict(_LANTON, name='lanton_mean', lanton_vector='bias_rms'),
 }
 
 
@@ -55,11 +57,12 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   # peak rates sit an order of magnitude above the others'.
   # The first grid's best D-Muon and LANTON (mean) points sat at its low edge (0.01, 0.015):
   # one more point below each.
-  # The cheaper noise estimates run at lanton_mean's best rate only.
+  # The cheaper noise estimates and the bias-RMS vector leaves run at lanton_mean's best rate only.
   config.grid = _grid(adamw=[1e-3, 3e-3, 1e-2], dmuon=[0.005, 0.01, 0.02, 0.04],
                       lanton_min=[0.03, 0.1, 0.3], lanton_mean=[0.0075, 0.015, 0.03, 0.06],
                       lanton_mean_every4=[0.0075, 0.015], lanton_mean_every8=[0.015],
-                      lanton_mean_ns2=[0.015], lanton_mean_every4_ns2=[0.015])
+                      lanton_mean_ns2=[0.015], lanton_mean_every4_ns2=[0.015],
+                      lanton_mean_bias_rms=[0.015])
   if arg == 'tiny':
     config.base = _lm('tiny')
     config.base.update(total_steps=300, eval_every=25)

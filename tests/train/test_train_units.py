@@ -21,7 +21,7 @@ def _optimizer_cfg(name='adamw', **kw):
   cfg = dict(name=name, learning_rate=1e-2, adam_learning_rate=None, weight_decay=0.0, b1=0.9,
              b2=0.95, eps=1e-8, momentum=0.95, consistent_rms=None, grad_clip_norm=0.0,
              lanton_mapping='min_ratio', lanton_embed_head_scale=1.0, lanton_noise_every=None,
-             lanton_noise_ns_steps=None)
+             lanton_noise_ns_steps=None, lanton_vector=None)
   cfg.update(kw)
   return ml_collections.ConfigDict(cfg)
 
@@ -82,6 +82,23 @@ def test_unknown_optimizer_lists_valid_names():
 def test_non_positive_learning_rate_raises():
   with pytest.raises(ValueError, match='learning_rate must be positive, got -1'):
     train.make_optimizer(_optimizer_cfg(learning_rate=-1.0), 10, _schedule_cfg('constant'))
+
+
+@pytest.mark.parametrize('vector, on_lanton', [(None, False), ('adamw', False), ('bias_rms', True)])
+def test_lanton_vector_option_puts_vectors_on_lanton_or_adamw(vector, on_lanton):
+  params = {'w': jax.random.normal(jax.random.key(0), (8, 8)), 'b': jnp.ones((8,))}
+  opt = train.make_optimizer(_optimizer_cfg('lanton_mean', lanton_vector=vector), 10,
+                             _schedule_cfg('constant', warmup=0))
+  state = opt.tx.init(params)
+  _, state = opt.tx.update(params, state, params)
+  assert ('lanton/lr_scale/b' in opt.stats(state)) == on_lanton
+  assert 'lanton/lr_scale/w' in opt.stats(state)
+
+
+def test_unknown_lanton_vector_option_raises():
+  with pytest.raises(ValueError, match="unknown vector option 'rms'"):
+    train.make_optimizer(_optimizer_cfg('lanton', lanton_vector='rms'), 10,
+                         _schedule_cfg('constant'))
 
 
 @pytest.mark.parametrize('shape, fsdp, expected', [
