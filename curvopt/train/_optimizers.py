@@ -38,7 +38,8 @@ def _dmuon(cfg, lr, adam_lr):
 
 def _lanton(cfg, lr, adam_lr, *, mapping=None):
   return optim.lanton(lr, b1=cfg.momentum, mapping=mapping or cfg.lanton_mapping,
-                      group_lr_scales={'embed_head': cfg.lanton_embed_head_scale},
+                      group_lr_scales={'embed_head': cfg.lanton_embed_head_scale,
+                                       'vector': cfg.lanton_vector_scale or 1.0},
                       noise_every=cfg.lanton_noise_every, noise_ns_steps=cfg.lanton_noise_ns_steps,
                       vector=cfg.lanton_vector or 'adamw',
                       weight_decay=cfg.weight_decay, adam_b1=cfg.b1, adam_b2=cfg.b2,
@@ -74,6 +75,7 @@ _READ_ONLY_BY = {
     'lanton_noise_every': ('lanton', 'lanton_mean'),
     'lanton_noise_ns_steps': ('lanton', 'lanton_mean'),
     'lanton_vector': ('lanton', 'lanton_mean'),
+    'lanton_vector_scale': ('lanton', 'lanton_mean'),
 }
 
 

@@ -21,7 +21,7 @@ def _optimizer_cfg(name='adamw', **kw):
   cfg = dict(name=name, learning_rate=1e-2, adam_learning_rate=None, weight_decay=0.0, b1=0.9,
              b2=0.95, eps=1e-8, momentum=0.95, consistent_rms=None, grad_clip_norm=0.0,
              lanton_mapping='min_ratio', lanton_embed_head_scale=1.0, lanton_noise_every=None,
-             lanton_noise_ns_steps=None, lanton_vector=None)
+             lanton_noise_ns_steps=None, lanton_vector=None, lanton_vector_scale=None)
   cfg.update(kw)
   return ml_collections.ConfigDict(cfg)
 
@@ -84,15 +84,21 @@ def test_non_positive_learning_rate_raises():
     train.make_optimizer(_optimizer_cfg(learning_rate=-1.0), 10, _schedule_cfg('constant'))
 
 
-@pytest.mark.parametrize('vector, on_lanton', [(None, False), ('adamw', False), ('bias_rms', True)])
-def test_lanton_vector_option_puts_vectors_on_lanton_or_adamw(vector, on_lanton):
+@pytest.mark.parametrize('vector, scale, on_lanton', [
+    (None, None, False), ('adamw', None, False), ('bias_rms', None, True), ('bias_rms', 0.2, True)])
+def test_lanton_vector_option_puts_vectors_on_lanton_or_adamw(vector, scale, on_lanton):
   params = {'w': jax.random.normal(jax.random.key(0), (8, 8)), 'b': jnp.ones((8,))}
-  opt = train.make_optimizer(_optimizer_cfg('lanton_mean', lanton_vector=vector), 10,
+  opt = train.make_optimizer(_optimizer_cfg('lanton_mean', lanton_vector=vector,
+                                            lanton_vector_scale=scale), 10,
                              _schedule_cfg('constant', warmup=0))
   state = opt.tx.init(params)
-  _, state = opt.tx.update(params, state, params)
-  assert ('lanton/lr_scale/b' in opt.stats(state)) == on_lanton
-  assert 'lanton/lr_scale/w' in opt.stats(state)
+  updates, state = opt.tx.update(params, state, params)
+  stats = opt.stats(state)
+  assert ('lanton/lr_scale/b' in stats) == on_lanton
+  assert 'lanton/lr_scale/w' in stats
+  if on_lanton:  # the group scale multiplies the vector's step: |B / RMS(B)| = 1 on ones
+    np.testing.assert_allclose(stats['lanton/lr_scale/b'], scale or 1.0, rtol=1e-6)
+    np.testing.assert_allclose(updates['b'], -1e-2 * (scale or 1.0), rtol=1e-5)
 
 
 def test_unknown_lanton_vector_option_raises():
