@@ -498,7 +498,10 @@ def lanton(
   Args:
     learning_rate: a float or a schedule (eta_t).
     vector: 'adamw' (default) puts 'vector' leaves on AdamW; 'bias_rms' puts
-      them on LANTON with the bias-RMS LMO (a third noise-adaptive group).
+      them on LANTON with the bias-RMS LMO (a third noise-adaptive group;
+      give it its own share of the rate with group_lr_scales['vector']). On
+      the tiny LM sweep (docs/lm_experiments.md) bias_rms was no better than
+      AdamW: worse at the shared rate, within the seed spread at 0.2 of it.
     hidden_lmo, embed_head_lmo: the LMOs of those groups.
     weight_decay: decoupled weight decay of LANTON's leaves.
     adam_b1, adam_b2, adam_eps: AdamW options for vector leaves.
