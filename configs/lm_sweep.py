@@ -72,8 +72,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     config.base.checkpoint.every = 300  # a 2-minute run: its final checkpoint only
   elif arg == 'small':
     # 10M parameters at ~3 s a step on 2 CPU cores (~20 min a run): half the tiny budget's steps
-    # at twice the sequence length; every optimizer at three rates around tiny's best (the grid
-    # first had AdamW at 3e-3 only and no lanton_min; they were added to complete it). The whole
+    # at twice the sequence length; every optimizer at three rates around tiny's best. The whole
     # sweep is ~9 h here; rerunning it in the same workdir runs only what is missing.
     config.base = _lm('small')
     config.base.update(total_steps=200, eval_every=25)
