@@ -65,7 +65,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.optimizer.lanton_noise_every = config_dict.placeholder(int)
   config.optimizer.lanton_noise_ns_steps = config_dict.placeholder(int)
   # Norm scales and other vector leaves: 'adamw' (None) or 'bias_rms', LANTON's bias-RMS LMO,
-  # at lanton_vector_scale of the schedule (None: 1).
+  # at lanton_vector_scale of the schedule (None: 1; only with 'bias_rms').
   config.optimizer.lanton_vector = config_dict.placeholder(str)
   config.optimizer.lanton_vector_scale = config_dict.placeholder(float)
   config.optimizer.grad_clip_norm = 1.0

@@ -522,6 +522,10 @@ def lanton(
   if vector not in VECTOR_OPTIONS:
     raise ValueError(f'unknown vector option {vector!r}; valid: '
                      f'{VECTOR_OPTIONS}')
+  if vector == 'adamw' and _groups.VECTOR in (group_lr_scales or {}):
+    raise ValueError("group_lr_scales['vector'] scales vector leaves on "
+                     "LANTON (vector='bias_rms'); with vector='adamw' their "
+                     'rate is adam_learning_rate')
   if adam_learning_rate is None:
     adam_learning_rate = learning_rate
   if adam_weight_decay is None:

@@ -37,10 +37,11 @@ def _dmuon(cfg, lr, adam_lr):
 
 
 def _lanton(cfg, lr, adam_lr, *, mapping=None):
-  vector_scale = 1.0 if cfg.lanton_vector_scale is None else cfg.lanton_vector_scale
+  scales = {'embed_head': cfg.lanton_embed_head_scale}
+  if cfg.lanton_vector_scale is not None:
+    scales['vector'] = cfg.lanton_vector_scale
   return optim.lanton(lr, b1=cfg.momentum, mapping=mapping or cfg.lanton_mapping,
-                      group_lr_scales={'embed_head': cfg.lanton_embed_head_scale,
-                                       'vector': vector_scale},
+                      group_lr_scales=scales,
                       noise_every=cfg.lanton_noise_every, noise_ns_steps=cfg.lanton_noise_ns_steps,
                       vector=cfg.lanton_vector or 'adamw',
                       weight_decay=cfg.weight_decay, adam_b1=cfg.b1, adam_b2=cfg.b2,

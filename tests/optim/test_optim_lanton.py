@@ -301,6 +301,16 @@ def test_bad_options_raise(bad, match):
     optim.scale_by_lanton(**bad)
 
 
+@pytest.mark.parametrize('bad, match', [
+    (dict(vector='rms'), "unknown vector option 'rms'"),
+    # On AdamW the vector leaves never reach LANTON: their scale would be ignored silently.
+    (dict(group_lr_scales={'vector': 0.2}), r"group_lr_scales\['vector'\].*bias_rms"),
+])
+def test_bad_lanton_options_raise(bad, match):
+  with pytest.raises(ValueError, match=match):
+    optim.lanton(0.1, **bad)
+
+
 def test_group_lr_scales_and_lmo_choice():
   params = _random(6)
   grads = _random(7)

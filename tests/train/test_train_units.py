@@ -101,10 +101,13 @@ def test_lanton_vector_option_puts_vectors_on_lanton_or_adamw(vector, scale, on_
     np.testing.assert_allclose(updates['b'], -1e-2 * (scale or 1.0), rtol=1e-5)
 
 
-def test_unknown_lanton_vector_option_raises():
-  with pytest.raises(ValueError, match="unknown vector option 'rms'"):
-    train.make_optimizer(_optimizer_cfg('lanton', lanton_vector='rms'), 10,
-                         _schedule_cfg('constant'))
+@pytest.mark.parametrize('fields, match', [
+    (dict(lanton_vector='rms'), "unknown vector option 'rms'"),
+    (dict(lanton_vector_scale=0.2), r"group_lr_scales\['vector'\].*bias_rms"),
+])
+def test_bad_lanton_vector_fields_raise(fields, match):
+  with pytest.raises(ValueError, match=match):
+    train.make_optimizer(_optimizer_cfg('lanton', **fields), 10, _schedule_cfg('constant'))
 
 
 @pytest.mark.parametrize('shape, fsdp, expected', [
