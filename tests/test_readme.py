@@ -1,7 +1,7 @@
 """Every ```python block of README.md runs as written, each in a fresh interpreter.
 
 A block runs with the repository's curvopt first on the path, in an empty temporary working
-directory, without the suite's fake 8-device flag (as a user would run it).
+directory (also its TMPDIR), without the suite's fake 8-device flag, as a user would run it.
 """
 import os
 import pathlib
@@ -23,7 +23,8 @@ def python_blocks(markdown: str) -> list[str]:
 def run_block(source: str, cwd: pathlib.Path, timeout: float = 240) -> None:
   """Runs one block in a fresh interpreter; fails with the block's text and its stderr."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu', TFDS_DATA_DIR=str(cwd / 'tfds'))
+  env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu', TFDS_DATA_DIR=str(cwd / 'tfds'),
+             TMPDIR=str(cwd))  # tempfile.mkdtemp() in a block lands in the test's tmp_path
   out = subprocess.run([sys.executable, '-c', source], cwd=cwd, env=env, capture_output=True,
                        text=True, timeout=timeout, check=False)
   if out.returncode:
