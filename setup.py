@@ -1,33 +1,41 @@
 """curvopt: curvature-aware optimization of language models in JAX."""
 import setuptools
 
+# The core install is what the method packages (`curvopt.optim`, `curvopt.rl`, `curvopt.merge`)
+# and the model (`curvopt.models`) import: usable on any pytree in another project.
 _CORE = [
     'jax>=0.10',
     'flax>=0.12',
     'optax>=0.2.8',
-    'orbax-checkpoint>=0.12',
-    'chex>=0.1.90',
+    'orbax-checkpoint>=0.12',  # merge: second moments out of orbax checkpoints; orbax writer
+    'safetensors',  # merge: HF-layout readers and writers
+    'numpy',
+]
+# The data and trainer stack: `curvopt.data`, `curvopt.train` and the experiment binaries.
+_TRAIN = [
     'tensorflow-datasets>=4.9.10',
     'array_record>=0.8',  # tfds' array_record file format, read without TensorFlow
     'importlib_resources',  # tfds resolves builder code paths through it
-    'absl-py',
     'ml_collections',
-    'numpy',
-    'safetensors',
+    'absl-py',
     'tensorboardX',
     'tqdm',
 ]
-_EXPERIMENTS = ['matplotlib']
-_TEST = ['pytest', 'pytest-xdist', 'hypothesis'] + _EXPERIMENTS
+# Studies, reports and plots (`curvopt.studies`, experiments/demo.py).
+_EXPERIMENTS = _TRAIN + ['matplotlib']
+# The test suite and the lint check that CI runs after it (.ci/run).
+_TEST = _EXPERIMENTS + ['pytest', 'hypothesis', 'chex>=0.1.90', 'ruff']
 
 setuptools.setup(
     name='curvopt',
     version='0.1.0',
     description='Curvature-aware optimization of language models: LANTON, CAPO, OTA+FFG.',
+    license='Apache-2.0',
     packages=setuptools.find_packages(include=['curvopt', 'curvopt.*']),
     python_requires='>=3.11',
     install_requires=_CORE,
     extras_require={
+        'train': _TRAIN,
         'experiments': _EXPERIMENTS,
         'test': _TEST,
         'dev': _TEST,

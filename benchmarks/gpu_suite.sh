@@ -42,22 +42,22 @@ for m in (\"jax\", \"jaxlib\", \"flax\", \"optax\", \"orbax.checkpoint\", \"chex
 import jax; print(jax.devices())
 import curvopt.train, curvopt.rl, curvopt.merge; print(\"curvopt imports ok\")"'
 
-# Issue 3: LANTON's whole step against D-Muon's (<= 1.04x), with the spec's every-step noise
+# LANTON's whole step against D-Muon's (target <= 1.04x), with the method's every-step noise
 # estimate and the cheapest one that kept the loss on the CPU sweeps (every 8 steps); MFU of each.
-# (AdamW's MFU, issue 2, was measured: 33.8% on an H200. Four gpt2s programs fit the limit.)
+# (AdamW's MFU was measured: 33.8% on an H200. Four gpt2s programs fit the limit.)
 section train_step 230 python3 benchmarks/bench_train_step.py --models=gpt2s --batch_size=16 \
   --seq_len=1024 --steps=5 --repeats=3 --attention_impl=cudnn \
   --optimizers=dmuon,lanton,lanton+lanton_noise_every=8
 
-# Issue 3: update only, GPT-2-small shapes (bf16 Newton-Schulz: dmuon <= 0.25x optax muon).
+# Update only, GPT-2-small shapes (bf16 Newton-Schulz; target dmuon <= 0.25x optax muon).
 section optim 120 python3 benchmarks/bench_optim.py --nocollectives --reps=20 \
   --variants=adamw,optax_muon,dmuon,dmuon_fp32,lanton,lanton_ns2,lanton_every4,lanton_every8,lanton_every4_ns2
 
-# Issue 4: CAPO's share of the RL update step (<= 1.03x).
+# CAPO's share of the RL update step (target <= 1.03x).
 section capo 150 python3 benchmarks/bench_capo.py --model=gpt2s --batch_size=32 --prompt_len=64 \
   --completion_len=448 --steps=5 --repeats=3
 
-# Issue 5: in-memory OTA + FFG of 5 experts against the bandwidth anchor (>= 0.5x).
+# In-memory OTA + FFG of 5 experts against the bandwidth anchor (target >= 0.5x).
 section merge 40 python3 benchmarks/bench_merge.py --memory_params_m=32 --disk_params_m=0 \
   --repeats=3
 exit 0

@@ -6,6 +6,10 @@ per-leaf core (`*_leaf`) that a streaming merge can call one tensor at a
 time; FFG's global threshold is its own function (`ffg_threshold`).
 Readers (safetensors, orbax, in-memory trees) and writers feed
 `merge_streaming`, which holds a few tensors at a time.
+
+Papers: OTA and FFG (arXiv 2509.11167); TIES (arXiv 2306.01708); DARE
+(arXiv 2311.03099); task arithmetic (arXiv 2212.04089); Fisher merging
+(arXiv 2111.09832).
 """
 
 from curvopt.merge._dare import COMBINES

@@ -1,4 +1,7 @@
-"""DARE: random drop and rescale of task vectors, then TIES or linear."""
+"""DARE: random drop and rescale of task vectors, then TIES or linear.
+
+DARE, Yu et al. 2023 (arXiv 2311.03099).
+"""
 
 import functools
 from typing import Any, Sequence

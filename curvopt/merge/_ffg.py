@@ -1,5 +1,7 @@
 """Fast Fisher Grafting (FFG): keep the task-vector entries that matter.
 
+Mahdavi et al. 2025 (arXiv 2509.11167), with OTA (`ota`).
+
 Saliency s = v * tau^2 ('fisher', v raw or rank-1; not v^p) or |tau|
 ('magnitude'). With the diagonal Fisher v, s / 2 estimates how much the
 expert's loss rises when that entry is reset to the base. An entry is kept
@@ -9,7 +11,7 @@ entries. The cutoff comes from one of:
 - density d: keep the top round(d * N) entries (the paper's tuned knob);
 - mass m: keep the fewest top entries whose saliency sums to m times the
   total, i.e. give up at most (1 - m) of the estimated loss change of the
-  full graft. The spec leaves an automatic density choice open; this option
+  full graft. An automatic density choice (not the paper's): this option
   sets the density per expert from its own saliency distribution;
 - threshold: an absolute cutoff, e.g. computed by a streaming pass.
 The graft is theta0 + tau * mask.

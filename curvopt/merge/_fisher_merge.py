@@ -1,4 +1,7 @@
-"""Fisher merging: an elementwise mean weighted by diagonal Fisher estimates."""
+"""Fisher merging: an elementwise mean weighted by diagonal Fisher estimates.
+
+Fisher-weighted averaging, Matena and Raffel 2021 (arXiv 2111.09832).
+"""
 
 from typing import Any, Sequence
 

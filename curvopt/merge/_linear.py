@@ -1,4 +1,7 @@
-"""Linear (weighted mean) and task-arithmetic merges."""
+"""Linear (weighted mean) and task-arithmetic merges.
+
+Task arithmetic: Ilharco et al. 2022 (arXiv 2212.04089).
+"""
 
 from typing import Any, Sequence
 

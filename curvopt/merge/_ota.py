@@ -1,6 +1,6 @@
 """OTA: merging weighted elementwise by the experts' Adam second moments.
 
-Mahdavi et al. 2025 (arXiv 2509.11167), spec in specs/ota_ffg.md. Per tensor
+Mahdavi et al. 2025 (arXiv 2509.11167). Per tensor
 and expert: P_t = (c_t v_t)^p * scale_t (c_t an optional Adam bias
 correction), optionally P_t / (mean(P_t) + eps); w_t = (P_t + eps) * m_t with
 m_t an optional (FFG) mask; then

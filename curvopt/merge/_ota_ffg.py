@@ -1,11 +1,13 @@
 """OTA+FFG in one call: each expert's global FFG cutoff, then one fused pass per tensor.
 
+OTA and FFG: Mahdavi et al. 2025 (arXiv 2509.11167).
+
 `ota(base, experts, v, masks=[ffg_mask(base, e, v_e, density=d) ...])` writes T bool masks and
 reads every input twice. `ota_ffg` computes each expert's cutoff first, then one jit'd pass per
 tensor recomputes every expert's saliency, compares it with that expert's cutoff and merges: no
 mask is written and the merge reads its inputs once. With quantile='exact' the cutoff is
 `ffg_mask`'s (a bisection over all saliencies, ~20 counting passes); with 'sampled' it is the
-matching quantile of a strided sample of ~65k saliencies (the spec's sampled quantile for large
+matching quantile of a strided sample of ~65k saliencies (a sampled quantile for large
 models): one strided pass, and the kept fraction is the density to within a few parts per
 thousand of it (binomial spread of the sample's rank, ~1 / sqrt(65k * d)).
 """

@@ -1,5 +1,7 @@
 """Adafactor-style rank-1 factors of a non-negative second moment.
 
+Adafactor: Shazeer and Stern 2018 (arXiv 1804.04235).
+
 For an m x n moment v: R = row sums (m), C = column sums (n), and
 v_hat = outer(R, C) / sum(v) (0 where sum(v) = 0). Storing (R, C, sum) costs
 O(m + n) instead of O(m n); v_hat is exact when v is itself rank-1.

@@ -1,4 +1,7 @@
-"""TIES merging: trim, elect a sign, average the entries that agree."""
+"""TIES merging: trim, elect a sign, average the entries that agree.
+
+TIES-Merging, Yadav et al. 2023 (arXiv 2306.01708).
+"""
 
 from typing import Any, Sequence
 

@@ -1,4 +1,9 @@
-"""Reference LLaMA-style decoder (flax.linen) for the experiments and tests."""
+"""Reference LLaMA-style decoder (flax.linen) for the experiments and tests.
+
+The LLaMA architecture (arXiv 2302.13971): pre-norm RMSNorm (arXiv 1910.07467), rotary
+position embeddings (RoPE, arXiv 2104.09864) and SwiGLU feed-forward layers
+(arXiv 2002.05202).
+"""
 
 from curvopt.models._attention import causal_padding_mask
 from curvopt.models._attention import dot_product_attention

@@ -1,4 +1,8 @@
-"""GRPO-family policy-gradient losses, the CAPO curvature mask, sampling, rewards."""
+"""GRPO-family policy-gradient losses, the CAPO curvature mask, sampling, rewards.
+
+Papers: CAPO (arXiv 2510.00819); GRPO (DeepSeekMath, arXiv 2402.03300); Dr. GRPO
+(arXiv 2503.20783); DAPO's clip-higher and token-level loss (arXiv 2503.14476).
+"""
 
 from curvopt.rl._advantages import ADVANTAGE_MODES
 from curvopt.rl._advantages import group_advantages

@@ -1,4 +1,8 @@
-"""Group-relative advantages for GRPO-family policy gradients."""
+"""Group-relative advantages for GRPO-family policy gradients.
+
+GRPO's group baseline: DeepSeekMath, Shao et al. 2024 (arXiv 2402.03300); 'dr_grpo' drops
+the std normalization as Dr. GRPO does, Liu et al. 2025 (arXiv 2503.20783).
+"""
 
 import jax
 import jax.numpy as jnp

@@ -1,8 +1,8 @@
 """CAPO: per-token curvature statistics, the token mask and the shadow Adam.
 
 Melo, Abate, Gal, "Stabilizing Policy Gradients for Sample-Efficient
-Reinforcement Learning in LLM Reasoning" (arXiv 2510.00819); spec in
-specs/capo.md. The second-order model covers the output head only: a token's
+Reinforcement Learning in LLM Reasoning" (arXiv 2510.00819). The
+second-order model covers the output head only: a token's
 gradient w.r.t. the head rows of its top-K set S is g = A outer(e_a - pi, h),
 its predicted step d is the Adam direction of g under a shadow Adam state, and
 m_H / m_F predict the change of the objective / policy if that step is taken.
@@ -34,7 +34,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class CapoShadow(NamedTuple):
-  """The shadow Adam state (M, V, s) of the spec over the head's rows.
+  """The shadow Adam state (M, V, s) of CAPO over the head's rows.
 
   Attributes:
     mu: [V, H] float32 first moments (M).
@@ -185,7 +185,7 @@ def _set_probs(h_H, head_VxH, action, ids_K):
 
 
 def _token_stats(h_H, action, adv, ids_K, lr, head_VxH, shadow, b1, b2, eps):
-  """(m_H, m_F) of one token (spec section 'Per-token quantities')."""
+  """(m_H, m_F) of one token: CAPO's per-token quantities."""
   pi_K, v_K = _set_probs(h_H, head_VxH, action, ids_K)
   g_KxH = adv * v_K[:, None] * h_H[None, :]
   step = shadow.count.astype(jnp.float32) + 1.0
@@ -202,7 +202,7 @@ def _token_stats(h_H, action, adv, ids_K, lr, head_VxH, shadow, b1, b2, eps):
   m_h = lr * adv * vu + 0.5 * lr**2 * adv * (vu**2 - fisher_quad)
   m_f = 0.5 * lr**2 * vu**2
   # A zero-advantage token has a zero gradient and moves nothing; its stats are
-  # 0 so that every mask keeps it (the spec: tokens with A = 0 are kept).
+  # 0 so that every mask keeps it (CAPO keeps tokens with A = 0).
   zero_adv = adv == 0
   return jnp.where(zero_adv, 0.0, m_h), jnp.where(zero_adv, 0.0, m_f)
 

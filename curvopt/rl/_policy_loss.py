@@ -1,4 +1,9 @@
-"""The GRPO-family clipped policy-gradient loss and its token aggregation."""
+"""The GRPO-family clipped policy-gradient loss and its token aggregation.
+
+GRPO: DeepSeekMath, Shao et al. 2024 (arXiv 2402.03300). DAPO, Yu et al. 2025
+(arXiv 2503.14476): clip-higher (eps_high > eps_low) and the token-level loss ('token-mean').
+Dr. GRPO, Liu et al. 2025 (arXiv 2503.20783): the length-unbiased 'seq-mean-token-sum-norm'.
+"""
 
 from typing import Optional
 
