@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from curvopt.optim import _batched
 from curvopt.optim import _groups
@@ -83,12 +82,12 @@ def scale_by_dmuon(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     mu = optax.tree.update_moment(updates, state.mu, beta, 1)
-    count_inc = numerics.safe_increment(state.count)
+    count_inc = optax.safe_increment(state.count)
     if nesterov:
       mu_hat = jax.tree.map(
           lambda m, g: beta * m + (1 - beta) * g,
           optax.tree.bias_correction(
-              mu, beta, numerics.safe_increment(count_inc)),
+              mu, beta, optax.safe_increment(count_inc)),
           optax.tree.bias_correction(updates, beta, count_inc))
     else:
       mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
