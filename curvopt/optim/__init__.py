@@ -29,6 +29,7 @@ from curvopt.optim._matrix import default_dimension_numbers
 from curvopt.optim._matrix import MuonDimensionNumbers
 from curvopt.optim._newton_schulz import DEFAULT_NS_COEFFS
 from curvopt.optim._newton_schulz import newton_schulz
+from curvopt.optim._newton_schulz import NewtonSchulz
 
 __all__ = (
     'DEFAULT_NS_COEFFS',
@@ -39,6 +40,7 @@ __all__ = (
     'LMO_NAMES',
     'MAPPING_NAMES',
     'MuonDimensionNumbers',
+    'NewtonSchulz',
     'ScaleByDmuonState',
     'ScaleByLantonState',
     'VECTOR',

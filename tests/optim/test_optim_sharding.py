@@ -56,9 +56,13 @@ def _fsdp(tree, mesh):
       tree)
 
 
+def _fp32(sharding='batch'):
+  return optim.NewtonSchulz(dtype='float32', sharding=sharding)
+
+
 _OPTIMIZERS = {
-    'dmuon': lambda s: optim.dmuon(0.1, ns_sharding=s, ns_dtype='float32'),
-    'lanton': lambda s: optim.lanton(0.1, ns_sharding=s, ns_dtype='float32'),
+    'dmuon': lambda s: optim.dmuon(0.1, newton_schulz=_fp32(s)),
+    'lanton': lambda s: optim.lanton(0.1, newton_schulz=_fp32(s)),
 }
 
 
@@ -133,12 +137,12 @@ def test_batched_newton_schulz_needs_fewer_collectives(mesh8):
   # inside every iteration; one laid-out stack needs a handful in all.
   params, grads = _hidden_only(n, _auto_mesh(mesh8))
   before = _count(optax.contrib.muon(0.1), params, grads)
-  after = _count(optim.dmuon(0.1, ns_dtype='float32'), params, grads)
+  after = _count(optim.dmuon(0.1, newton_schulz=_fp32()), params, grads)
   assert sum(after.values()) < sum(before.values()) / 4, (before, after)
   # Explicit axes, 'replicated': exactly one all-gather per matrix.
   params, grads = _hidden_only(n, mesh8)
-  replicated = _count(optim.dmuon(0.1, ns_dtype='float32',
-                                  ns_sharding='replicated'), params, grads)
+  replicated = _count(optim.dmuon(0.1, newton_schulz=_fp32('replicated')),
+                      params, grads)
   assert replicated == {'all-gather': n}, replicated
 
 
