@@ -1,5 +1,6 @@
 """D-Muon equals optax.contrib.muon(consistent_rms=0.2) on the same inputs."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,10 +72,7 @@ def test_update_equals_optax_muon_with_consistent_rms(nesterov):
         params)
     ref_u, ref_state = ref_update(grads, ref_state, params)
     our_u, our_state = our_update(grads, our_state, params)
-    for path, a in jax.tree_util.tree_flatten_with_path(ref_u)[0]:
-      b = np.asarray(dict(jax.tree_util.tree_flatten_with_path(our_u)[0])[path])
-      np.testing.assert_allclose(b, np.asarray(a), rtol=2e-5, atol=1e-7,
-                                 err_msg=jax.tree_util.keystr(path))
+    chex.assert_trees_all_close(our_u, ref_u, rtol=2e-5, atol=1e-7)
     params = optax.apply_updates(params, our_u)
 
 

@@ -1,5 +1,6 @@
 """LANTON against a numpy loop of the spec's algorithm; options and stats."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +38,7 @@ def _flat(tree):
 def _per_leaf(state, field):
   """A state's per-leaf vector as {leaf path: value}, in its momentum's leaf order."""
   values = np.asarray(getattr(state, field))
-  assert values.shape == (len(_flat(state.momentum)),)
+  chex.assert_shape(values, (len(_flat(state.momentum)),))
   return {p: values[i].item() for i, p in enumerate(_flat(state.momentum))}
 
 
@@ -233,11 +234,10 @@ def test_non_finite_gradients_leave_state_untouched(noise, path, value):
   else:
     grads, kwargs = _with_entry(_random(52), path, value), {}
   updates, after = update(grads, state, params, **kwargs)
-  assert all(np.all(u == 0) for u in _flat(updates).values())
-  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, updates))
+  chex.assert_trees_all_equal(after, state)
   updates, after = update(_random(53), after, params, **extra(53))
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(after))
+  chex.assert_tree_all_finite(after)
   assert int(after.count) == 3
 
 

@@ -1,5 +1,6 @@
 """Newton-Schulz against SVD polar factors, batching, dtypes, sharding."""
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -122,7 +123,8 @@ def test_nuclear_norms_many_equal_the_svd_nuclear_norm():
   for x, norm in zip(xs, got):
     expected = sum(np.linalg.svd(np.asarray(m, np.float64),
                                  compute_uv=False).sum() for m in x)
-    assert norm.dtype == jnp.float32 and norm.shape == ()
+    chex.assert_shape(norm, ())
+    chex.assert_type(norm, jnp.float32)
     np.testing.assert_allclose(float(norm), expected, rtol=1e-5)
 
 

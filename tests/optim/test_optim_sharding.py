@@ -5,6 +5,7 @@ import collections
 import functools
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
@@ -90,13 +91,11 @@ def _check_sharded(name, ns_sharding, mesh):
   params = _fsdp(_params(), mesh)
   got = _two_steps(_OPTIMIZERS[name](ns_sharding), params,
                    [_fsdp(_params(seed), mesh) for seed in (10, 20)])
-  for (path, a), b, p in zip(jax.tree_util.tree_flatten_with_path(got)[0],
-                             jax.tree.leaves(_unsharded(name)),
-                             jax.tree.leaves(params)):
-    where = jax.tree_util.keystr(path)
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                               atol=1e-6, err_msg=where)
-    assert _spec(a) == _spec(p), where  # updates laid out like the params
+  chex.assert_trees_all_close(got, _unsharded(name), rtol=1e-4, atol=1e-6)
+  for (path, a), p in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                          jax.tree.leaves(params)):
+    # Updates laid out like the params.
+    assert _spec(a) == _spec(p), jax.tree_util.keystr(path)
 
 
 # The layout strategies are shared code (orthogonalize_many): all of them on
