@@ -1,4 +1,9 @@
-"""Geometry-aware optimizers as optax transforms: D-Muon and LANTON."""
+"""Geometry-aware optimizers as optax transforms.
+
+D-Muon (Moonlight, "Muon is Scalable for LLM Training", arXiv 2502.16982) and
+LANTON (noise-adaptive layerwise learning rates, arXiv 2510.14009), on LMOs,
+Newton-Schulz and parameter groups usable on any pytree.
+"""
 
 from curvopt.optim._batched import nuclear_norms_many
 from curvopt.optim._batched import orthogonalize_many

@@ -1,4 +1,4 @@
-"""LANTON against a numpy loop of the spec's algorithm; options and stats."""
+"""LANTON against a numpy loop of the paper's algorithm; options and stats."""
 
 import chex
 import jax
@@ -77,7 +77,7 @@ def _dual(group, d):
 
 
 def _reference(params, grads_seq, tilde_seq=None):
-  """The spec's algorithm, one leaf at a time (float64)."""
+  """The algorithm of arXiv 2510.14009, one leaf at a time (float64)."""
   x = {p: v.astype(np.float64) for p, v in _flat(params).items()}
   b = {p: 0.0 for p in x}
   h = {p: 0.0 for p in x}
