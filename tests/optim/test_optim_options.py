@@ -191,3 +191,16 @@ def test_bad_newton_schulz_raises_naming_the_value(taker, bad, error, match):
 def test_bad_non_matrix_transformation_raises(make, error, match):
   with pytest.raises(error, match=match):
     make()
+
+
+def test_noise_ns_steps_traced_under_inject_hyperparams():
+  # A numeric option, so optax traces it: the estimate's Newton-Schulz runs
+  # in a fori_loop over the traced steps, the rest of NewtonSchulz stays static.
+  wrapped = optax.inject_hyperparams(optim.lanton)(
+      learning_rate=LR, noise_ns_steps=2)
+  bare = optim.lanton(LR, noise_ns_steps=2)
+  _, wrapped_state = _run(wrapped, steps=3)
+  _, bare_state = _run(bare, steps=3)
+  assert wrapped_state.hyperparams['noise_ns_steps'].dtype == jnp.int32
+  chex.assert_trees_all_close(optim.lanton_stats(wrapped_state),
+                              optim.lanton_stats(bare_state), rtol=1e-5)
