@@ -32,7 +32,7 @@ def _optax_muon(cfg, lr, adam_lr):
 
 
 def _adam_part(cfg, adam_lr):
-  """AdamW of the leaves a Muon-family optimizer does not orthogonalize (b1, b2, eps fields)."""
+  """AdamW from the b1, b2, eps and weight_decay fields, for the leaves D-Muon / LANTON leave."""
   return optax.adamw(adam_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
