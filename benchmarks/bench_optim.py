@@ -46,7 +46,7 @@ _QUICK = flags.DEFINE_bool('quick', False, '2 layers, 2 repetitions.')
 _VARIANTS = flags.DEFINE_list(
     'variants', ['adamw', 'optax_muon', 'dmuon', 'lanton', 'lanton_ns2',
                  'lanton_every4', 'lanton_every4_ns4'], 'Optimizers to time.')
-_NS_DTYPE = flags.DEFINE_string('ns_dtype', 'auto', 'curvopt ns_dtype.')
+_NS_DTYPE = flags.DEFINE_string('ns_dtype', 'auto', 'curvopt NewtonSchulz dtype.')
 _COLLECTIVES = flags.DEFINE_bool(
     'collectives', True, 'Count collectives on a fake 8-device mesh.')
 _COLLECTIVES_ONLY = flags.DEFINE_bool(
@@ -103,6 +103,11 @@ _LANTON_VARIANTS = {
     'lanton_every4_ns4': {'noise_every': 4, 'noise_ns_steps': 4},
 }
 _NAMES = ('adamw', 'optax_muon', 'dmuon', 'dmuon_fp32', *_LANTON_VARIANTS)
+_FP32 = optim.NewtonSchulz(dtype='float32')
+
+
+def _fp32(sharding):
+  return _FP32._replace(sharding=sharding)
 
 
 def make_optimizer(name, params, ns_dtype):
@@ -114,11 +119,12 @@ def make_optimizer(name, params, ns_dtype):
         consistent_rms=0.2, muon_weight_dimension_numbers=optax_muon_dims(
             params))
   if name == 'dmuon':
-    return optim.dmuon(LR, ns_dtype=ns_dtype)
+    return optim.dmuon(LR, newton_schulz=optim.NewtonSchulz(dtype=ns_dtype))
   if name == 'dmuon_fp32':  # the same-shape batching alone, without bf16 Newton-Schulz
-    return optim.dmuon(LR, ns_dtype='float32')
+    return optim.dmuon(LR, newton_schulz=_FP32)
   if name in _LANTON_VARIANTS:
-    return optim.lanton(LR, ns_dtype=ns_dtype, **_LANTON_VARIANTS[name])
+    return optim.lanton(LR, newton_schulz=optim.NewtonSchulz(dtype=ns_dtype),
+                        **_LANTON_VARIANTS[name])
   raise ValueError(f'unknown optimizer {name!r}; valid: {sorted(_NAMES)}')
 
 
@@ -211,21 +217,19 @@ def collectives_report(layers):
       ('optax_muon (per matrix)', AxisType.Auto,
        lambda p: optax.contrib.muon(LR, consistent_rms=0.2)),
       ('dmuon ns_sharding=none', AxisType.Auto,
-       lambda p: optim.dmuon(LR, ns_sharding='none', ns_dtype='float32')),
+       lambda p: optim.dmuon(LR, newton_schulz=_fp32('none'))),
       ('dmuon ns_sharding=replicated', AxisType.Auto,
-       lambda p: optim.dmuon(LR, ns_sharding='replicated',
-                             ns_dtype='float32')),
+       lambda p: optim.dmuon(LR, newton_schulz=_fp32('replicated'))),
       ('dmuon ns_sharding=batch', AxisType.Auto,
-       lambda p: optim.dmuon(LR, ns_sharding='batch', ns_dtype='float32')),
+       lambda p: optim.dmuon(LR, newton_schulz=_fp32('batch'))),
       ('lanton ns_sharding=batch', AxisType.Auto,
-       lambda p: optim.lanton(LR, ns_dtype='float32')),
+       lambda p: optim.lanton(LR, newton_schulz=_FP32)),
       ('dmuon ns_sharding=replicated [explicit axes]', AxisType.Explicit,
-       lambda p: optim.dmuon(LR, ns_sharding='replicated',
-                             ns_dtype='float32')),
+       lambda p: optim.dmuon(LR, newton_schulz=_fp32('replicated'))),
       ('dmuon ns_sharding=batch [explicit axes]', AxisType.Explicit,
-       lambda p: optim.dmuon(LR, ns_sharding='batch', ns_dtype='float32')),
+       lambda p: optim.dmuon(LR, newton_schulz=_fp32('batch'))),
       ('lanton ns_sharding=batch [explicit axes]', AxisType.Explicit,
-       lambda p: optim.lanton(LR, ns_dtype='float32')),
+       lambda p: optim.lanton(LR, newton_schulz=_FP32)),
   ]
   report = {}
   for case, shapes in cases.items():

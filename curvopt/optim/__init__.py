@@ -1,4 +1,9 @@
-"""Geometry-aware optimizers as optax transforms: D-Muon and LANTON."""
+"""Geometry-aware optimizers as optax transforms.
+
+D-Muon (Moonlight, "Muon is Scalable for LLM Training", arXiv 2502.16982) and
+LANTON (noise-adaptive layerwise learning rates, arXiv 2510.14009), on LMOs,
+Newton-Schulz and parameter groups usable on any pytree.
+"""
 
 from curvopt.optim._batched import nuclear_norms_many
 from curvopt.optim._batched import orthogonalize_many
@@ -29,6 +34,7 @@ from curvopt.optim._matrix import default_dimension_numbers
 from curvopt.optim._matrix import MuonDimensionNumbers
 from curvopt.optim._newton_schulz import DEFAULT_NS_COEFFS
 from curvopt.optim._newton_schulz import newton_schulz
+from curvopt.optim._newton_schulz import NewtonSchulz
 
 __all__ = (
     'DEFAULT_NS_COEFFS',
@@ -39,6 +45,7 @@ __all__ = (
     'LMO_NAMES',
     'MAPPING_NAMES',
     'MuonDimensionNumbers',
+    'NewtonSchulz',
     'ScaleByDmuonState',
     'ScaleByLantonState',
     'VECTOR',

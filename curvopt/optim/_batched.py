@@ -7,16 +7,13 @@ stack instead of collectives inside every Newton-Schulz step.
 """
 
 import collections
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from curvopt.optim import _newton_schulz
 from curvopt.optim import _sharding
-
-POLARS = ('newton_schulz', 'svd')
-
 
 def svd_polar(x: jax.Array) -> jax.Array:
   """The exact polar factor U V^T of each matrix in x [..., m, n] (slow).
@@ -30,54 +27,33 @@ def svd_polar(x: jax.Array) -> jax.Array:
   return jnp.where(finite, u @ vh, jnp.nan).astype(x.dtype)
 
 
-def check_options(*, polar: str, ns_sharding: str) -> None:
-  if polar not in POLARS:
-    raise ValueError(f'unknown polar {polar!r}; valid: {POLARS}')
-  if ns_sharding not in _sharding.NS_SHARDINGS:
-    raise ValueError(f'unknown ns_sharding {ns_sharding!r}; valid: '
-                     f'{_sharding.NS_SHARDINGS}')
-
-
 def orthogonalize_many(
     matrices: Sequence[jax.Array],
     *,
-    steps: int,
-    coeffs: _newton_schulz.Coeffs,
-    dtype: Any,
-    eps: float,
-    polar: str = 'newton_schulz',
-    ns_sharding: str = 'batch',
+    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
 ) -> list[jax.Array]:
   """Polar factors of many [batch, m, n] stacks, one call per oriented shape.
 
   Args:
     matrices: arrays [b_i, m_i, n_i].
-    steps, coeffs, dtype, eps: Newton-Schulz options (see `newton_schulz`).
-    polar: 'newton_schulz' or 'svd' (exact, slow; for tests and references).
-    ns_sharding: layout of each stack on a mesh (ignored without one):
-      'batch' splits the stack's matrices over all devices (padded to a
-      multiple of the mesh size) so each device orthogonalizes its share;
-      'replicated' gathers every matrix once and orthogonalizes the whole
-      stack on every device; 'none' leaves the layout to XLA (auto axes) and
-      gathers the matrix axes if they are explicitly sharded.
+    newton_schulz: how the polar factors are computed. Its `sharding` is the
+      layout of each stack on a mesh (ignored without one): 'batch' splits
+      the stack's matrices over all devices (padded to a multiple of the mesh
+      size) so each device orthogonalizes its share; 'replicated' gathers
+      every matrix once and orthogonalizes the whole stack on every device;
+      'none' leaves the layout to XLA (auto axes) and gathers the matrix axes
+      if they are explicitly sharded.
 
   Returns:
     The polar factors, aligned with `matrices`, each like its input.
   """
-  return _per_shape(matrices, steps=steps, coeffs=coeffs, dtype=dtype,
-                    eps=eps, polar=polar, ns_sharding=ns_sharding,
-                    nuclear=False)
+  return _per_shape(matrices, newton_schulz, nuclear=False)
 
 
 def nuclear_norms_many(
     matrices: Sequence[jax.Array],
     *,
-    steps: int,
-    coeffs: _newton_schulz.Coeffs,
-    dtype: Any,
-    eps: float,
-    polar: str = 'newton_schulz',
-    ns_sharding: str = 'batch',
+    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
 ) -> list[jax.Array]:
   """<X, polar(X)> per [batch, m, n] stack: its nuclear norm, summed over batch.
 
@@ -86,19 +62,20 @@ def nuclear_norms_many(
   'batch', before any gather): the polar factors are never split out or
   moved, only [batch] sums are.
 
+  Args:
+    matrices: arrays [b_i, m_i, n_i].
+    newton_schulz: how the polar factors are computed and laid out.
+
   Returns:
     fp32 scalars, aligned with `matrices`.
   """
-  return _per_shape(matrices, steps=steps, coeffs=coeffs, dtype=dtype,
-                    eps=eps, polar=polar, ns_sharding=ns_sharding,
-                    nuclear=True)
+  return _per_shape(matrices, newton_schulz, nuclear=True)
 
 
-def _per_shape(matrices, *, steps, coeffs, dtype, eps, polar, ns_sharding,
-               nuclear):
-  check_options(polar=polar, ns_sharding=ns_sharding)
-  schedule = _newton_schulz.coeff_schedule(coeffs, steps)
-  ns_dtype = _newton_schulz.resolve_ns_dtype(dtype)
+def _per_shape(matrices, ns, *, nuclear):
+  _newton_schulz.check_options(ns)
+  schedule = _newton_schulz.coeff_schedule(ns.coeffs, ns.steps)
+  ns_dtype = _newton_schulz.resolve_ns_dtype(ns.dtype)
 
   oriented = []
   groups = collections.defaultdict(list)
@@ -112,10 +89,10 @@ def _per_shape(matrices, *, steps, coeffs, dtype, eps, polar, ns_sharding,
     groups[(y.shape[1:], y.dtype, spec)].append(i)
 
   def run(x):
-    if polar == 'svd':
+    if ns.polar == 'svd':
       y = svd_polar(x)
     else:
-      y = _newton_schulz.iterate(x, schedule, ns_dtype, eps)
+      y = _newton_schulz.iterate(x, schedule, ns_dtype, ns.eps)
     if nuclear:
       return _inner_products(x, y)
     return y.astype(x.dtype)
@@ -123,8 +100,7 @@ def _per_shape(matrices, *, steps, coeffs, dtype, eps, polar, ns_sharding,
   out: list[jax.Array | None] = [None] * len(matrices)
   for (_, _, spec), members in groups.items():
     stacks = [oriented[i][0] for i in members]
-    results = _run_per_stack(stacks, spec, run, ns_sharding,
-                                   reduced=nuclear)
+    results = _run_per_stack(stacks, spec, run, ns.sharding, reduced=nuclear)
     for i, r in zip(members, results):
       if nuclear:
         out[i] = jnp.sum(r)

@@ -1,4 +1,7 @@
-"""D-Muon (Moonlight): Muon on hidden matrices with AdamW-matched RMS.
+"""D-Muon: Muon on hidden matrices with AdamW-matched RMS.
+
+From "Muon is Scalable for LLM Training" (Moonlight; Liu et al., arXiv
+2502.16982).
 
 Hidden matrices: O = polar(Nesterov momentum) * consistent_rms *
 sqrt(max(d_in, d_out)), decoupled weight decay; embeddings, heads and vectors:
@@ -12,7 +15,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from curvopt.optim import _batched
 from curvopt.optim import _groups
@@ -31,15 +33,10 @@ def scale_by_dmuon(
     *,
     beta: float = 0.95,
     nesterov: bool = True,
-    ns_steps: int = 5,
-    ns_coeffs: _newton_schulz.Coeffs = _newton_schulz.DEFAULT_NS_COEFFS,
-    ns_dtype: Any = 'auto',
-    eps: float = 1e-8,
     consistent_rms: float | None = 0.2,
+    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
     mu_dtype: Any = None,
     weight_dimension_numbers: _matrix.DimSpec = None,
-    ns_sharding: str = 'batch',
-    polar: str = 'newton_schulz',
 ) -> optax.GradientTransformationExtraArgs:
   """Orthogonalized momentum for matrix leaves (every leaf it is given).
 
@@ -48,25 +45,20 @@ def scale_by_dmuon(
   Args:
     beta: momentum decay.
     nesterov: use Nesterov momentum.
-    ns_steps, ns_coeffs, eps: Newton-Schulz options (`newton_schulz`).
-    ns_dtype: 'auto' (bf16 on accelerators, fp32 on CPU), 'float32',
-      'bfloat16' or a dtype.
     consistent_rms: scale polar factors by consistent_rms *
       sqrt(max(d_in, d_out)) (update RMS ~ consistent_rms, like AdamW);
       None: Keller Jordan's sqrt(max(1, d_out / d_in)).
+    newton_schulz: how the polar factors are computed and laid out on a mesh.
     mu_dtype: momentum dtype (None: like the params).
     weight_dimension_numbers: matrix view of n-D leaves: None (default rule,
       see `default_dimension_numbers`), one `MuonDimensionNumbers`, a tree of
       them (None leaves = default) or a callable params -> tree.
-    ns_sharding: 'batch', 'replicated' or 'none' (see `orthogonalize_many`).
-    polar: 'newton_schulz' or 'svd' (exact; slow).
 
   Returns:
     An optax.GradientTransformationExtraArgs.
   """
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype is not None else None
-  _batched.check_options(polar=polar, ns_sharding=ns_sharding)
-  _newton_schulz.resolve_ns_dtype(ns_dtype)
+  _newton_schulz.check_options(newton_schulz)
 
   def init_fn(params):
     # Resolves every leaf's matrix view now, so a bad leaf fails at init.
@@ -83,27 +75,25 @@ def scale_by_dmuon(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     mu = optax.tree.update_moment(updates, state.mu, beta, 1)
-    count_inc = numerics.safe_increment(state.count)
+    count_inc = optax.safe_increment(state.count)
     if nesterov:
       mu_hat = jax.tree.map(
           lambda m, g: beta * m + (1 - beta) * g,
           optax.tree.bias_correction(
-              mu, beta, numerics.safe_increment(count_inc)),
+              mu, beta, optax.safe_increment(count_inc)),
           optax.tree.bias_correction(updates, beta, count_inc))
     else:
       mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
     out = orthogonalized_updates(
         mu_hat, weight_dimension_numbers=weight_dimension_numbers,
-        ns_steps=ns_steps, ns_coeffs=ns_coeffs, ns_dtype=ns_dtype, eps=eps,
-        polar=polar, ns_sharding=ns_sharding, consistent_rms=consistent_rms)
+        newton_schulz=newton_schulz, consistent_rms=consistent_rms)
     mu = optax.tree.cast(mu, mu_dtype)
     return out, ScaleByDmuonState(count=count_inc, mu=mu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def orthogonalized_updates(tree, *, weight_dimension_numbers, ns_steps,
-                           ns_coeffs, ns_dtype, eps, polar, ns_sharding,
+def orthogonalized_updates(tree, *, weight_dimension_numbers, newton_schulz,
                            consistent_rms):
   """Scaled polar factors of every leaf of `tree` (batched by shape)."""
   flat = _paths.leaves_with_paths(tree)
@@ -114,8 +104,7 @@ def orthogonalized_updates(tree, *, weight_dimension_numbers, ns_steps,
            for (p, x), d in zip(flat, dims)]
   polars = _batched.orthogonalize_many(
       [v.to_matrices(x) for v, (_, x) in zip(views, flat)],
-      steps=ns_steps, coeffs=ns_coeffs, dtype=ns_dtype, eps=eps, polar=polar,
-      ns_sharding=ns_sharding)
+      newton_schulz=newton_schulz)
   leaves = []
   for view, o, (_, x) in zip(views, polars, flat):
     if consistent_rms is None:
@@ -131,77 +120,68 @@ def dmuon(
     *,
     beta: float = 0.95,
     nesterov: bool = True,
+    consistent_rms: float | None = 0.2,
     weight_decay: float = 0.1,
     weight_decay_mask: Any = None,
-    ns_steps: int = 5,
-    ns_coeffs: _newton_schulz.Coeffs = _newton_schulz.DEFAULT_NS_COEFFS,
-    ns_dtype: Any = 'auto',
-    eps: float = 1e-8,
-    consistent_rms: float | None = 0.2,
+    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
     mu_dtype: Any = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.95,
-    adam_eps: float = 1e-8,
-    adam_eps_root: float = 0.0,
-    adam_weight_decay: float | None = None,
-    adam_weight_decay_mask: Any = None,
-    adam_nesterov: bool = False,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
-    param_labels: _groups.LabelSpec = None,
     weight_dimension_numbers: _matrix.DimSpec = None,
-    ns_sharding: str = 'batch',
-    polar: str = 'newton_schulz',
+    param_labels: _groups.LabelSpec = None,
+    others: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The D-Muon baseline: `scale_by_dmuon` on hidden leaves, AdamW elsewhere.
 
   Args:
-    learning_rate: a float or a schedule; the same for both parts unless
-      `adam_learning_rate` is given.
-    beta, nesterov, ns_steps, ns_coeffs, ns_dtype, eps, consistent_rms,
-      mu_dtype, weight_dimension_numbers, ns_sharding, polar: see
-      `scale_by_dmuon`.
-    weight_decay: decoupled weight decay of hidden matrices (times the
-      learning rate, as in optax).
-    weight_decay_mask: optax mask (callable or tree over the hidden leaves).
-    adam_b1, adam_b2, adam_eps, adam_eps_root, adam_nesterov: AdamW options
-      of the other leaves.
-    adam_weight_decay: their weight decay (None: `weight_decay`).
-    adam_weight_decay_mask: optax mask for it.
-    adam_learning_rate: their learning rate (None: `learning_rate`).
+    learning_rate: a float or a schedule.
+    beta: momentum decay of the hidden leaves.
+    nesterov: use Nesterov momentum on the hidden leaves.
+    consistent_rms: scale of the hidden leaves' polar factors (see
+      `scale_by_dmuon`).
+    weight_decay: decoupled weight decay of the hidden leaves (times the
+      learning rate, as in optax), and of the default `others`.
+    weight_decay_mask: optax mask of that weight decay (a callable or a tree
+      over the hidden leaves).
+    newton_schulz: how the hidden leaves' polar factors are computed.
+    mu_dtype: momentum dtype (None: like the params), also of the default
+      `others`.
+    weight_dimension_numbers: matrix view of n-D hidden leaves (see
+      `scale_by_dmuon`).
     param_labels: group labels (None: `param_groups`), a callable params ->
       labels or a label tree; 'hidden' leaves get D-Muon, 'embed_head' and
-      'vector' AdamW.
+      'vector' leaves get `others`.
+    others: the transformation of the 'embed_head' and 'vector' leaves; it
+      gets their gradients and applies its own learning rate. None:
+      `optax.adamw(learning_rate, b2=0.95, weight_decay=weight_decay,
+      mu_dtype=mu_dtype)`.
 
   Returns:
     An optax.GradientTransformationExtraArgs.
   """
-  if adam_learning_rate is None:
-    adam_learning_rate = learning_rate
-  if adam_weight_decay is None:
-    adam_weight_decay = weight_decay
+  if others is None:
+    others = optax.adamw(learning_rate, b2=0.95, weight_decay=weight_decay,
+                         mu_dtype=mu_dtype)
+  elif not isinstance(others, optax.GradientTransformation):
+    raise TypeError('others must be an optax.GradientTransformation or None, '
+                    f'got {others!r}')
   rename = {_groups.HIDDEN: 'dmuon', _groups.EMBED_HEAD: 'adam',
             _groups.VECTOR: 'adam'}
 
   def partition_labels(params):
     return _groups.label_tree(params, param_labels, rename=rename)
 
+  # The partition keys ('dmuon', 'adam') name the optimizer state in
+  # checkpoints: they stay as they are whatever `others` is.
   return optax.partition(
       transforms={
           'dmuon': optax.chain(
               scale_by_dmuon(
-                  beta=beta, nesterov=nesterov, ns_steps=ns_steps,
-                  ns_coeffs=ns_coeffs, ns_dtype=ns_dtype, eps=eps,
-                  consistent_rms=consistent_rms, mu_dtype=mu_dtype,
-                  weight_dimension_numbers=weight_dimension_numbers,
-                  ns_sharding=ns_sharding, polar=polar),
+                  beta=beta, nesterov=nesterov, consistent_rms=consistent_rms,
+                  newton_schulz=newton_schulz, mu_dtype=mu_dtype,
+                  weight_dimension_numbers=weight_dimension_numbers),
               optax.add_decayed_weights(weight_decay, weight_decay_mask),
               optax.scale_by_learning_rate(learning_rate),
           ),
-          'adam': optax.adamw(
-              learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
-              eps=adam_eps, eps_root=adam_eps_root,
-              weight_decay=adam_weight_decay, mask=adam_weight_decay_mask,
-              mu_dtype=mu_dtype, nesterov=adam_nesterov),
+          'adam': others,
       },
       param_labels=partition_labels,
   )

@@ -1,6 +1,8 @@
 """LANTON: noise-adaptive layerwise learning rates on LMO steps.
 
-Spec: shared/specs/lanton.md. Per step t and leaf l of group g:
+From Hao et al., "Noise-Adaptive Layerwise Learning Rates: Accelerating
+Geometry-Aware Optimization for Deep Neural Network Training", arXiv
+2510.14009. Per step t and leaf l of group g:
   B_t = b1 B_{t-1} + (1 - b1) G_t                       (momentum)
   O_t = LMO_l(B_t)                                      (direction)
   D_t = G_t - G~_t                                      (noise sample)
@@ -15,7 +17,8 @@ until every leaf of a group has a sample, the group's scales are 1. A step
 whose gradients (or noise_grads) hold a non-finite value changes no state and
 returns zero updates.
 `scale_by_lanton` returns s_t (-O_t + wd X_t); `lanton` chains it with the
-learning rate and gives vector leaves to AdamW (or to the bias_rms LMO).
+learning rate and gives vector leaves to AdamW (or to the bias_rms LMO, or to
+any optax transformation).
 """
 
 import collections
@@ -79,14 +82,9 @@ def scale_by_lanton(
     group_lr_scales: Mapping[str, float] | None = None,
     param_labels: _groups.LabelSpec = None,
     weight_dimension_numbers: _matrix.DimSpec = None,
-    ns_steps: int = 5,
-    ns_coeffs: _newton_schulz.Coeffs = _newton_schulz.DEFAULT_NS_COEFFS,
-    ns_dtype: Any = 'auto',
-    ns_eps: float = 1e-8,
+    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
     noise_ns_steps: int | None = None,
     noise_every: int | None = None,
-    polar: str = 'newton_schulz',
-    ns_sharding: str = 'batch',
     mu_dtype: Any = None,
     noise_buffer_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -94,7 +92,7 @@ def scale_by_lanton(
 
   Every leaf it receives must have a group label (see `param_groups`) whose
   LMO is in `group_lmos`. Its output, multiplied by -learning_rate (e.g. by
-  `optax.scale_by_learning_rate`), is the spec's update.
+  `optax.scale_by_learning_rate`), is the paper's update.
 
   Args:
     b1: momentum decay.
@@ -104,38 +102,32 @@ def scale_by_lanton(
       'independent' (G~ passed as `update(..., noise_grads=tree)`, a gradient
       at the same parameters from an independent minibatch).
     mapping: 'mean_ratio' (default), 'min_ratio' or a callable h_N -> s_N
-      applied to each group's bias-corrected H on every step. The default was
-      chosen by the LM sweep (docs/lm_experiments.md): min_ratio, the spec's
-      candidate, gave most hidden matrices 0.2-1.5% of the schedule and the
-      worst final loss of the Muon-family runs.
+      applied to each group's bias-corrected H on every step (see
+      docs/lm_experiments.md for how the default was chosen).
     weight_decay: decoupled weight decay, scaled by the layer's s (and by the
       learning rate downstream).
     weight_decay_mask: None (all leaves), or a bool tree / callable
       params -> bool tree (full or masked tree).
     group_lmos: LMO (name or `LMO`) per group; defaults: hidden 'spectral',
-      embed_head 'sign', vector 'bias_rms'.
+      embed_head 'sign', vector 'bias_rms'. 'spectral' given by name uses
+      `newton_schulz`.
     group_lr_scales: constant learning-rate multiplier per group (default 1
-      everywhere, as in the spec).
+      everywhere).
     param_labels: None (`param_groups`), a callable params -> labels or a
       label tree (full or masked).
     weight_dimension_numbers: matrix view of n-D leaves for matrix LMOs (see
       `scale_by_dmuon`).
-    ns_steps, ns_coeffs, ns_dtype, ns_eps: Newton-Schulz options of the
-      spectral LMO when it is given by name.
+    newton_schulz: how the spectral LMO's polar factors are computed (when it
+      is given by name) and how every spectral leaf's stack is laid out on a
+      mesh.
     noise_ns_steps: Newton-Schulz steps of the nuclear-norm estimate
-      <D, NS(D)> (None: ns_steps). The estimate costs a second Newton-Schulz
-      per spectral leaf; fewer steps (>= 4 keeps it within ~15% of the exact
-      nuclear norm) or noise_every > 1 make it cheaper.
+      <D, NS(D)> of the spectral leaves' noise samples (None: the LMO's
+      steps). The estimate costs a second Newton-Schulz per spectral leaf;
+      fewer steps, or noise_every > 1, make it cheaper.
     noise_every: take each spectral leaf's noise sample every k steps (None:
-      every step; a Python int, never traced); the
-      spectral leaves are split into k round-robin buckets (a 1/k share of
-      every shape) so that each step costs the same. Cheap LMOs' samples are
-      taken on every step. Measured on small LMs (docs/lm_experiments.md):
-      4 and 8 kept the final loss of every step (a 0.9M model: lowered it;
-      a 10M model: matched it) at a fraction of the estimate's cost; fewer
-      Newton-Schulz steps kept less of it.
-    polar: 'newton_schulz' or 'svd' (exact, slow) for the spectral LMO.
-    ns_sharding: 'batch', 'replicated' or 'none' (see `orthogonalize_many`).
+      every step; a Python int, never traced). The spectral leaves are split
+      into k round-robin buckets (a 1/k share of every shape) so that each
+      step costs the same. Cheap LMOs' samples are taken on every step.
     mu_dtype: momentum dtype (None: like the params).
     noise_buffer_dtype: dtype of the previous-gradient buffer (None: like
       the params).
@@ -154,14 +146,13 @@ def scale_by_lanton(
                      f'{noise_every!r}; under optax.inject_hyperparams list '
                      'it in static_args')
   map_fn = _mapping.as_mapping(mapping)
-  lmos = _resolve_lmos(group_lmos, ns_steps=ns_steps, ns_coeffs=ns_coeffs,
-                       ns_dtype=ns_dtype, ns_eps=ns_eps, polar=polar)
+  _newton_schulz.check_options(newton_schulz)
+  lmos = _resolve_lmos(group_lmos, newton_schulz)
   lr_scales = dict(group_lr_scales or {})
   unknown = set(lr_scales) - set(_groups.GROUPS)
   if unknown:
     raise ValueError(f'group_lr_scales has unknown groups {sorted(unknown)}; '
                      f'valid: {list(_groups.GROUPS)}')
-  _batched.check_options(polar=polar, ns_sharding=ns_sharding)
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype is not None else None
   noise_buffer_dtype = (jnp.dtype(noise_buffer_dtype)
                         if noise_buffer_dtype is not None else None)
@@ -232,7 +223,7 @@ def scale_by_lanton(
     directions, duals, sampled = _directions_and_duals(
         leaves, ahead, grads, tilde, state.count,
         noise_ns_steps=noise_ns_steps, noise_every=noise_every,
-        ns_sharding=ns_sharding)
+        ns_sharding=newton_schulz.sharding)
 
     square = jnp.square(jnp.stack([jnp.asarray(d, jnp.float32)
                                    for d in duals]))
@@ -282,9 +273,8 @@ def _all_finite(arrays: list[jax.Array]) -> jax.Array:
   return jnp.isfinite(total)
 
 
-def _resolve_lmos(group_lmos, *, ns_steps, ns_coeffs, ns_dtype, ns_eps, polar
-                  ) -> dict[str, _lmo.LMO]:
-  """LMO objects per group; 'spectral' by name gets the ns_* options."""
+def _resolve_lmos(group_lmos, newton_schulz) -> dict[str, _lmo.LMO]:
+  """LMO objects per group; 'spectral' by name gets `newton_schulz`."""
   spec = dict(DEFAULT_GROUP_LMOS)
   if group_lmos is not None:
     unknown = set(group_lmos) - set(_groups.GROUPS)
@@ -292,13 +282,10 @@ def _resolve_lmos(group_lmos, *, ns_steps, ns_coeffs, ns_dtype, ns_eps, polar
       raise ValueError(f'group_lmos has unknown groups {sorted(unknown)}; '
                        f'valid: {list(_groups.GROUPS)}')
     spec.update(group_lmos)
-  _newton_schulz.resolve_ns_dtype(ns_dtype)
-  _newton_schulz.coeff_schedule(ns_coeffs, ns_steps)
   out = {}
   for group, value in spec.items():
     if isinstance(value, str) and value == 'spectral':
-      out[group] = _lmo.spectral(steps=ns_steps, coeffs=ns_coeffs,
-                                 dtype=ns_dtype, eps=ns_eps, polar=polar)
+      out[group] = _lmo.spectral(newton_schulz=newton_schulz)
     else:
       out[group] = _lmo.as_lmo(value)
   return out
@@ -338,6 +325,8 @@ def _polars(leaves, items, *, steps_override, ns_sharding, nuclear=False):
   """Polar factors of (leaf index, matrix) items, batched per LMO options.
 
   With `nuclear`, their nuclear norms <X, polar(X)> instead (fp32 scalars).
+  The stacks are laid out by the optimizer's `ns_sharding`, whatever the
+  LMO's own.
   """
   many = (_batched.nuclear_norms_many if nuclear
           else _batched.orthogonalize_many)
@@ -346,13 +335,11 @@ def _polars(leaves, items, *, steps_override, ns_sharding, nuclear=False):
     by_options[id(leaves[i].lmo)].append(pos)
   out = [None] * len(items)
   for positions in by_options.values():
-    options = leaves[items[positions[0]][0]].lmo.options
-    results = many(
-        [items[p][1] for p in positions],
-        steps=(options['steps'] if steps_override is None
-               else steps_override),
-        coeffs=options['coeffs'], dtype=options['dtype'], eps=options['eps'],
-        polar=options['polar'], ns_sharding=ns_sharding)
+    ns = leaves[items[positions[0]][0]].lmo.options['newton_schulz']
+    ns = ns._replace(sharding=ns_sharding)
+    if steps_override is not None:
+      ns = ns._replace(steps=steps_override)
+    results = many([items[p][1] for p in positions], newton_schulz=ns)
     for p, r in zip(positions, results):
       out[p] = r
   return out
@@ -371,7 +358,9 @@ def _directions_and_duals(leaves, ahead, grads, tilde, count, *,
   duals: list[Any] = [None] * n
   sampled: list[Any] = [jnp.array(True)] * n
   spectral = [i for i, leaf in enumerate(leaves)
-              if leaf.lmo.name == 'spectral' and 'steps' in leaf.lmo.options]
+              if leaf.lmo.name == 'spectral' and isinstance(
+                  leaf.lmo.options.get('newton_schulz'),
+                  _newton_schulz.NewtonSchulz)]
 
   for i, leaf in enumerate(leaves):
     if i in spectral:
@@ -470,26 +459,15 @@ def lanton(
     mapping: str | _mapping.Mapping = 'mean_ratio',
     weight_decay: float = 0.1,
     weight_decay_mask: Any = None,
-    vector: str = 'adamw',
     hidden_lmo: str | _lmo.LMO = 'spectral',
     embed_head_lmo: str | _lmo.LMO = 'sign',
+    vector: str | optax.GradientTransformation = 'adamw',
     group_lr_scales: Mapping[str, float] | None = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.95,
-    adam_eps: float = 1e-8,
-    adam_weight_decay: float | None = None,
-    adam_weight_decay_mask: Any = None,
-    adam_learning_rate: optax.ScalarOrSchedule | None = None,
     param_labels: _groups.LabelSpec = None,
     weight_dimension_numbers: _matrix.DimSpec = None,
-    ns_steps: int = 5,
-    ns_coeffs: _newton_schulz.Coeffs = _newton_schulz.DEFAULT_NS_COEFFS,
-    ns_dtype: Any = 'auto',
-    ns_eps: float = 1e-8,
+    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
     noise_ns_steps: int | None = None,
     noise_every: int | None = None,
-    polar: str = 'newton_schulz',
-    ns_sharding: str = 'batch',
     mu_dtype: Any = None,
     noise_buffer_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -497,41 +475,61 @@ def lanton(
 
   Args:
     learning_rate: a float or a schedule (eta_t).
-    vector: 'adamw' (default) puts 'vector' leaves on AdamW; 'bias_rms' puts
-      them on LANTON with the bias-RMS LMO (a third noise-adaptive group;
-      give it its own share of the rate with group_lr_scales['vector']). On
-      the tiny LM sweep (docs/lm_experiments.md) bias_rms was no better than
-      AdamW: worse at the shared rate, within the seed spread at 0.2 of it.
-    hidden_lmo, embed_head_lmo: the LMOs of those groups.
-    weight_decay: decoupled weight decay of LANTON's leaves.
-    adam_b1, adam_b2, adam_eps: AdamW options for vector leaves.
-    adam_weight_decay: their weight decay (None: `weight_decay`).
-    adam_weight_decay_mask: optax mask for it.
-    adam_learning_rate: their learning rate (None: `learning_rate`).
-    Others: see `scale_by_lanton`.
+    b1: momentum decay (`scale_by_lanton`).
+    b2: decay of the noise estimate (`scale_by_lanton`).
+    nesterov: Nesterov momentum (`scale_by_lanton`).
+    noise: 'previous' or 'independent' (`scale_by_lanton`).
+    mapping: the group's H -> scales mapping (`scale_by_lanton`).
+    weight_decay: decoupled weight decay of LANTON's leaves, and of the
+      default AdamW of the vector leaves.
+    weight_decay_mask: mask of LANTON's weight decay (`scale_by_lanton`).
+    hidden_lmo: LMO (name or `LMO`) of the 'hidden' group.
+    embed_head_lmo: LMO (name or `LMO`) of the 'embed_head' group.
+    vector: what steps the 'vector' leaves: 'adamw' (default):
+      `optax.adamw(learning_rate, b2=0.95, weight_decay=weight_decay,
+      mu_dtype=mu_dtype)`; 'bias_rms': LANTON with the bias-RMS LMO (a third
+      noise-adaptive group; give it its own share of the rate with
+      group_lr_scales['vector']); or an optax.GradientTransformation, which
+      gets their gradients and applies its own learning rate.
+    group_lr_scales: constant learning-rate multiplier per LANTON group
+      (`scale_by_lanton`); 'vector' only with vector='bias_rms'.
+    param_labels: group labels (`scale_by_lanton`).
+    weight_dimension_numbers: matrix view of n-D leaves (`scale_by_lanton`).
+    newton_schulz: polar factors of the spectral LMO (`scale_by_lanton`).
+    noise_ns_steps: Newton-Schulz steps of the noise estimate
+      (`scale_by_lanton`).
+    noise_every: noise sample every k steps (`scale_by_lanton`).
+    mu_dtype: momentum dtype, also of the default AdamW (None: like the
+      params).
+    noise_buffer_dtype: dtype of the previous-gradient buffer
+      (`scale_by_lanton`).
 
   Returns:
     An optax.GradientTransformationExtraArgs (an `optax.partition`); pass
     `noise_grads=` to `update` with noise='independent'.
 
   Under `optax.inject_hyperparams(lanton)(learning_rate=schedule)` every
-  numeric option becomes a traced hyperparameter (ns_steps then runs in a
-  fori_loop); callable options (a mapping, param_labels, masks) must be listed
-  in `static_args`, since optax takes callables for schedules.
+  numeric option becomes a traced hyperparameter (noise_ns_steps then runs in
+  a fori_loop); `newton_schulz` and a `vector` transformation stay static, and
+  callable options (a mapping, param_labels, masks) must be listed in
+  `static_args`, since optax takes callables for schedules.
   """
-  if vector not in VECTOR_OPTIONS:
-    raise ValueError(f'unknown vector option {vector!r}; valid: '
-                     f'{VECTOR_OPTIONS}')
-  if vector == 'adamw' and _groups.VECTOR in (group_lr_scales or {}):
+  if isinstance(vector, str):
+    if vector not in VECTOR_OPTIONS:
+      raise ValueError(f'unknown vector option {vector!r}; valid: '
+                       f'{VECTOR_OPTIONS} or an optax.GradientTransformation')
+  elif not isinstance(vector, optax.GradientTransformation):
+    raise TypeError('vector must be a name or an optax.GradientTransformation'
+                    f', got {vector!r}')
+  on_lanton = isinstance(vector, str) and vector == 'bias_rms'
+  if not on_lanton and _groups.VECTOR in (group_lr_scales or {}):
+    given = (f'vector={vector!r}' if isinstance(vector, str)
+             else 'a vector transformation')
     raise ValueError("group_lr_scales['vector'] scales vector leaves on "
-                     "LANTON (vector='bias_rms'); with vector='adamw' their "
-                     'rate is adam_learning_rate')
-  if adam_learning_rate is None:
-    adam_learning_rate = learning_rate
-  if adam_weight_decay is None:
-    adam_weight_decay = weight_decay
+                     f"LANTON (vector='bias_rms'); with {given} their rate is "
+                     "that transformation's own")
   rename = {_groups.HIDDEN: 'lanton', _groups.EMBED_HEAD: 'lanton',
-            _groups.VECTOR: 'adam' if vector == 'adamw' else 'lanton'}
+            _groups.VECTOR: 'lanton' if on_lanton else 'adam'}
 
   def partition_labels(params):
     return _groups.label_tree(params, param_labels, rename=rename)
@@ -543,20 +541,19 @@ def lanton(
                   _groups.EMBED_HEAD: embed_head_lmo,
                   _groups.VECTOR: 'bias_rms'},
       group_lr_scales=group_lr_scales, param_labels=param_labels,
-      weight_dimension_numbers=weight_dimension_numbers, ns_steps=ns_steps,
-      ns_coeffs=ns_coeffs, ns_dtype=ns_dtype, ns_eps=ns_eps,
-      noise_ns_steps=noise_ns_steps, noise_every=noise_every, polar=polar,
-      ns_sharding=ns_sharding, mu_dtype=mu_dtype,
+      weight_dimension_numbers=weight_dimension_numbers,
+      newton_schulz=newton_schulz, noise_ns_steps=noise_ns_steps,
+      noise_every=noise_every, mu_dtype=mu_dtype,
       noise_buffer_dtype=noise_buffer_dtype)
   transforms = {
       'lanton': optax.chain(core,
                             optax.scale_by_learning_rate(learning_rate)),
   }
-  if vector == 'adamw':
-    transforms['adam'] = optax.adamw(
-        learning_rate=adam_learning_rate, b1=adam_b1, b2=adam_b2,
-        eps=adam_eps, weight_decay=adam_weight_decay,
-        mask=adam_weight_decay_mask, mu_dtype=mu_dtype)
+  # The partition keys ('lanton', 'adam') name the optimizer state in
+  # checkpoints: they stay as they are whatever `vector` is.
+  if not on_lanton:
+    transforms['adam'] = vector if not isinstance(vector, str) else optax.adamw(
+        learning_rate, b2=0.95, weight_decay=weight_decay, mu_dtype=mu_dtype)
   return optax.partition(transforms, partition_labels,
                          mask_compatible_extra_args=True)
 

@@ -22,7 +22,8 @@ bias_rms (RMS norm of the whole leaf, n entries):
     O = -B / RMS(B);                      dual(D) = sqrt(n) |D|_2
 
 The spectral polar factor and its nuclear norm |D|_* = <D, polar(D)> use
-Newton-Schulz by default (approximate; `polar='svd'` is exact and slow).
+Newton-Schulz by default (approximate; `NewtonSchulz(polar='svd')` is exact
+and slow).
 """
 
 import functools
@@ -55,33 +56,30 @@ def spectral_scale(d_in: int, d_out: int) -> float:
   return (d_out / d_in) ** 0.5
 
 
-def polar_factor(x: jax.Array, *, polar: str = 'newton_schulz',
-                 steps: int = 5, coeffs=_newton_schulz.DEFAULT_NS_COEFFS,
-                 dtype: Any = jnp.float32, eps: float = 1e-8) -> jax.Array:
+def polar_factor(x: jax.Array, ns: _newton_schulz.NewtonSchulz) -> jax.Array:
   """polar(x) for x [..., m, n], by Newton-Schulz or by SVD."""
-  _batched.check_options(polar=polar, ns_sharding='none')
-  if polar == 'svd':
+  if ns.polar == 'svd':
     return _batched.svd_polar(x)
-  return _newton_schulz.newton_schulz(x, steps=steps, coeffs=coeffs,
-                                      dtype=dtype, eps=eps)
+  return _newton_schulz.newton_schulz(x, steps=ns.steps, coeffs=ns.coeffs,
+                                      dtype=ns.dtype, eps=ns.eps)
 
 
-def spectral(*, steps: int = 5, coeffs=_newton_schulz.DEFAULT_NS_COEFFS,
-             dtype: Any = jnp.float32, eps: float = 1e-8,
-             polar: str = 'newton_schulz') -> LMO:
+def spectral(
+    *,
+    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(
+        dtype='float32'),
+) -> LMO:
   """The RMS->RMS operator-norm LMO (Muon's geometry).
 
   Args:
-    steps, coeffs, dtype, eps: Newton-Schulz options (`newton_schulz`).
-    polar: 'newton_schulz' (default) or 'svd' (exact).
+    newton_schulz: how its polar factors are computed (fp32 by default, like
+      `newton_schulz`; the optimizers pass their own).
 
   Returns:
-    An LMO.
+    An LMO; its options are {'newton_schulz': newton_schulz}.
   """
-  options = dict(steps=steps, coeffs=coeffs, dtype=dtype, eps=eps,
-                 polar=polar)
-  _batched.check_options(polar=polar, ns_sharding='none')
-  polar_fn = functools.partial(polar_factor, **options)
+  _newton_schulz.check_options(newton_schulz)
+  polar_fn = functools.partial(polar_factor, ns=newton_schulz)
 
   def direction(b):
     _check_matrix('spectral', b)
@@ -94,7 +92,8 @@ def spectral(*, steps: int = 5, coeffs=_newton_schulz.DEFAULT_NS_COEFFS,
     o = polar_fn(d).astype(jnp.float32)
     return scale * jnp.sum(d.astype(jnp.float32) * o)
 
-  return LMO('spectral', direction, dual_norm, True, options)
+  return LMO('spectral', direction, dual_norm, True,
+             {'newton_schulz': newton_schulz})
 
 
 def sign() -> LMO:

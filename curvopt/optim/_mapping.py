@@ -1,8 +1,10 @@
 """Learning-rate mappings: a group's noise estimates H -> per-layer scales.
 
 A mapping is any function h_N -> s_N over the N leaves of one group (called
-inside the jit'd update, on every step). The paper's exact mapping is not
-public (spec: OPEN); these are the two candidates the spec asks for.
+inside the jit'd update, on every step). LANTON's paper (arXiv 2510.14009)
+does not publish its exact mapping; these are two candidates: the least noisy
+layer at the scheduled rate (`min_ratio`), or rates around the group's mean
+noise (`mean_ratio`).
 """
 
 from typing import Callable, Union
@@ -18,8 +20,8 @@ def min_ratio(*, eps: float = 1e-12) -> Mapping:
 
   The least noisy layer of the group gets exactly 1 (the scheduled rate),
   noisier layers proportionally less. eps sits in the numerator too so that
-  the least noisy layer gets 1 even when all H are ~0 (the spec's formula
-  sqrt(min H / (H_l + eps)) is the same for H >> eps).
+  the least noisy layer gets 1 even when all H are ~0 (for H >> eps it is
+  sqrt(min H / (H_l + eps))).
 
   Args:
     eps: regularizer of the ratio.

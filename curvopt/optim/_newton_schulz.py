@@ -1,5 +1,6 @@
 """Newton-Schulz orthogonalization (approximate polar factor U V^T)."""
 
+import numbers
 from typing import Any, NamedTuple, Sequence, Union
 
 import jax
@@ -9,8 +10,64 @@ from curvopt.optim import _sharding
 
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_DTYPES = ('auto', 'float32', 'bfloat16')
+POLARS = ('newton_schulz', 'svd')
 
 Coeffs = Union[Sequence[float], Sequence[Sequence[float]]]
+
+
+class NewtonSchulz(NamedTuple):
+  """How the optimizers and the spectral LMO compute polar factors.
+
+  Attributes:
+    steps: Newton-Schulz iterations.
+    coeffs: one (a, b, c) triple, or one triple per step (see `newton_schulz`).
+    dtype: dtype of the iteration: 'auto' (bf16 on accelerators, fp32 on CPU),
+      'float32', 'bfloat16' or a jnp floating dtype.
+    eps: added to each matrix's Frobenius norm before dividing by it.
+    polar: 'newton_schulz' (the iteration) or 'svd' (the exact polar factor;
+      slow, for tests and references).
+    sharding: on a mesh, how the optimizers lay out each stack of same-shape
+      matrices: 'batch', 'replicated' or 'none' (see `orthogonalize_many`);
+      ignored without a mesh and by the LMO's own `direction` and `dual_norm`.
+  """
+  steps: int = 5
+  coeffs: Coeffs = DEFAULT_NS_COEFFS
+  dtype: Any = 'auto'
+  eps: float = 1e-8
+  polar: str = 'newton_schulz'
+  sharding: str = 'batch'
+
+
+def check_options(ns: Any) -> NewtonSchulz:
+  """Checks a `NewtonSchulz` before any array is seen.
+
+  Args:
+    ns: the options to check.
+
+  Returns:
+    `ns`.
+
+  Raises:
+    TypeError: `ns` is not a NewtonSchulz.
+    ValueError: a field has an invalid value; the message names it.
+  """
+  if not isinstance(ns, NewtonSchulz):
+    raise TypeError(f'expected optim.NewtonSchulz(...), got {ns!r}')
+  # A traced integer is accepted: LANTON's noise_ns_steps is one under
+  # optax.inject_hyperparams.
+  integral = isinstance(ns.steps, numbers.Integral) or (
+      isinstance(ns.steps, jax.Array)
+      and jnp.issubdtype(ns.steps.dtype, jnp.integer))
+  if not integral or isinstance(ns.steps, bool):
+    raise TypeError(f'NewtonSchulz steps must be an int, got {ns.steps!r}')
+  if ns.polar not in POLARS:
+    raise ValueError(f'unknown polar {ns.polar!r}; valid: {POLARS}')
+  if ns.sharding not in _sharding.NS_SHARDINGS:
+    raise ValueError(f'unknown Newton-Schulz sharding {ns.sharding!r}; valid: '
+                     f'{_sharding.NS_SHARDINGS}')
+  resolve_ns_dtype(ns.dtype)
+  coeff_schedule(ns.coeffs, ns.steps)
+  return ns
 
 
 def resolve_ns_dtype(dtype: Any) -> jnp.dtype:
@@ -24,17 +81,18 @@ def resolve_ns_dtype(dtype: Any) -> jnp.dtype:
   """
   if isinstance(dtype, str):
     if dtype not in NS_DTYPES:
-      raise ValueError(f'unknown ns_dtype {dtype!r}; valid: {NS_DTYPES} or a '
-                       'floating dtype')
+      raise ValueError(f'unknown Newton-Schulz dtype {dtype!r}; valid: '
+                       f'{NS_DTYPES} or a floating dtype')
     if dtype == 'auto':
       return jnp.dtype(jnp.float32 if jax.default_backend() == 'cpu'
                        else jnp.bfloat16)
   try:
     resolved = jnp.dtype(dtype)
   except TypeError as e:
-    raise ValueError(f'unknown ns_dtype {dtype!r}') from e
+    raise ValueError(f'unknown Newton-Schulz dtype {dtype!r}') from e
   if not jnp.issubdtype(resolved, jnp.floating):
-    raise ValueError(f'ns_dtype must be a floating dtype, got {dtype!r}')
+    raise ValueError(f'the Newton-Schulz dtype must be a floating dtype, got '
+                     f'{dtype!r}')
   return resolved
 
 
@@ -55,7 +113,8 @@ def coeff_schedule(coeffs: Coeffs, steps: Any) -> Schedule:
   """Per-step (a, b, c) triples, or a DynamicSchedule for traced `steps`.
 
   `steps` is traced when it is a hyperparameter under
-  `optax.inject_hyperparams`; one triple then runs in a `fori_loop`.
+  `optax.inject_hyperparams` (LANTON's `noise_ns_steps`) or an argument of a
+  jit'd function; one triple then runs in a `fori_loop`.
 
   Args:
     coeffs: one triple, or one triple per step.
@@ -68,16 +127,18 @@ def coeff_schedule(coeffs: Coeffs, steps: Any) -> Schedule:
     steps = int(steps)
   except jax.errors.ConcretizationTypeError:
     if not _is_triple(coeffs):
-      raise ValueError('per-step coefficients need a static number of steps; '
-                       'under optax.inject_hyperparams list ns_steps in '
-                       'static_args') from None
+      raise ValueError('per-step coefficients need a static number of steps, '
+                       f'got a traced one; coeffs {coeffs!r}') from None
     return DynamicSchedule(tuple(coeffs), steps)
   if steps < 0:
-    raise ValueError(f'steps must be >= 0, got {steps}')
+    raise ValueError(f'Newton-Schulz steps must be >= 0, got {steps}')
   if _is_triple(coeffs):
     return [tuple(coeffs)] * steps
-  rows = [tuple(row) for row in coeffs]
-  if any(len(row) != 3 for row in rows) or len(rows) != steps:
+  try:
+    rows = [tuple(row) for row in coeffs]
+  except TypeError:  # e.g. a pair of numbers: not one triple, not triples
+    rows = None
+  if rows is None or any(len(r) != 3 for r in rows) or len(rows) != steps:
     raise ValueError('coeffs must be one (a, b, c) triple or one triple per '
                      f'step ({steps} steps), got {coeffs!r}')
   return rows

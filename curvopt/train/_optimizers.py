@@ -31,21 +31,26 @@ def _optax_muon(cfg, lr, adam_lr):
       consistent_rms=cfg.consistent_rms)
 
 
+def _adam_part(cfg, adam_lr):
+  """AdamW from the b1, b2, eps and weight_decay fields, for the leaves D-Muon / LANTON leave."""
+  return optax.adamw(adam_lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
 def _dmuon(cfg, lr, adam_lr):
-  return optim.dmuon(lr, beta=cfg.momentum, weight_decay=cfg.weight_decay, adam_b1=cfg.b1,
-                     adam_b2=cfg.b2, adam_eps=cfg.eps, adam_learning_rate=adam_lr)
+  return optim.dmuon(lr, beta=cfg.momentum, weight_decay=cfg.weight_decay,
+                     others=_adam_part(cfg, adam_lr))
 
 
 def _lanton(cfg, lr, adam_lr, *, mapping=None):
   scales = {'embed_head': cfg.lanton_embed_head_scale}
   if cfg.lanton_vector_scale is not None:
     scales['vector'] = cfg.lanton_vector_scale
+  vector = cfg.lanton_vector or 'adamw'
   return optim.lanton(lr, b1=cfg.momentum, mapping=mapping or cfg.lanton_mapping,
                       group_lr_scales=scales,
                       noise_every=cfg.lanton_noise_every, noise_ns_steps=cfg.lanton_noise_ns_steps,
-                      vector=cfg.lanton_vector or 'adamw',
-                      weight_decay=cfg.weight_decay, adam_b1=cfg.b1, adam_b2=cfg.b2,
-                      adam_eps=cfg.eps, adam_learning_rate=adam_lr)
+                      vector=_adam_part(cfg, adam_lr) if vector == 'adamw' else vector,
+                      weight_decay=cfg.weight_decay)
 
 
 def lanton_metrics(opt_state: Any) -> dict[str, jax.Array]:
@@ -94,7 +99,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
   if not cfg.learning_rate > 0:
     raise ValueError(f'optimizer.learning_rate must be positive, got {cfg.learning_rate}')
   lr = _schedules.make_schedule(cfg.learning_rate, total_steps, schedule_cfg)
-  adam_peak = cfg.adam_learning_rate if cfg.get('adam_learning_rate') is not None else cfg.learning_rate
+  adam_peak = cfg.get('adam_learning_rate')
+  if adam_peak is None:
+    adam_peak = cfg.learning_rate
   adam_lr = _schedules.make_schedule(adam_peak, total_steps, schedule_cfg)
   tx = OPTIMIZERS[cfg.name](cfg, lr, adam_lr)
   if cfg.grad_clip_norm:

@@ -125,7 +125,8 @@ def test_dimension_numbers_override_changes_the_view():
   grads = {'stack': {'kernel': w}}
 
   def step(**kw):
-    opt = optim.dmuon(1.0, weight_decay=0.0, nesterov=False, polar='svd', **kw)
+    opt = optim.dmuon(1.0, weight_decay=0.0, nesterov=False,
+                      newton_schulz=optim.NewtonSchulz(polar='svd'), **kw)
     return opt.update(grads, opt.init(params), params)[0]['stack']['kernel']
 
   batched = np.asarray(

@@ -1,5 +1,6 @@
 """Newton-Schulz against SVD polar factors, batching, dtypes, sharding."""
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -86,7 +87,7 @@ def test_bfloat16_iteration_is_close_to_float32():
 
 @pytest.mark.parametrize('bad', [dict(dtype='float8'), dict(dtype='int32')])
 def test_bad_dtype_raises(bad):
-  with pytest.raises(ValueError, match='ns_dtype'):
+  with pytest.raises(ValueError, match='Newton-Schulz dtype'):
     optim.newton_schulz(_matrix(0, (4, 4)), **bad)
 
 
@@ -113,23 +114,24 @@ def test_sharded_equals_unsharded(mesh8, spec):
 
 # Stacks of two oriented shapes ([8, 12] and [16, 16]), one of them tall.
 _STACKS = [(2, 8, 12), (1, 12, 8), (3, 8, 12), (1, 16, 16)]
-_NS = dict(steps=5, coeffs=optim.DEFAULT_NS_COEFFS, dtype='float32', eps=1e-8)
+_NS = optim.NewtonSchulz(steps=5, coeffs=optim.DEFAULT_NS_COEFFS, dtype='float32', eps=1e-8)
 
 
 def test_nuclear_norms_many_equal_the_svd_nuclear_norm():
   xs = [_matrix(20 + i, s) for i, s in enumerate(_STACKS)]
-  got = optim.nuclear_norms_many(xs, **_NS, polar='svd')
+  got = optim.nuclear_norms_many(xs, newton_schulz=_NS._replace(polar='svd'))
   for x, norm in zip(xs, got):
     expected = sum(np.linalg.svd(np.asarray(m, np.float64),
                                  compute_uv=False).sum() for m in x)
-    assert norm.dtype == jnp.float32 and norm.shape == ()
+    chex.assert_shape(norm, ())
+    chex.assert_type(norm, jnp.float32)
     np.testing.assert_allclose(float(norm), expected, rtol=1e-5)
 
 
 def test_nuclear_norms_many_equal_the_pairing_with_the_polar_factors():
   xs = [_matrix(30 + i, s) for i, s in enumerate(_STACKS)]
-  polars = optim.orthogonalize_many(xs, **_NS)
-  for x, o, norm in zip(xs, polars, optim.nuclear_norms_many(xs, **_NS)):
+  polars = optim.orthogonalize_many(xs, newton_schulz=_NS)
+  for x, o, norm in zip(xs, polars, optim.nuclear_norms_many(xs, newton_schulz=_NS)):
     np.testing.assert_allclose(float(norm), float(jnp.sum(x * o)), rtol=1e-5)
 
 
@@ -140,6 +142,6 @@ def test_nuclear_norms_many_sharded_equal_unsharded(mesh8, ns_sharding):
   sharded = [jax.device_put(x, NamedSharding(
       mesh8, P(None, 'fsdp') if x.shape[1] % 4 == 0 else P())) for x in xs]
   run = jax.jit(lambda ms: optim.nuclear_norms_many(
-      ms, **_NS, ns_sharding=ns_sharding))
-  for got, want in zip(run(sharded), optim.nuclear_norms_many(xs, **_NS)):
+      ms, newton_schulz=_NS._replace(sharding=ns_sharding)))
+  for got, want in zip(run(sharded), optim.nuclear_norms_many(xs, newton_schulz=_NS)):
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,11 +38,6 @@ def _grads(seed):
   return jax.tree.map(lambda x: _normal(seed, x.shape), _params())
 
 
-def _max_diff(a, b):
-  return max(float(jnp.max(jnp.abs(x - y)))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
-
 @pytest.mark.parametrize('name', sorted(_OPTIMIZERS))
 def test_wrapped_in_chain_inject_multisteps_apply_if_finite(name):
   make = _OPTIMIZERS[name]
@@ -57,19 +53,19 @@ def test_wrapped_in_chain_inject_multisteps_apply_if_finite(name):
   update = jax.jit(wrapped.update)
   g0, g1 = _grads(10), _grads(11)
   u0, state = update(g0, state, params)
-  assert _max_diff(u0, jax.tree.map(jnp.zeros_like, u0)) == 0  # accumulating
+  chex.assert_trees_all_equal(u0, jax.tree.map(jnp.zeros_like, u0))  # accumulating
   u1, state = update(g1, state, params)
   # The applied update equals the bare optimizer's on the mean gradient.
   bare = make(schedule)
   expected, _ = jax.jit(bare.update)(
       jax.tree.map(lambda a, b: (a + b) / 2, g0, g1), bare.init(params),
       params)
-  assert _max_diff(u1, expected) < 1e-5
+  chex.assert_trees_all_close(u1, expected, rtol=0.0, atol=1e-5)
   # A non-finite gradient is skipped and leaves every state leaf finite.
   bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), g0)
   u2, state = update(bad, state, params)
   assert int(state.notfinite_count) == 1
-  assert _max_diff(u2, jax.tree.map(jnp.zeros_like, u2)) == 0
+  chex.assert_trees_all_equal(u2, jax.tree.map(jnp.zeros_like, u2))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state)
              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
   for g in (g1, g0):  # a second inner step

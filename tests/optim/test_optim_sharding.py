@@ -5,6 +5,7 @@ import collections
 import functools
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
@@ -56,9 +57,13 @@ def _fsdp(tree, mesh):
       tree)
 
 
+def _fp32(sharding='batch'):
+  return optim.NewtonSchulz(dtype='float32', sharding=sharding)
+
+
 _OPTIMIZERS = {
-    'dmuon': lambda s: optim.dmuon(0.1, ns_sharding=s, ns_dtype='float32'),
-    'lanton': lambda s: optim.lanton(0.1, ns_sharding=s, ns_dtype='float32'),
+    'dmuon': lambda s: optim.dmuon(0.1, newton_schulz=_fp32(s)),
+    'lanton': lambda s: optim.lanton(0.1, newton_schulz=_fp32(s)),
 }
 
 
@@ -86,13 +91,11 @@ def _check_sharded(name, ns_sharding, mesh):
   params = _fsdp(_params(), mesh)
   got = _two_steps(_OPTIMIZERS[name](ns_sharding), params,
                    [_fsdp(_params(seed), mesh) for seed in (10, 20)])
-  for (path, a), b, p in zip(jax.tree_util.tree_flatten_with_path(got)[0],
-                             jax.tree.leaves(_unsharded(name)),
-                             jax.tree.leaves(params)):
-    where = jax.tree_util.keystr(path)
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                               atol=1e-6, err_msg=where)
-    assert _spec(a) == _spec(p), where  # updates laid out like the params
+  chex.assert_trees_all_close(got, _unsharded(name), rtol=1e-4, atol=1e-6)
+  for (path, a), p in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                          jax.tree.leaves(params)):
+    # Updates laid out like the params.
+    assert _spec(a) == _spec(p), jax.tree_util.keystr(path)
 
 
 # The layout strategies are shared code (orthogonalize_many): all of them on
@@ -133,12 +136,12 @@ def test_batched_newton_schulz_needs_fewer_collectives(mesh8):
   # inside every iteration; one laid-out stack needs a handful in all.
   params, grads = _hidden_only(n, _auto_mesh(mesh8))
   before = _count(optax.contrib.muon(0.1), params, grads)
-  after = _count(optim.dmuon(0.1, ns_dtype='float32'), params, grads)
+  after = _count(optim.dmuon(0.1, newton_schulz=_fp32()), params, grads)
   assert sum(after.values()) < sum(before.values()) / 4, (before, after)
   # Explicit axes, 'replicated': exactly one all-gather per matrix.
   params, grads = _hidden_only(n, mesh8)
-  replicated = _count(optim.dmuon(0.1, ns_dtype='float32',
-                                  ns_sharding='replicated'), params, grads)
+  replicated = _count(optim.dmuon(0.1, newton_schulz=_fp32('replicated')),
+                      params, grads)
   assert replicated == {'all-gather': n}, replicated
 
 
