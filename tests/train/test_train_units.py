@@ -216,16 +216,6 @@ def test_distributed_needs_complete_arguments():
     train.initialize_distributed(coordinator_address='127.0.0.1:1', num_processes=2, process_id=2)
 
 
-def test_curves_by_prefix_latest_record_wins(tmp_path):
-  writer = train.MetricWriter(str(tmp_path), tensorboard=False)
-  writer.write(1, {'s/a': 1.0, 's/b': 2.0, 'loss': 9.0})
-  writer.write(2, {'s/a': 3.0})
-  writer.write(2, {'s/a': 4.0})  # logged again after a resume
-  writer.close()
-  assert train.curves(str(tmp_path), 's/') == {'s/a': ([1, 2], [1.0, 4.0]), 's/b': ([1], [2.0])}
-  assert train.curve(str(tmp_path), 's/a') == ([1, 2], [1.0, 4.0])
-
-
 def test_resume_check_ignores_fields_added_later_but_not_changed_ones():
   from curvopt.train import _loop  # pylint: disable=g-import-not-at-top
   saved = {'optimizer': {'name': 'lanton', 'learning_rate': 0.03}}

@@ -8,10 +8,9 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from curvopt.train import _metrics
-from curvopt.train import _report
-from curvopt.train import _rl
-from curvopt.train import _sweep
+from curvopt import train
+from curvopt.studies import _report
+from curvopt.studies import _sweep
 
 
 def study_run_dir(workdir: str, variant: str, seed: int) -> str:
@@ -19,7 +18,7 @@ def study_run_dir(workdir: str, variant: str, seed: int) -> str:
 
 
 def run_rl_study(runs: ml_collections.ConfigDict, seeds: Sequence[int], workdir: str, *,
-                 init_from: str, train_fn: Callable = _rl.train_rl) -> None:
+                 init_from: str, train_fn: Callable = train.train_rl) -> None:
   """Trains every run config (variant name -> configs/rl.py config) with every seed.
 
   Each run has its own directory, so an interrupted study resumes run by run.
@@ -43,7 +42,7 @@ def _mean_curve(curves: Sequence[tuple[list, list]]) -> tuple[list, list]:
 
 
 def _by_completions(run_dir: str, key: str) -> tuple[list, list]:
-  records = {r['step']: r for r in _metrics.read_metrics(run_dir)}
+  records = {r['step']: r for r in train.read_metrics(run_dir)}
   steps = sorted(s for s, r in records.items() if key in r and 'completions_seen' in r)
   return ([records[s]['completions_seen'] for s in steps], [records[s][key] for s in steps])
 
