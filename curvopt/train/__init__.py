@@ -1,4 +1,4 @@
-"""Trainer plumbing: state, jit'd steps, sharding, checkpoints, metrics; the LM, SFT and RL trainers."""
+"""Trainer plumbing: state, jit'd steps, sharding, checkpoints, metrics; LM, SFT and RL trainers."""
 
 from curvopt.train._checkpoint import abstract_like
 from curvopt.train._checkpoint import Checkpointer

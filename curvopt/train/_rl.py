@@ -14,7 +14,6 @@ import numpy as np
 from curvopt import data as data_lib
 from curvopt import models
 from curvopt import rl
-from curvopt.data import _permutation
 from curvopt.train import _checkpoint
 from curvopt.train import _loop
 from curvopt.train import _metrics
@@ -43,7 +42,7 @@ class PromptStream:
 
   def __init__(self, source, *, seed: int):
     self._source = source
-    self._perm = _permutation.IndexPermutation(len(source), seed=seed)
+    self._perm = data_lib.IndexPermutation(len(source), seed=seed)
     self.position = 0
 
   def take(self, count: int) -> list[dict]:
