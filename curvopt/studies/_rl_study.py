@@ -2,7 +2,7 @@
 sample efficiency against the conservative baseline."""
 import math
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 from absl import logging
 import ml_collections
@@ -74,7 +74,8 @@ def rl_study_report(workdir: str, variants: Sequence[str], seeds: Sequence[int],
     if has_mask:
       masked_curves[variant] = _mean_curve(masked)
     rows.append([variant, len(runs), int(acc_curves[variant][0][-1]), float(np.mean(starts)),
-                 float(np.mean(finals)), float(np.std(finals)), float(np.max(acc_curves[variant][1])),
+                 float(np.mean(finals)), float(np.std(finals)),
+                 float(np.max(acc_curves[variant][1])),
                  f'{collapsed}/{len(runs)}',
                  f'{100 * max(max(m) for _, m in masked):.2f}%' if has_mask else '-'])
   target_x, target_y = acc_curves[baseline]

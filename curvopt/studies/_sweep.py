@@ -1,4 +1,4 @@
-"""Learning-rate sweeps: one LM run per (optimizer, learning rate, seed), then the best point's seeds.
+"""Learning-rate sweeps: an LM run per (optimizer, learning rate, seed), then the best one's seeds.
 
 A sweep is a grid of optimizer settings, each with a list of peak learning rates. Stage one runs
 every learning rate of every entry with the first seed; stage two reruns each entry's best one

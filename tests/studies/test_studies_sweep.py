@@ -85,7 +85,8 @@ def test_sweep_runs_every_rate_then_the_best_ones_seeds(tmp_path):
   assert best.learning_rate == 0.02
   assert best.final_losses == pytest.approx([1.0, 1.01, 1.02])
   assert best.mean_curve == ([10, 20, 30, 40], pytest.approx([4.01, 3.01, 2.01, 1.01]))
-  assert os.path.exists(os.path.join(studies.sweep_run_dir(str(tmp_path), 'b', 0.3, 2), 'metrics.jsonl'))
+  assert os.path.exists(
+      os.path.join(studies.sweep_run_dir(str(tmp_path), 'b', 0.3, 2), 'metrics.jsonl'))
 
 
 def test_a_rerun_sweep_reads_finished_runs_back_without_training(tmp_path):
