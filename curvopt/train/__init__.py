@@ -67,6 +67,7 @@ __all__ = (
     'make_optimizer',
     'make_rl_step',
     'make_schedule',
+    'make_train_step',
     'model_config_from',
     'put_global_batch',
     'quiet_library_logs',
