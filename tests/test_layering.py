@@ -38,7 +38,8 @@ def _is_prefix(prefix, module):
   return module == prefix or module.startswith(prefix + '.')
 
 
-@pytest.mark.parametrize('package, forbidden', sorted(NEVER_IMPORTS.items()), ids=sorted(NEVER_IMPORTS))
+@pytest.mark.parametrize('package, forbidden', sorted(NEVER_IMPORTS.items()),
+                         ids=sorted(NEVER_IMPORTS))
 def test_package_never_imports(package, forbidden):
   for path in _modules(package):
     bad = sorted({m for m in _imported_modules(path) if any(_is_prefix(f, m) for f in forbidden)})

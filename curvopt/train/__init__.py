@@ -5,11 +5,9 @@ from curvopt.train._checkpoint import Checkpointer
 from curvopt.train._configs import load_config
 from curvopt.train._distributed import define_distributed_flags
 from curvopt.train._distributed import initialize_distributed
-from curvopt.train._loop import model_config_from
+from curvopt.train._lm import RunResult
+from curvopt.train._lm import train_lm
 from curvopt.train._loop import NonFiniteError
-from curvopt.train._loop import resolve_dtype
-from curvopt.train._loop import RunResult
-from curvopt.train._loop import train_lm
 from curvopt.train._metrics import MetricWriter
 from curvopt.train._metrics import Progress
 from curvopt.train._metrics import quiet_library_logs
@@ -25,6 +23,8 @@ from curvopt.train._rl_step import RLState
 from curvopt.train._rollout import Rollout
 from curvopt.train._schedules import make_schedule
 from curvopt.train._schedules import SCHEDULES
+from curvopt.train._setup import model_config_from
+from curvopt.train._setup import resolve_dtype
 from curvopt.train._sft import restore_params
 from curvopt.train._sft import SftResult
 from curvopt.train._sft import train_sft
