@@ -57,10 +57,11 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, *, state: Any,
   and metrics with at least 'loss' and 'grad_norm' (arrays are fetched only when needed). At
   log, eval and checkpoint steps (every step with `write_every_step`) the loop fetches the
   pending metrics, raising NonFiniteError on a non-finite loss or gradient norm before anything
-  is saved, writes their means with the throughput and, at eval steps, `evaluate(params, step)`
-  to metrics.jsonl; at log, eval and checkpoint steps it logs `shown(scalars)` and checkpoints
-  the latter with `data_state()` and the config. `evaluate_first` also evaluates a run's step 0.
-  Closes ckpt.
+  is saved, and writes their means with the throughput and, at eval steps, the scalars of
+  `evaluate(params, step)` to metrics.jsonl. At log, eval and checkpoint steps it logs
+  `shown(scalars)` as a progress line; at checkpoint steps it saves the state with
+  `data_state()` (the data position) and the config. `evaluate_first` also evaluates step 0 of
+  a fresh run. Closes ckpt.
   """
   writer = _metrics.MetricWriter(workdir, tensorboard=config.tensorboard)
   config_json = _setup.config_to_json(config)

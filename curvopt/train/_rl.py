@@ -31,7 +31,7 @@ _SHOWN = ('reward', 'eval_accuracy', 'completion_len', 'capo/masked_frac', 'entr
 class RLResult:
   step: int
   halted: bool
-  reward: float  # mean reward of the last logged steps
+  reward: float  # mean reward of the last step's completions
   eval_accuracy: float  # held-out greedy accuracy at the last evaluation
   completions_seen: int
 
@@ -137,7 +137,8 @@ def _initial_params(config, run: _setup.RunSetup, steps: _PolicySteps):
 
 
 def _make_step_fn(config, steps: _PolicySteps, rollout: _rollout.Rollout,
-                  reward_fn: rl.RewardFn, stream: PromptStream, ref_params: Any):
+                  reward_fn: rl.RewardFn, stream: PromptStream, ref_params: Any,
+                  completions_per_step: int):
   """One RL step: sample groups for the next prompts, reward them, one policy-gradient update."""
   roll = config.rollout
   base_key = jax.random.key(config.seed)
@@ -164,7 +165,7 @@ def _make_step_fn(config, steps: _PolicySteps, rollout: _rollout.Rollout,
     state, metrics = steps.update(state, batch)
     return state, {**metrics, **_rollout_stats(rewards, samples, roll.group_size),
                    'rollout_s': rollout_s,
-                   'completions_seen': (step + 1) * roll.prompts_per_step * roll.group_size}
+                   'completions_seen': (step + 1) * completions_per_step}
 
   return step_fn
 
@@ -207,7 +208,8 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str,
   result = _loop.run_loop(
       config, workdir, state=state,
       step_fn=_make_step_fn(config, steps, rollout, reward_fn, stream,
-                            ref_params=init_params if config.loss.beta > 0 else None),
+                            ref_params=init_params if config.loss.beta > 0 else None,
+                            completions_per_step=completions_per_step),
       data_state=stream.get_state, ckpt=ckpt, evaluate=evaluate,
       shown=lambda scalars: {k: v for k, v in scalars.items() if k in _SHOWN},
       work_per_step=completions_per_step, unit='completions', write_every_step=True,
