@@ -29,13 +29,13 @@ _ENTRIES = {
     'dmuon': dict(_ADAM, name='dmuon'),
     'lanton_min': dict(_LANTON, name='lanton', lanton_mapping='min_ratio'),
     'lanton_mean': dict(_LANTON, name='lanton_mean'),
-    # Cheaper noise estimates (issue 3): refreshed every k-th step, fewer Newton-Schulz steps.
+    # Cheaper noise estimates: refreshed every k-th step, and / or fewer Newton-Schulz steps.
     'lanton_mean_every4': dict(_LANTON, name='lanton_mean', lanton_noise_every=4),
     'lanton_mean_every8': dict(_LANTON, name='lanton_mean', lanton_noise_every=8),
     'lanton_mean_ns2': dict(_LANTON, name='lanton_mean', lanton_noise_ns_steps=2),
     'lanton_mean_every4_ns2': dict(_LANTON, name='lanton_mean', lanton_noise_every=4,
                                    lanton_noise_ns_steps=2),
-    # The spec's OPEN choice for vector leaves: the bias-RMS LMO instead of AdamW, at the shared
+    # LANTON leaves the vector leaves' step open: the bias-RMS LMO instead of AdamW, at the shared
     # rate and at 0.2 of it (AdamW's 3e-3 against 1.5e-2).
     'lanton_mean_bias_rms': dict(_LANTON, name='lanton_mean', lanton_vector='bias_rms'),
     'lanton_mean_bias_rms_scaled': dict(_LANTON, name='lanton_mean', lanton_vector='bias_rms',

@@ -18,7 +18,7 @@ from curvopt import train
 # The conservative learning rate x; the aggressive regime runs at 5x with 1/12 of the batch.
 _LR = 2e-5
 _PROMPTS = 2  # b prompts a step in the aggressive regime (b * group_size completions)
-# CAPO thresholds of the reference recipes (specs/capo.md): (tau_H, tau_F) per advantage kind.
+# CAPO thresholds of its reference recipes: (tau_H, tau_F) per advantage kind.
 _CAPO_TAUS = {'grpo': (0.01, 1e-4), 'dr_grpo': (5e-4, 1e-3)}
 _VARIANTS = ('grpo_conservative', 'grpo_aggressive', 'drgrpo_aggressive', 'capo_aggressive',
              'drcapo_aggressive', 'test')

@@ -12,6 +12,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from curvopt import studies
 from curvopt import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,14 +32,14 @@ def lm_section(config, workdir: str) -> str:
     run_dir = os.path.join(workdir, 'lm', name)
     logging.info('LM run %s in %s', name, run_dir)
     train.train_lm(run, run_dir)
-    summary = train.run_summary(run_dir)
+    summary = studies.run_summary(run_dir)
     rows.append([name, optimizer.learning_rate, summary['step'], summary['train_loss'],
                  summary['eval_loss'], round(summary['tokens_per_s'])])
-    curves[name] = train.curve(run_dir, 'eval_loss')
-  plot = train.plot_curves(curves, os.path.join(workdir, 'lm_eval_loss.png'),
+    curves[name] = studies.curve(run_dir, 'eval_loss')
+  plot = studies.plot_curves(curves, os.path.join(workdir, 'lm_eval_loss.png'),
                            title=f'{config.lm.model.name} decoder on {config.lm.data.name}',
                            xlabel='step', ylabel='eval loss (nats/token)')
-  table = train.markdown_table(
+  table = studies.markdown_table(
       ['optimizer', 'peak lr', 'steps', 'final train loss', 'final eval loss', 'tokens/s'], rows)
   tokens = config.lm.data.batch_size * config.lm.data.seq_len
   return (f'## Language-model pretraining\n\n{config.lm.model.name} decoder, '
@@ -53,14 +54,14 @@ def lanton_section(config, workdir: str) -> str:
     return ''
   run_dir = os.path.join(workdir, 'lm', name)
   prefix = 'lanton/lr_scale/'
-  series = {k[len(prefix):]: v for k, v in train.curves(run_dir, prefix).items()}
+  series = {k[len(prefix):]: v for k, v in studies.curves(run_dir, prefix).items()}
   steps = next(iter(series.values()))[0]
-  plot = train.plot_heatmap({leaf: values for leaf, (_, values) in series.items()}, steps,
+  plot = studies.plot_heatmap({leaf: values for leaf, (_, values) in series.items()}, steps,
                             os.path.join(workdir, 'lanton_lr_scale.png'),
                             title=f'LANTON ({config.lm_runs[name].name}): per-layer lr scale',
                             xlabel='step', colorbar='learning-rate scale s(H)')
   final = sorted(((values[-1], leaf) for leaf, (_, values) in series.items()))
-  table = train.markdown_table(['leaf', 'final lr scale'],
+  table = studies.markdown_table(['leaf', 'final lr scale'],
                                [[leaf, value] for value, leaf in final[:3] + final[-3:]])
   return ('## LANTON: noise-adaptive layerwise learning rates\n\nEach layer\'s step is the '
           'schedule times s(H), from its gradient-noise estimate H in the dual norm of its '
@@ -89,13 +90,13 @@ def rl_section(config, workdir: str) -> str:
   logging.info('SFT on arithmetic in %s', sft_dir)
   result = train.train_sft(sft, sft_dir)
   # From the metrics, not the result: a finished run reused by a rerun evaluates nothing.
-  accuracy = train.curve(sft_dir, 'accuracy/mean')[1][-1]
+  accuracy = studies.curve(sft_dir, 'accuracy/mean')[1][-1]
   runs = config.rl.runs.copy_and_resolve_references()
   for run in runs.values():
     run.task.data_dir = run.task.data_dir or sft.data.data_dir
-  train.run_rl_study(runs, (0,), rl_dir, init_from=sft_dir)
+  studies.run_rl_study(runs, (0,), rl_dir, init_from=sft_dir)
   baseline, candidate = config.rl.baseline, config.rl.candidate
-  report = train.rl_study_report(rl_dir, [baseline, candidate], (0,), baseline=baseline,
+  report = studies.rl_study_report(rl_dir, [baseline, candidate], (0,), baseline=baseline,
                                  candidate=candidate, plot_dir=workdir)
   return (f'## RL with the CAPO mask\n\nThe tiny LM above, fine-tuned on multi-step arithmetic '
           f'for {result.step} steps (held-out greedy accuracy {accuracy:.3f}), then '
@@ -112,7 +113,7 @@ def merge_section(config, workdir: str) -> str:
   study_config.base_from = os.path.join(workdir, 'lm', config.rl.init_from_lm)
   study_config.expert_runs = {'arithmetic': _sft_dir(workdir)}
   study_config.data_dir = _tasks_dir(config, workdir)
-  study = train.run_merge_study(study_config, os.path.join(workdir, 'merge'))
+  study = studies.run_merge_study(study_config, os.path.join(workdir, 'merge'))
   second = next(t for t in study_config.tasks if t != 'arithmetic')
   return ('## Model merging: OTA + FFG\n\nThe LM section\'s AdamW model is the base; its '
           f'arithmetic fine-tune from the RL section and a {second} expert '
@@ -120,7 +121,7 @@ def merge_section(config, workdir: str) -> str:
           'method, each capability scored by greedy exact match on '
           f'{study_config.eval.num_prompts} test prompts and normalized by its own expert; the '
           'full study is experiments/merge_study.py.\n\n'
-          + train.merge_study_report(study, workdir) + '\n')
+          + studies.merge_study_report(study, workdir) + '\n')
 
 
 SECTIONS = (lm_section, lanton_section, rl_section, merge_section)
@@ -137,7 +138,7 @@ def main(argv):
   parts += [text for text in (section(_CONFIG.value, workdir) for section in SECTIONS) if text]
   parts.append(f'_Total wall time: {time.perf_counter() - start:.0f} s._\n')
   report = os.path.join(workdir, 'report.md')
-  train.write_text(report, '\n'.join(parts))
+  studies.write_text(report, '\n'.join(parts))
   print(f'wrote {report}', flush=True)
 
 

@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from curvopt import studies
 from curvopt import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'e.g. configs/merge_study.py:default.')
@@ -24,11 +25,11 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   train.quiet_library_logs()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-  study = train.run_merge_study(config, workdir)
+  study = studies.run_merge_study(config, workdir)
   text = (f'# Merging study: {len(study.tasks)} experts ({", ".join(study.tasks)})\n\n'
-          + train.merge_study_report(study, workdir) + '\n')
+          + studies.merge_study_report(study, workdir) + '\n')
   path = os.path.join(workdir, 'merge_study.md')
-  train.write_text(path, text)
+  studies.write_text(path, text)
   print(text, flush=True)
 
 

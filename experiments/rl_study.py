@@ -11,6 +11,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from curvopt import studies
 from curvopt import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'e.g. configs/rl_study.py.')
@@ -23,13 +24,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   train.quiet_library_logs()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
-  train.run_rl_study(config.runs, config.seeds, workdir, init_from=config.init_from)
+  studies.run_rl_study(config.runs, config.seeds, workdir, init_from=config.init_from)
   text = ('# RL regimes on arithmetic\n\n'
-          + train.rl_study_report(workdir, list(config.runs), config.seeds,
+          + studies.rl_study_report(workdir, list(config.runs), config.seeds,
                                   baseline=config.baseline, candidate=config.candidate,
                                   collapse_fraction=config.collapse_fraction) + '\n')
   path = os.path.join(workdir, 'rl_study.md')
-  train.write_text(path, text)
+  studies.write_text(path, text)
   print(text, flush=True)
 
 

@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from curvopt import studies
 from curvopt import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'e.g. configs/lm_sweep.py:tiny.')
@@ -27,13 +28,13 @@ def main(argv):
   train.quiet_library_logs()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   train_fn = (lambda config, workdir: None) if _REPORT_ONLY.value else train.train_lm
-  results = train.run_sweep(config.base, config.grid, config.seeds, workdir, train_fn=train_fn)
+  results = studies.run_sweep(config.base, config.grid, config.seeds, workdir, train_fn=train_fn)
   if config.anchor not in results:  # only a report can get here
     print(f'no finished run of the anchor {config.anchor!r} yet in {workdir}; entries with '
           f'finished runs: {sorted(results)}', flush=True)
     return
-  best = {name: train.best_point(points) for name, points in results.items()}
-  plot = train.plot_curves(
+  best = {name: studies.best_point(points) for name, points in results.items()}
+  plot = studies.plot_curves(
       {f'{name} (lr {p.learning_rate:g}, {len(p.curves)} seeds)': p.mean_curve
        for name, p in best.items()},
       os.path.join(workdir, 'sweep_eval_loss.png'), title='best learning rate of each, seed mean',
@@ -42,10 +43,10 @@ def main(argv):
   text = (f'# Sweep: {base.model.name} decoder on {base.data.name}\n\n{base.total_steps} steps '
           f'of {base.data.batch_size}x{base.data.seq_len} tokens, {base.schedule.name} schedule, '
           f'seeds {list(config.seeds)}.\n\n'
-          + train.sweep_report(results, config.anchor)
+          + studies.sweep_report(results, config.anchor)
           + f'\n\n![eval loss]({os.path.basename(plot)})\n')
   path = os.path.join(workdir, 'sweep.md')
-  train.write_text(path, text)
+  studies.write_text(path, text)
   print(text, flush=True)
 
 

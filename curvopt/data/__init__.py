@@ -2,6 +2,7 @@
 from curvopt.data._code_corpus import CodeCorpus
 from curvopt.data._packing import eval_batches
 from curvopt.data._packing import PackedBatches
+from curvopt.data._permutation import IndexPermutation
 from curvopt.data._sources import default_data_dir
 from curvopt.data._sources import text_source
 from curvopt.data._sources import TextSource
@@ -17,6 +18,7 @@ __all__ = (
     'ByteTokenizer',
     'CodeCorpus',
     'CurvoptTasks',
+    'IndexPermutation',
     'PackedBatches',
     'TASK_NAMES',
     'TaskBatches',

@@ -1,64 +1,81 @@
-"""Training plumbing shared by the experiment binaries: state, steps, sharding, checkpoints."""
+"""Trainer plumbing: state, jit'd steps, sharding, checkpoints, metrics; LM, SFT and RL trainers."""
+
 from curvopt.train._checkpoint import abstract_like
-from curvopt.train._sharding import batch_sharding
 from curvopt.train._checkpoint import Checkpointer
 from curvopt.train._configs import load_config
-from curvopt.train._report import curve
-from curvopt.train._report import curves
-from curvopt.train._sharding import fsdp_shardings
-from curvopt.train._sharding import fsdp_spec
 from curvopt.train._distributed import define_distributed_flags
 from curvopt.train._distributed import initialize_distributed
-from curvopt.train._step import lm_loss
-from curvopt.train._step import make_eval_step
-from curvopt.train._step import make_init_state
-from curvopt.train._sharding import make_mesh
-from curvopt.train._optimizers import make_optimizer
-from curvopt.train._schedules import make_schedule
-from curvopt.train._step import make_train_step
-from curvopt.train._report import markdown_table
-from curvopt.train._metrics import MetricWriter
-from curvopt.train._loop import model_config_from
+from curvopt.train._lm import RunResult
+from curvopt.train._lm import train_lm
 from curvopt.train._loop import NonFiniteError
-from curvopt.train._optimizers import OPTIMIZERS
-from curvopt.train._report import plot_curves
-from curvopt.train._report import plot_heatmap
+from curvopt.train._metrics import MetricWriter
 from curvopt.train._metrics import Progress
 from curvopt.train._metrics import quiet_library_logs
-from curvopt.train._sharding import put_global_batch
 from curvopt.train._metrics import read_metrics
-from curvopt.train._loop import resolve_dtype
-from curvopt.train._loop import RunResult
-from curvopt.train._report import run_summary
-from curvopt.train._sft import restore_params
-from curvopt.train._sft import SftResult
-from curvopt.train._schedules import SCHEDULES
-from curvopt.train._state import TrainState
-from curvopt.train._report import write_text
+from curvopt.train._optimizers import make_optimizer
+from curvopt.train._optimizers import OPTIMIZERS
 from curvopt.train._rl import PromptStream
 from curvopt.train._rl import RLResult
 from curvopt.train._rl import train_rl
 from curvopt.train._rl_step import make_rl_step
-from curvopt.train._rl_study import is_collapsed
-from curvopt.train._rl_study import rl_study_report
-from curvopt.train._rl_study import run_rl_study
-from curvopt.train._rl_study import study_run_dir
-from curvopt.train._rl_step import RLState
 from curvopt.train._rl_step import rollout_batch
+from curvopt.train._rl_step import RLState
 from curvopt.train._rollout import Rollout
-from curvopt.train._sweep import best_point
-from curvopt.train._sweep import run_sweep
-from curvopt.train._sweep import steps_to_reach
-from curvopt.train._sweep import sweep_report
-from curvopt.train._sweep import sweep_run_dir
-from curvopt.train._sweep import SweepPoint
-from curvopt.train._loop import train_lm
+from curvopt.train._schedules import make_schedule
+from curvopt.train._schedules import SCHEDULES
+from curvopt.train._setup import model_config_from
+from curvopt.train._setup import resolve_dtype
+from curvopt.train._sft import restore_params
+from curvopt.train._sft import SftResult
 from curvopt.train._sft import train_sft
-from curvopt.train._merge_study import cosine_similarity
-from curvopt.train._merge_study import layer_type
-from curvopt.train._merge_study import mask_concentration
-from curvopt.train._merge_study import mask_jaccard
-from curvopt.train._merge_study import merge_study_report
-from curvopt.train._merge_study import MergeStudy
-from curvopt.train._merge_study import normalized_scores
-from curvopt.train._merge_study import run_merge_study
+from curvopt.train._sharding import batch_sharding
+from curvopt.train._sharding import fsdp_shardings
+from curvopt.train._sharding import fsdp_spec
+from curvopt.train._sharding import make_mesh
+from curvopt.train._sharding import put_global_batch
+from curvopt.train._state import TrainState
+from curvopt.train._step import lm_loss
+from curvopt.train._step import make_eval_step
+from curvopt.train._step import make_init_state
+from curvopt.train._step import make_train_step
+
+__all__ = (
+    'Checkpointer',
+    'MetricWriter',
+    'NonFiniteError',
+    'OPTIMIZERS',
+    'Progress',
+    'PromptStream',
+    'RLResult',
+    'RLState',
+    'Rollout',
+    'RunResult',
+    'SCHEDULES',
+    'SftResult',
+    'TrainState',
+    'abstract_like',
+    'batch_sharding',
+    'define_distributed_flags',
+    'fsdp_shardings',
+    'fsdp_spec',
+    'initialize_distributed',
+    'lm_loss',
+    'load_config',
+    'make_eval_step',
+    'make_init_state',
+    'make_mesh',
+    'make_optimizer',
+    'make_rl_step',
+    'make_schedule',
+    'make_train_step',
+    'model_config_from',
+    'put_global_batch',
+    'quiet_library_logs',
+    'read_metrics',
+    'resolve_dtype',
+    'restore_params',
+    'rollout_batch',
+    'train_lm',
+    'train_rl',
+    'train_sft',
+)

@@ -1,10 +1,11 @@
 """Supervised fine-tuning on the synthetic tasks, behind experiments/sft.py.
 
 The loss covers completion tokens only (TaskBatches' loss_mask). Checkpoints, resume, the
-NaN guard, metrics and the progress line are train_lm's; the evaluation adds per-task
-exact-match accuracy of greedy completions of test prompts.
+NaN guard, metrics and the progress line are the shared step loop's, as for train_lm; the
+evaluation adds per-task exact-match accuracy of greedy completions of test prompts.
 """
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -18,9 +19,11 @@ import orbax.checkpoint as ocp
 from curvopt import data as data_lib
 from curvopt import models
 from curvopt.train import _checkpoint
+from curvopt.train import _lm
 from curvopt.train import _loop
 from curvopt.train import _optimizers
 from curvopt.train import _rollout
+from curvopt.train import _setup
 from curvopt.train import _sharding
 from curvopt.train import _state
 
@@ -80,8 +83,8 @@ def restore_params(init_from: str, abstract_params: Any,
     if step is None:
       raise ValueError(f'config.init_from={init_from!r} holds no checkpoint')
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-    saved_cfg = _loop.model_config_from(ml_collections.ConfigDict(saved['model']))
-    details = _loop.describe_differences(
+    saved_cfg = _setup.model_config_from(ml_collections.ConfigDict(saved['model']))
+    details = _setup.describe_differences(
         {f.name: (getattr(saved_cfg, f.name), getattr(model_cfg, f.name))
          for f in dataclasses.fields(model_cfg) if f.name not in _NUMERICS_ONLY})
     if details:
@@ -141,82 +144,56 @@ def _device_batch(batch: dict, sharding) -> dict:
   return {k: _sharding.put_global_batch(batch[k], sharding) for k in ('tokens', 'loss_mask')}
 
 
-def _initial_state(config, config_json: dict, ckpt, batches, model_cfg, tx, init_state, rng,
-                   state_shapes, state_shardings):
-  """The state to start from: the workdir's newest checkpoint, init_from's params, or fresh.
-
-  A resume also moves `batches` to the checkpoint's data position.
-  """
-  latest = ckpt.latest_step()
-  if latest is not None:
-    _loop.check_resume_compatible(ckpt.saved_config(latest), config_json, keys=_RUN_DEFINING)
-    state, data_pos = ckpt.restore(
-        latest, _checkpoint.abstract_like(state_shapes, state_shardings))
-    batches.set_state(data_pos)
-    logging.info('resumed from step %d in %s', latest, ckpt.directory)
-    return state
+def _fresh_state(config, model_cfg, tx, steps: _lm.LMSteps):
+  """The state of step 0: the model's initializer, or init_from's params."""
   if not config.init_from:
-    return jax.jit(init_state, out_shardings=state_shardings)(rng)
+    return jax.jit(steps.init_state, out_shardings=steps.state_shardings)(steps.rng)
   params, from_step = restore_params(
-      config.init_from, _checkpoint.abstract_like(state_shapes.params, state_shardings.params),
+      config.init_from,
+      _checkpoint.abstract_like(steps.state_shapes.params, steps.state_shardings.params),
       model_cfg)
   logging.info('initialized params from step %d of %s', from_step, config.init_from)
   # A fresh optimizer state for the restored params (AdamW's moments start at 0), and the
   # rng init_state would have made, without compiling the model's initializer.
-  opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
-  return init_state_from_params(params, opt_state, rng, state_shardings)
+  opt_state = jax.jit(tx.init, out_shardings=steps.state_shardings.opt_state)(params)
+  return init_state_from_params(params, opt_state, steps.rng, steps.state_shardings)
 
 
 def train_sft(config: ml_collections.ConfigDict, workdir: str) -> SftResult:
   """Fine-tunes (or resumes fine-tuning) a decoder on a task mixture; returns the final numbers."""
   started = time.perf_counter()
-  if config.total_steps < 1:
-    raise ValueError(f'total_steps must be >= 1, got {config.total_steps}')
   weights = task_weights(config.data.tasks)
-  os.makedirs(workdir, exist_ok=True)
-  mesh = _sharding.make_mesh(**config.mesh)
-  model_cfg = _loop.model_config_from(config.model)
-  model = models.Decoder(model_cfg)
-  tokenizer = data_lib.ByteTokenizer()
-  if model_cfg.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f'model vocab_size {model_cfg.vocab_size} < tokenizer vocab_size '
-                     f'{tokenizer.vocab_size}')
-  if config.data.seq_len > model_cfg.max_len:
+  run = _setup.setup_run(config, workdir)
+  if config.data.seq_len > run.model_cfg.max_len:
     raise ValueError(f'data.seq_len={config.data.seq_len} exceeds the model max_len '
-                     f'{model_cfg.max_len}')
-
+                     f'{run.model_cfg.max_len}')
   data_dir = config.data.data_dir or data_lib.default_data_dir(workdir)
   batches = data_lib.TaskBatches(
       {name: data_lib.task_source(name, 'train', data_dir=data_dir) for name in weights},
-      tokenizer, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
+      run.tokenizer, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
       seed=config.seed, weights=weights)
-
   optimizer = _optimizers.make_optimizer(config.optimizer, config.total_steps, config.schedule)
+  steps = _lm.make_lm_steps(run.model, optimizer, run.tokenizer, run.mesh,
+                            seq_len=config.data.seq_len, seed=config.seed)
+  evaluator = _Evaluator(config, run.model, run.tokenizer, data_dir, steps.batch_sharding,
+                         steps.eval_step)
 
-  steps = _loop.make_lm_steps(model, optimizer, tokenizer, mesh, seq_len=config.data.seq_len,
-                              seed=config.seed)
-  init_state, rng, state_shapes, state_shardings, batch_sharding, train_step, eval_step = steps
-  evaluator = _Evaluator(config, model, tokenizer, data_dir, batch_sharding, eval_step)
-
-  config_json = _loop.config_to_json(config)
-  ckpt = _checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                  save_every=config.checkpoint.every,
-                                  async_save=config.checkpoint.async_save)
-  latest = ckpt.latest_step()
-  try:
-    state = _initial_state(config, config_json, ckpt, batches, model_cfg, optimizer.tx,
-                           init_state, rng, state_shapes, state_shardings)
-  except BaseException:
-    ckpt.close()
-    raise
-  if latest is None:
+  def init():
+    state = _fresh_state(config, run.model_cfg, optimizer.tx, steps)
     logging.info('%s (%d parameters) on mesh %s, tasks %s', config.model.name,
-                 models.count_params(state.params), dict(mesh.shape), batches.weights)
+                 models.count_params(state.params), dict(run.mesh.shape), batches.weights)
+    return state
+
+  ckpt = _setup.make_checkpointer(config, workdir)
+  state = _setup.restore_or_init(
+      config, ckpt, run_defining=_RUN_DEFINING, data=batches, init=init,
+      abstract_state=_checkpoint.abstract_like(steps.state_shapes, steps.state_shardings))
 
   accuracy: dict[str, float] = {}
   shown = ['loss', 'eval_loss', 'accuracy/mean', 'learning_rate', 'grad_norm']
 
-  def evaluate(params) -> dict[str, float]:
+  def evaluate(params, step) -> dict[str, float]:
+    del step
     nonlocal accuracy
     scalars = {'eval_loss': evaluator.loss(params)}
     if config.eval.num_prompts:
@@ -228,13 +205,17 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> SftResult:
     scalars['wall_s'] = time.perf_counter() - started
     return scalars
 
-  result = _loop.run_steps(
-      config, workdir, state=state, batches=batches, train_step=train_step,
-      place=lambda batch: _device_batch(batch, batch_sharding), ckpt=ckpt, latest=latest,
-      config_json=config_json, evaluate=evaluate,
-      shown=lambda scalars: {k: scalars[k] for k in shown if k in scalars})
-  return SftResult(step=result.step, halted=result.halted, train_loss=result.train_loss,
-                   eval_loss=result.eval_loss, accuracy=accuracy,
+  place = functools.partial(_device_batch, sharding=steps.batch_sharding)
+  result = _loop.run_loop(
+      config, workdir, state=state,
+      step_fn=lambda state, step: steps.train_step(state, place(next(batches))),
+      data_state=batches.get_state, ckpt=ckpt, evaluate=evaluate,
+      shown=lambda scalars: {k: scalars[k] for k in shown if k in scalars},
+      work_per_step=config.data.batch_size * config.data.seq_len)
+  return SftResult(step=result.step, halted=result.halted,
+                   train_loss=result.scalars.get('loss', float('nan')),
+                   eval_loss=result.evaluation.get('eval_loss', float('nan')), accuracy=accuracy,
                    mean_accuracy=float(np.mean(list(accuracy.values()))) if accuracy
                    else float('nan'),
-                   tokens_per_s=result.tokens_per_s, wall_s=time.perf_counter() - started)
+                   tokens_per_s=result.rates.get('tokens_per_s', float('nan')),
+                   wall_s=time.perf_counter() - started)

@@ -13,8 +13,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from curvopt import merge
-from curvopt.train._checkpoint import Checkpointer
-from curvopt.train._state import TrainState
+from curvopt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPES = {'model.embed_tokens.weight': (16, 8), 'model.layers.0.mlp.up_proj.weight': (16, 8),
@@ -93,9 +92,9 @@ def _train_checkpoint(workdir, params, lr):
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-  state = TrainState(step=jnp.int32(2), params=params, opt_state=opt_state,
+  state = train.TrainState(step=jnp.int32(2), params=params, opt_state=opt_state,
                      rng=jnp.zeros((2,), jnp.uint32))
-  checkpointer = Checkpointer(str(workdir), async_save=False)
+  checkpointer = train.Checkpointer(str(workdir), async_save=False)
   checkpointer.save(2, state, {'position': 0}, {'name': 'test'})
   checkpointer.close()
   return params, opt_state[0].nu

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+from curvopt import studies
 from curvopt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,7 +18,7 @@ def _report(workdir):
 
 
 def _finished_run(workdir, name, lr, seed, final, steps=4):
-  writer = train.MetricWriter(train.sweep_run_dir(str(workdir), name, lr, seed),
+  writer = train.MetricWriter(studies.sweep_run_dir(str(workdir), name, lr, seed),
                               tensorboard=False)
   for step in range(2, steps + 1, 2):
     writer.write(step, {'eval_loss': final + (steps - step)})

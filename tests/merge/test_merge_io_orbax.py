@@ -8,8 +8,7 @@ import pytest
 
 from curvopt import merge
 from curvopt import optim
-from curvopt.train._checkpoint import Checkpointer
-from curvopt.train._state import TrainState
+from curvopt import train
 
 PARAMS_SHAPES = {'embed': (12, 8), 'layers_0': {'w': (8, 8), 'b': (8,)},
                  'head': (8, 12)}
@@ -61,9 +60,9 @@ def _train_checkpoint(workdir, tx, params, steps=2):
                                                p.dtype), params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-  state = TrainState(step=jnp.int32(steps), params=params, opt_state=opt_state,
+  state = train.TrainState(step=jnp.int32(steps), params=params, opt_state=opt_state,
                      rng=jnp.zeros((2,), jnp.uint32))
-  checkpointer = Checkpointer(str(workdir), async_save=False)
+  checkpointer = train.Checkpointer(str(workdir), async_save=False)
   checkpointer.save(steps, state, {'position': 0}, {'name': 'test'})
   checkpointer.close()
   return state

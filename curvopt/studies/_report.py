@@ -5,7 +5,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from curvopt.train import _metrics
+from curvopt import train
 
 
 def run_summary(workdir: str) -> dict[str, float]:
@@ -14,7 +14,7 @@ def run_summary(workdir: str) -> dict[str, float]:
   Reading the file (not the return value of the run) makes a resumed or already-finished run
   summarize the same way as a fresh one; a step logged twice (before and after a crash) counts once.
   """
-  by_step = {r['step']: r for r in _metrics.read_metrics(workdir)}
+  by_step = {r['step']: r for r in train.read_metrics(workdir)}
   records = [by_step[s] for s in sorted(by_step)]
 
   def last(key):
@@ -35,12 +35,12 @@ def _series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
 
 def curve(workdir: str, key: str) -> tuple[list[int], list[float]]:
   """(steps, values) of one logged scalar, each step once (the latest record wins)."""
-  return _series(_metrics.read_metrics(workdir), key)
+  return _series(train.read_metrics(workdir), key)
 
 
 def curves(workdir: str, prefix: str) -> dict[str, tuple[list[int], list[float]]]:
   """`curve` of every logged scalar whose name starts with `prefix`, reading the file once."""
-  records = _metrics.read_metrics(workdir)
+  records = train.read_metrics(workdir)
   keys = sorted({k for r in records for k in r if k.startswith(prefix)})
   return {k: _series(records, k) for k in keys}
 

@@ -3,13 +3,14 @@ import os
 
 import pytest
 
+from curvopt import studies
 from curvopt import train
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
 
 
 def _write_run(workdir, variant, seed, per_step, accuracies, masked=None):
-  writer = train.MetricWriter(train.study_run_dir(workdir, variant, seed), tensorboard=False)
+  writer = train.MetricWriter(studies.study_run_dir(workdir, variant, seed), tensorboard=False)
   for step, acc in enumerate(accuracies):
     record = {'completions_seen': step * per_step, 'eval_accuracy': acc}
     if masked is not None and step:
@@ -25,7 +26,7 @@ def _write_run(workdir, variant, seed, per_step, accuracies, masked=None):
     ([0.3], False),
 ])
 def test_is_collapsed(accuracies, collapsed):
-  assert train.is_collapsed(accuracies, 0.5) == collapsed
+  assert studies.is_collapsed(accuracies, 0.5) == collapsed
 
 
 def test_report_ratio_and_collapse_counts(tmp_path):
@@ -38,9 +39,9 @@ def test_report_ratio_and_collapse_counts(tmp_path):
   _write_run(workdir, 'bad', 0, 10, [0.2, 0.3, 0.05, 0.05, 0.05])
   _write_run(workdir, 'bad', 1, 10, [0.2, 0.3, 0.3, 0.3, 0.3])
   with pytest.raises(FileNotFoundError):
-    train.rl_study_report(workdir, ['base', 'cand', 'bad'], (0, 1, 2), baseline='base',
+    studies.rl_study_report(workdir, ['base', 'cand', 'bad'], (0, 1, 2), baseline='base',
                           candidate='cand')
-  text = train.rl_study_report(workdir, ['base', 'cand', 'bad'], (0, 1), baseline='base',
+  text = studies.rl_study_report(workdir, ['base', 'cand', 'bad'], (0, 1), baseline='base',
                                candidate='cand')
   assert 'after 400 completions' in text and 'after 25: ratio **16.00x**' in text
   rows = {line.split(' | ')[0].strip('| '): line for line in text.splitlines()
@@ -50,7 +51,7 @@ def test_report_ratio_and_collapse_counts(tmp_path):
   assert os.path.exists(os.path.join(workdir, 'rl_accuracy.png'))
   assert os.path.exists(os.path.join(workdir, 'rl_masked.png'))
   # A baseline that ends below its start defines no ratio.
-  text = train.rl_study_report(workdir, ['bad', 'cand'], (0, 1), baseline='bad', candidate='cand')
+  text = studies.rl_study_report(workdir, ['bad', 'cand'], (0, 1), baseline='bad', candidate='cand')
   assert 'the ratio is undefined' in text
 
 

@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+from curvopt import studies
 from curvopt import train
-from curvopt.train import _merge_study
-from curvopt.train import _rollout
+from curvopt.studies import _merge_study
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
 
@@ -22,7 +22,7 @@ _CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
     ({'a': 0.3}, {'a': 0.0}, {'a': math.nan, 'mean': math.nan}),
 ])
 def test_normalized_scores(accuracy, expert, expected):
-  got = train.normalized_scores(accuracy, expert)
+  got = studies.normalized_scores(accuracy, expert)
   assert set(got) == set(expected)
   for key, value in expected.items():
     assert (math.isnan(got[key]) and math.isnan(value)) or got[key] == pytest.approx(value)
@@ -30,7 +30,7 @@ def test_normalized_scores(accuracy, expert, expected):
 
 def test_normalized_scores_missing_task():
   with pytest.raises(ValueError, match="'b'"):
-    train.normalized_scores({'a': 0.3}, {'a': 0.5, 'b': 0.5})
+    studies.normalized_scores({'a': 0.3}, {'a': 0.5, 'b': 0.5})
 
 
 def _random_trees(seed):
@@ -54,11 +54,11 @@ def test_overlap_matches_numpy(seed, cut):
   fa, fb = _flat(mask_a), _flat(mask_b)
   union = sum(int(x or y) for x, y in zip(fa, fb))
   inter = sum(int(x and y) for x, y in zip(fa, fb))
-  assert train.mask_jaccard(mask_a, mask_b) == pytest.approx(inter / union if union else 1.0)
+  assert studies.mask_jaccard(mask_a, mask_b) == pytest.approx(inter / union if union else 1.0)
   va, vb = _flat(a).astype(np.float64), _flat(b).astype(np.float64)
   cos = sum(x * y for x, y in zip(va, vb)) / math.sqrt(sum(va * va) * sum(vb * vb))
-  assert train.cosine_similarity(a, b) == pytest.approx(cos, rel=1e-9)
-  assert train.mask_jaccard(mask_a, mask_a) == 1.0
+  assert studies.cosine_similarity(a, b) == pytest.approx(cos, rel=1e-9)
+  assert studies.mask_jaccard(mask_a, mask_a) == 1.0
 
 
 def test_overlap_on_sharded_leaves(mesh8):
@@ -69,16 +69,16 @@ def test_overlap_on_sharded_leaves(mesh8):
     return jax.tree.map(lambda x: jax.device_put(x, sharding) if x.ndim == 2 else x, tree)
 
   mask = lambda t: jax.tree.map(lambda x: x > 0.5, t)  # noqa: E731
-  assert train.cosine_similarity(put(a), put(b)) == pytest.approx(
-      train.cosine_similarity(a, b), rel=1e-12)
-  assert train.mask_jaccard(mask(put(a)), mask(put(b))) == train.mask_jaccard(mask(a), mask(b))
+  assert studies.cosine_similarity(put(a), put(b)) == pytest.approx(
+      studies.cosine_similarity(a, b), rel=1e-12)
+  assert studies.mask_jaccard(mask(put(a)), mask(put(b))) == studies.mask_jaccard(mask(a), mask(b))
 
 
 def test_overlap_rejects_different_trees():
   a, b = _random_trees(0)
   del b['embed']
   with pytest.raises(ValueError, match='embed'):
-    train.cosine_similarity(a, b)
+    studies.cosine_similarity(a, b)
 
 
 @pytest.mark.parametrize('name, kind', [
@@ -88,13 +88,13 @@ def test_overlap_rejects_different_trees():
     ('something/else', 'other'),
 ])
 def test_layer_type(name, kind):
-  assert train.layer_type(name) == kind
+  assert studies.layer_type(name) == kind
 
 
 def test_mask_concentration():
   a, _ = _random_trees(1)
   mask = jax.tree.map(lambda x: x > 0.6, a)
-  got = train.mask_concentration(mask)
+  got = studies.mask_concentration(mask)
   kept = {'embed': np.sum(mask['embed']['embedding']),
           'attn': np.sum(mask['layers_0']['attn']['q']['kernel']),
           'mlp': np.sum(mask['layers_0']['mlp']['up']['kernel']),
@@ -116,9 +116,9 @@ def _study(ota_ffg, rank1, baseline):
   means.update({'linear': baseline, 'ota_ffg_d0.3': ota_ffg, 'ota_ffg_rank1_d0.3': rank1,
                 'ffg_graft_d0.3': 2.0})  # a graft is no merged model: never the baseline
   accuracy = {n: {t: means[n] for t in tasks} for n in names}
-  return train.MergeStudy(
+  return studies.MergeStudy(
       tasks=tasks, accuracy=accuracy, expert_accuracy={'a': 1.0, 'b': 1.0},
-      normalized={n: train.normalized_scores(accuracy[n], {'a': 1.0, 'b': 1.0})
+      normalized={n: studies.normalized_scores(accuracy[n], {'a': 1.0, 'b': 1.0})
                   for n in names},
       concentration={t: {'attn': {'share': 1.0, 'density': 0.3}} for t in tasks},
       mask_jaccard={('a', 'b'): 0.5}, nu_cosine={('a', 'b'): 0.9},
@@ -131,7 +131,7 @@ def _study(ota_ffg, rank1, baseline):
     (0.5, 0.8, 0.6, 'does not beat', 'outside'),
 ])
 def test_report_goal_checks(tmp_path, ota_ffg, rank1, baseline, beats, within):
-  text = train.merge_study_report(_study(ota_ffg, rank1, baseline), str(tmp_path))
+  text = studies.merge_study_report(_study(ota_ffg, rank1, baseline), str(tmp_path))
   assert f'**{beats}** every baseline' in text and f'**{within}** 1 point' in text
   assert 'best baseline `linear`' in text
   assert os.path.exists(tmp_path / 'merge_normalized.png')
@@ -150,7 +150,7 @@ def test_configs(arg):
 def test_smoke_study_end_to_end_and_resume(tmp_path, monkeypatch):
   config = train.load_config(os.path.join(_CONFIGS, 'merge_study.py'), 'smoke')
   workdir = str(tmp_path / 'study')
-  study = train.run_merge_study(config, workdir)
+  study = studies.run_merge_study(config, workdir)
   names = set(_merge_study.model_names(config)) | {'base', 'ffg_graft_d0.3'}
   assert set(study.accuracy) == names
   for name in names:
@@ -161,15 +161,15 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert sum(c['share'] for c in concentration.values()) == pytest.approx(1.0)
   (pair,) = study.mask_jaccard
   assert 0.0 <= study.mask_jaccard[pair] <= 1.0 and -1.0 <= study.nu_cosine[pair] <= 1.0
-  text = train.merge_study_report(study, workdir)
+  text = studies.merge_study_report(study, workdir)
   assert 'ota_ffg_rank1_d0.3' in text
 
   # A rerun reuses every training run and every measured accuracy.
   def no_accuracy(*args, **kwargs):
     raise AssertionError('re-evaluated a cached model')
 
-  monkeypatch.setattr(_rollout.Rollout, 'accuracy', no_accuracy)
-  again = train.run_merge_study(config, workdir, train_fn=lambda c, d: None)
+  monkeypatch.setattr(train.Rollout, 'accuracy', no_accuracy)
+  again = studies.run_merge_study(config, workdir, train_fn=lambda c, d: None)
   assert again.accuracy == study.accuracy
   assert again.mask_jaccard == study.mask_jaccard
 
@@ -179,11 +179,11 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, monkeypatch):
   given.base_from = _merge_study.base_dir(workdir)
   given.expert_runs = {t: _merge_study.expert_dir(workdir, t) for t in config.tasks}
   trained = []
-  reused = train.run_merge_study(given, str(tmp_path / 'reuse'),
+  reused = studies.run_merge_study(given, str(tmp_path / 'reuse'),
                                  train_fn=lambda c, d: trained.append(d))
   assert trained == []
   assert reused.accuracy == study.accuracy
   assert 'no warm-up' in reused.options['descriptions']['base']
   given.expert_runs = {'sorting': given.base_from}
   with pytest.raises(ValueError, match='sorting'):
-    train.run_merge_study(given, str(tmp_path / 'bad'), train_fn=lambda c, d: None)
+    studies.run_merge_study(given, str(tmp_path / 'bad'), train_fn=lambda c, d: None)

@@ -6,6 +6,7 @@ import shutil
 import ml_collections
 import pytest
 
+from curvopt import studies
 from curvopt import train
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
@@ -19,9 +20,9 @@ _CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
     ([10, 20, 30], [3.0, 1.0, 2.0], 1.5, 17.5),   # the first crossing counts
 ])
 def test_steps_to_reach(steps, values, target, expected):
-  assert train.steps_to_reach(steps, values, target) == pytest.approx(expected)
+  assert studies.steps_to_reach(steps, values, target) == pytest.approx(expected)
   # The same curve mirrored is an accuracy reaching -target from below.
-  assert train.steps_to_reach(steps, [-v for v in values], -target,
+  assert studies.steps_to_reach(steps, [-v for v in values], -target,
                               higher_is_better=True) == pytest.approx(expected)
 
 
@@ -46,13 +47,13 @@ def _sweep(tmp_path, train_fn=_fake_train):
   grid = ml_collections.ConfigDict({'a': {'tag': 'a', 'learning_rate': [0.01, 0.02, 0.04]},
                                     'b': {'tag': 'b', 'learning_rate': [0.1, 0.3]}})
   _fake_train.calls = []
-  results = train.run_sweep(base, grid, (0, 1, 2), str(tmp_path), train_fn=train_fn)
+  results = studies.run_sweep(base, grid, (0, 1, 2), str(tmp_path), train_fn=train_fn)
   return results, list(_fake_train.calls)
 
 
 def _stop_part_way(tmp_path, name, lr, seed):
   """Cuts a finished fake run's metrics back to step 20, as if it had been stopped there."""
-  path = os.path.join(train.sweep_run_dir(str(tmp_path), name, lr, seed), 'metrics.jsonl')
+  path = os.path.join(studies.sweep_run_dir(str(tmp_path), name, lr, seed), 'metrics.jsonl')
   with open(path) as f:
     lines = f.readlines()
   with open(path, 'w') as f:
@@ -62,13 +63,13 @@ def _stop_part_way(tmp_path, name, lr, seed):
 def test_a_report_of_a_sweep_part_way_shows_only_finished_runs(tmp_path):
   results, _ = _sweep(tmp_path)
   # Undo part of it: a's seed 2 never started, b's seed 1 stopped at step 20, b at 0.1 never ran.
-  shutil.rmtree(train.sweep_run_dir(str(tmp_path), 'a', 0.02, 2))
-  shutil.rmtree(train.sweep_run_dir(str(tmp_path), 'b', 0.1, 0))
+  shutil.rmtree(studies.sweep_run_dir(str(tmp_path), 'a', 0.02, 2))
+  shutil.rmtree(studies.sweep_run_dir(str(tmp_path), 'b', 0.1, 0))
   _stop_part_way(tmp_path, 'b', 0.3, 1)
   report, calls = _sweep(tmp_path, train_fn=lambda config, workdir: None)
   assert calls == []
   assert [p.learning_rate for p in report['a']] == [0.01, 0.02, 0.04]
-  assert sorted(train.best_point(report['a']).curves) == [0, 1]
+  assert sorted(studies.best_point(report['a']).curves) == [0, 1]
   assert [p.learning_rate for p in report['b']] == [0.3]
   assert sorted(report['b'][0].curves) == [0, 2]
   # Nothing finished at all: no entries.
@@ -80,11 +81,12 @@ def test_sweep_runs_every_rate_then_the_best_ones_seeds(tmp_path):
   # Breadth first: every rate of every entry, then one seed round at a time across entries.
   assert calls == [('a', 0.01, 0), ('a', 0.02, 0), ('a', 0.04, 0), ('b', 0.1, 0), ('b', 0.3, 0),
                    ('a', 0.02, 1), ('b', 0.3, 1), ('a', 0.02, 2), ('b', 0.3, 2)]
-  best = train.best_point(results['a'])
+  best = studies.best_point(results['a'])
   assert best.learning_rate == 0.02
   assert best.final_losses == pytest.approx([1.0, 1.01, 1.02])
   assert best.mean_curve == ([10, 20, 30, 40], pytest.approx([4.01, 3.01, 2.01, 1.01]))
-  assert os.path.exists(os.path.join(train.sweep_run_dir(str(tmp_path), 'b', 0.3, 2), 'metrics.jsonl'))
+  assert os.path.exists(
+      os.path.join(studies.sweep_run_dir(str(tmp_path), 'b', 0.3, 2), 'metrics.jsonl'))
 
 
 def test_a_rerun_sweep_reads_finished_runs_back_without_training(tmp_path):
@@ -99,7 +101,7 @@ def test_a_rerun_sweep_reads_finished_runs_back_without_training(tmp_path):
 
 def test_sweep_report_steps_ratio_against_the_anchor(tmp_path):
   results, _ = _sweep(tmp_path)
-  text = train.sweep_report(results, 'b')
+  text = studies.sweep_report(results, 'b')
   # b's mean final loss 1.01 at step 40; a's mean curve (offset 0) reaches 1.01 at step 40 too,
   # while a at lr 0.01 (stage one only) is not a best point.
   rows = {line.split(' | ')[0].strip('| '): line for line in text.splitlines()
@@ -107,7 +109,7 @@ def test_sweep_report_steps_ratio_against_the_anchor(tmp_path):
   assert rows['b'].endswith('| 1 |')
   assert rows['a'].endswith('| 1 |')
   with pytest.raises(ValueError, match="anchor 'c'"):
-    train.sweep_report(results, 'c')
+    studies.sweep_report(results, 'c')
 
 
 def test_sweep_rejects_an_empty_grid_entry(tmp_path):
@@ -115,7 +117,7 @@ def test_sweep_rejects_an_empty_grid_entry(tmp_path):
                                     'optimizer': {'learning_rate': 0.0}})
   grid = ml_collections.ConfigDict({'a': {'learning_rate': []}})
   with pytest.raises(ValueError, match="'a' has no learning rates"):
-    train.run_sweep(base, grid, (0,), str(tmp_path), train_fn=_fake_train)
+    studies.run_sweep(base, grid, (0,), str(tmp_path), train_fn=_fake_train)
 
 
 @pytest.mark.parametrize('arg', ['tiny', 'small', 'smoke'])

@@ -2,16 +2,15 @@
 sample efficiency against the conservative baseline."""
 import math
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 from absl import logging
 import ml_collections
 import numpy as np
 
-from curvopt.train import _metrics
-from curvopt.train import _report
-from curvopt.train import _rl
-from curvopt.train import _sweep
+from curvopt import train
+from curvopt.studies import _report
+from curvopt.studies import _sweep
 
 
 def study_run_dir(workdir: str, variant: str, seed: int) -> str:
@@ -19,7 +18,7 @@ def study_run_dir(workdir: str, variant: str, seed: int) -> str:
 
 
 def run_rl_study(runs: ml_collections.ConfigDict, seeds: Sequence[int], workdir: str, *,
-                 init_from: str, train_fn: Callable = _rl.train_rl) -> None:
+                 init_from: str, train_fn: Callable = train.train_rl) -> None:
   """Trains every run config (variant name -> configs/rl.py config) with every seed.
 
   Each run has its own directory, so an interrupted study resumes run by run.
@@ -43,7 +42,7 @@ def _mean_curve(curves: Sequence[tuple[list, list]]) -> tuple[list, list]:
 
 
 def _by_completions(run_dir: str, key: str) -> tuple[list, list]:
-  records = {r['step']: r for r in _metrics.read_metrics(run_dir)}
+  records = {r['step']: r for r in train.read_metrics(run_dir)}
   steps = sorted(s for s, r in records.items() if key in r and 'completions_seen' in r)
   return ([records[s]['completions_seen'] for s in steps], [records[s][key] for s in steps])
 
@@ -75,7 +74,8 @@ def rl_study_report(workdir: str, variants: Sequence[str], seeds: Sequence[int],
     if has_mask:
       masked_curves[variant] = _mean_curve(masked)
     rows.append([variant, len(runs), int(acc_curves[variant][0][-1]), float(np.mean(starts)),
-                 float(np.mean(finals)), float(np.std(finals)), float(np.max(acc_curves[variant][1])),
+                 float(np.mean(finals)), float(np.std(finals)),
+                 float(np.max(acc_curves[variant][1])),
                  f'{collapsed}/{len(runs)}',
                  f'{100 * max(max(m) for _, m in masked):.2f}%' if has_mask else '-'])
   target_x, target_y = acc_curves[baseline]

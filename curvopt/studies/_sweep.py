@@ -1,4 +1,4 @@
-"""Learning-rate sweeps: one LM run per (optimizer, learning rate, seed), then the best point's seeds.
+"""Learning-rate sweeps: an LM run per (optimizer, learning rate, seed), then the best one's seeds.
 
 A sweep is a grid of optimizer settings, each with a list of peak learning rates. Stage one runs
 every learning rate of every entry with the first seed; stage two reruns each entry's best one
@@ -15,8 +15,8 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from curvopt.train import _loop
-from curvopt.train import _report
+from curvopt import train
+from curvopt.studies import _report
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float,
 
 def run_sweep(base: ml_collections.ConfigDict, grid: ml_collections.ConfigDict,
               seeds: Sequence[int], workdir: str,
-              train_fn: Callable[[ml_collections.ConfigDict, str], object] = _loop.train_lm,
+              train_fn: Callable[[ml_collections.ConfigDict, str], object] = train.train_lm,
               ) -> dict[str, list[SweepPoint]]:
   """Runs the two-stage sweep; returns, per grid entry, its points in learning-rate order.
 

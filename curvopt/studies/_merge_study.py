@@ -27,10 +27,8 @@ import numpy as np
 from curvopt import data as data_lib
 from curvopt import merge
 from curvopt import models
-from curvopt.train import _loop
-from curvopt.train import _report
-from curvopt.train import _rollout
-from curvopt.train import _sft
+from curvopt import train
+from curvopt.studies import _report
 
 LAYER_TYPES = ('attn', 'mlp', 'embed', 'head', 'norm', 'other')
 _EVALS_FILE = 'evals.json'
@@ -218,7 +216,7 @@ def model_names(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 
 def run_merge_study(config: ml_collections.ConfigDict, workdir: str, *,
-                    train_fn: Callable = _sft.train_sft) -> MergeStudy:
+                    train_fn: Callable = train.train_sft) -> MergeStudy:
   """Trains (or resumes) the base and experts, merges them every way, evaluates, analyses."""
   tasks = tuple(config.tasks)
   if len(tasks) < 2:
@@ -234,8 +232,8 @@ def run_merge_study(config: ml_collections.ConfigDict, workdir: str, *,
   nus = [_read(merge.orbax_moments_reader(expert_runs[t])) for t in tasks]
 
   ecfg, m = config.eval, config.merge
-  model = models.Decoder(_loop.model_config_from(config.base.model))
-  rollout = _rollout.Rollout(model, data_lib.ByteTokenizer(),
+  model = models.Decoder(train.model_config_from(config.base.model))
+  rollout = train.Rollout(model, data_lib.ByteTokenizer(),
                              max_prompt_len=ecfg.max_prompt_len,
                              max_new_tokens=ecfg.max_new_tokens)
   examples = {}
