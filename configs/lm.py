@@ -56,9 +56,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.optimizer.eps = 1e-8
   config.optimizer.momentum = 0.95
   config.optimizer.consistent_rms = config_dict.placeholder(float)  # optax_muon only
-  config.optimizer.lanton_mapping = 'mean_ratio'  # or 'min_ratio' (the spec's candidate)
+  config.optimizer.lanton_mapping = 'mean_ratio'  # or 'min_ratio'
   # The sign LMO moves every embedding / head entry by the full step: a smaller share of the
-  # schedule keeps it in line with the hidden matrices' spectral steps (1.0 = the spec as written).
+  # schedule keeps it in line with the hidden matrices' spectral steps (1.0: the full schedule).
   config.optimizer.lanton_embed_head_scale = 1.0
   # The noise estimate's second Newton-Schulz is LANTON's main cost: refresh it every k steps
   # and / or with fewer iterations (None: every step, the update's own ns_steps).

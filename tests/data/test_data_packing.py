@@ -16,7 +16,7 @@ from curvopt.data import ByteTokenizer
 from curvopt.data import eval_batches
 from curvopt.data import PackedBatches
 from curvopt.data import text_source
-from curvopt.data._permutation import IndexPermutation
+from curvopt.data import IndexPermutation
 
 # Varied lengths: empty, one byte, multi-byte characters, longer than every seq_len below.
 _DOCS = (['', 'a', 'é✓🙂', 'def f(x):\n  return x\n', 'z' * 70] +
