@@ -1,4 +1,5 @@
 """Timing shared by the benchmark scripts (run as `python benchmarks/NAME.py`)."""
+
 import time
 
 import jax

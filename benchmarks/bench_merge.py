@@ -25,6 +25,7 @@ r"""OTA + FFG merge throughput: in memory vs a bandwidth anchor, and out of core
    same files, once with exact FFG cutoffs (3 passes) and once with sampled ones (2). The page
    cache is warm where the files fit in it (they were just written or read).
 """
+
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 
+import _timing  # benchmarks/_timing.py, beside this script
 from absl import app
 from absl import flags
 import jax
@@ -42,7 +44,6 @@ import ml_dtypes
 import numpy as np
 
 from curvopt import merge
-import _timing  # benchmarks/_timing.py, beside this script
 
 _EXPERTS = flags.DEFINE_integer('experts', 5, 'Experts merged.')
 _DENSITY = flags.DEFINE_float('density', 0.3, 'FFG density per expert.')
@@ -53,9 +54,11 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repetitions; the medi
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the out-of-core files go (default: /tmp).')
 _KEEP = flags.DEFINE_bool('keep', False, 'Keep the generated files.')
 _BATCH = flags.DEFINE_integer('batch_bytes', 1 << 28, 'merge_streaming batch_bytes.')
-_QUANTILES = flags.DEFINE_list('quantiles', ['exact', 'sampled'],
-                               "Out of core: FFG's global cutoffs timed, exact (2 passes) and/or "
-                               'sampled (1).')
+_QUANTILES = flags.DEFINE_list(
+  'quantiles',
+  ['exact', 'sampled'],
+  "Out of core: FFG's global cutoffs timed, exact (2 passes) and/or sampled (1).",
+)
 _CHILD = flags.DEFINE_string('child_merge', None, 'Internal: run the streaming merge on this dir.')
 
 COLS = 1024
@@ -91,10 +94,13 @@ def bench_memory(params_m, num, density):
   shapes = _shapes(params_m)
   rng = np.random.default_rng(0)
   base = {n: jnp.asarray(_leaf(rng, s, 'base')) for n, s in shapes.items()}
-  experts = [{n: jnp.asarray(_leaf(rng, s, 'expert', np.asarray(base[n])))
-              for n, s in shapes.items()} for _ in range(num)]
-  moments = [{n: jnp.asarray(_leaf(rng, s, 'moment')) for n, s in shapes.items()}
-             for _ in range(num)]
+  experts = [
+    {n: jnp.asarray(_leaf(rng, s, 'expert', np.asarray(base[n]))) for n, s in shapes.items()}
+    for _ in range(num)
+  ]
+  moments = [
+    {n: jnp.asarray(_leaf(rng, s, 'moment')) for n, s in shapes.items()} for _ in range(num)
+  ]
 
   @jax.jit
   def anchor(base, experts, moments):
@@ -103,6 +109,7 @@ def bench_memory(params_m, num, density):
       b32 = b.astype(jnp.float32)
       num_ = sum(v * (e.astype(jnp.float32) - b32) for e, v in zip(es, vs))
       return (b32 + num_ / (sum(vs) + 1e-8)).astype(b.dtype)
+
     return jax.tree.map(one, base, *experts, *moments)
 
   def ota_ffg():
@@ -114,14 +121,24 @@ def bench_memory(params_m, num, density):
 
   def streamed():
     writer = merge.MemoryWriter()
-    merge.merge_streaming('ota', [merge.TreeReader(e) for e in experts], writer,
-                          base=merge.TreeReader(base),
-                          moments=[merge.TreeReader(v) for v in moments],
-                          ffg={'density': density}, prefetch=False)
+    merge.merge_streaming(
+      'ota',
+      [merge.TreeReader(e) for e in experts],
+      writer,
+      base=merge.TreeReader(base),
+      moments=[merge.TreeReader(v) for v in moments],
+      ffg={'density': density},
+      prefetch=False,
+    )
     return list(writer.values.values())
 
-  fns = {'anchor': lambda: anchor(base, experts, moments), 'ota_ffg': ota_ffg,
-         'fused': fused('exact'), 'fused_sampled': fused('sampled'), 'streamed': streamed}
+  fns = {
+    'anchor': lambda: anchor(base, experts, moments),
+    'ota_ffg': ota_ffg,
+    'fused': fused('exact'),
+    'fused_sampled': fused('sampled'),
+    'streamed': streamed,
+  }
   for fn in fns.values():  # compile
     jax.block_until_ready(fn())
   times = {k: [] for k in fns}
@@ -130,11 +147,15 @@ def bench_memory(params_m, num, density):
       times[k].append(_timing.seconds_per_call(fn, 1))
   gb = _nbytes(shapes, num) / 1e9
   med = {k: statistics.median(v) for k, v in times.items()}
-  print(f'[memory] {params_m:g}M params, {num} experts, {gb:.2f} GB logical '
-        f'({jax.devices()[0].platform})')
+  print(
+    f'[memory] {params_m:g}M params, {num} experts, {gb:.2f} GB logical '
+    f'({jax.devices()[0].platform})'
+  )
   for k in fns:
-    print(f'  {k:13s} {med[k]:8.3f} s  {gb / med[k]:7.2f} GB/s  '
-          f'ratio to anchor {med["anchor"] / med[k]:.3f}')
+    print(
+      f'  {k:13s} {med[k]:8.3f} s  {gb / med[k]:7.2f} GB/s  '
+      f'ratio to anchor {med["anchor"] / med[k]:.3f}'
+    )
 
 
 def _generate(root, shapes, num):
@@ -145,8 +166,10 @@ def _generate(root, shapes, num):
   for d in dirs:
     os.makedirs(os.path.join(root, d, 'export'), exist_ok=True)
   writers = [merge.SafetensorsWriter(os.path.join(root, d), bf16) for d in dirs]
-  moments = [merge.SafetensorsWriter(os.path.join(root, d, 'export'), f32, stem='exp_avg_sq')
-             for d in dirs[1:]]
+  moments = [
+    merge.SafetensorsWriter(os.path.join(root, d, 'export'), f32, stem='exp_avg_sq')
+    for d in dirs[1:]
+  ]
   rng = np.random.default_rng(0)
   for name, shape in shapes.items():
     base = _leaf(rng, shape, 'base')
@@ -179,12 +202,26 @@ def child_merge(root):
   moments = [merge.exp_avg_sq_reader(os.path.join(root, f'expert_{t}')) for t in range(num)]
   specs = {n: base.spec(n) for n in base.names}
   with merge.SafetensorsWriter(out, specs, max_shard_bytes=1 << 30) as writer:
-    result = merge.merge_streaming('ota', experts, writer, base=base, moments=moments,
-                                   ffg={'density': _DENSITY.value, 'quantile': _QUANTILES.value[0]},
-                                   batch_bytes=_BATCH.value)
+    result = merge.merge_streaming(
+      'ota',
+      experts,
+      writer,
+      base=base,
+      moments=moments,
+      ffg={'density': _DENSITY.value, 'quantile': _QUANTILES.value[0]},
+      batch_bytes=_BATCH.value,
+    )
   seconds = time.perf_counter() - start
-  print(json.dumps({'seconds': seconds, 'peak_rss': _vm_hwm_bytes(),
-                    'bytes_read': result.bytes_read, 'passes': result.passes}))
+  print(
+    json.dumps(
+      {
+        'seconds': seconds,
+        'peak_rss': _vm_hwm_bytes(),
+        'bytes_read': result.bytes_read,
+        'passes': result.passes,
+      }
+    )
+  )
 
 
 def _sequential_read(files):
@@ -193,7 +230,7 @@ def _sequential_read(files):
   buf = bytearray(64 << 20)
   for path in files:
     with open(path, 'rb', buffering=0) as f:
-      while (n := f.readinto(buf)):
+      while n := f.readinto(buf):
         total += n
   return time.perf_counter() - start, total
 
@@ -207,30 +244,45 @@ def bench_disk(params_m, num):
     gen_s = time.perf_counter() - start
     files = [os.path.join(root, dirs[0], 'model.safetensors')]
     for d in dirs[1:]:
-      files += [os.path.join(root, d, 'model.safetensors'),
-                os.path.join(root, d, 'export', 'exp_avg_sq.safetensors')]
+      files += [
+        os.path.join(root, d, 'model.safetensors'),
+        os.path.join(root, d, 'export', 'exp_avg_sq.safetensors'),
+      ]
     disk = sum(os.path.getsize(f) for f in files)
-    print(f'[disk] {params_m:g}M params, {num} experts: {disk / 1e9:.2f} GB of inputs '
-          f'generated in {gen_s:.0f} s')
+    print(
+      f'[disk] {params_m:g}M params, {num} experts: {disk / 1e9:.2f} GB of inputs '
+      f'generated in {gen_s:.0f} s'
+    )
     reads, merges = [], {q: [] for q in _QUANTILES.value}
     for _ in range(_REPEATS.value):
       reads.append(_sequential_read(files)[0])
       for quantile in _QUANTILES.value:
         child = subprocess.run(
-            [sys.executable, __file__, f'--child_merge={root}', f'--density={_DENSITY.value}',
-             f'--batch_bytes={_BATCH.value}', f'--quantiles={quantile}'],
-            capture_output=True, text=True, check=True)
+          [
+            sys.executable,
+            __file__,
+            f'--child_merge={root}',
+            f'--density={_DENSITY.value}',
+            f'--batch_bytes={_BATCH.value}',
+            f'--quantiles={quantile}',
+          ],
+          capture_output=True,
+          text=True,
+          check=True,
+        )
         merges[quantile].append(json.loads(child.stdout.strip().splitlines()[-1]))
     read_s = statistics.median(reads)
     print(f'  sequential read  {read_s:8.2f} s  {disk / read_s / 1e9:6.2f} GB/s')
     for quantile, runs in merges.items():
       merge_s = statistics.median(m['seconds'] for m in runs)
       rss = max(m['peak_rss'] for m in runs)
-      print(f'  streaming merge, {quantile} cutoffs  {merge_s:8.2f} s  '
-            f'{disk / merge_s / 1e9:6.2f} GB/s of inputs ({runs[0]["passes"]} passes: '
-            f'{runs[0]["bytes_read"] / merge_s / 1e9:.2f} GB/s read), ratio to the read '
-            f'{read_s / merge_s:.3f}; peak RSS {rss / 1e9:.2f} GB = {rss / disk:.3f} x the '
-            f'bytes on disk (batch_bytes {_BATCH.value / 2**20:.0f} MiB)')
+      print(
+        f'  streaming merge, {quantile} cutoffs  {merge_s:8.2f} s  '
+        f'{disk / merge_s / 1e9:6.2f} GB/s of inputs ({runs[0]["passes"]} passes: '
+        f'{runs[0]["bytes_read"] / merge_s / 1e9:.2f} GB/s read), ratio to the read '
+        f'{read_s / merge_s:.3f}; peak RSS {rss / 1e9:.2f} GB = {rss / disk:.3f} x the '
+        f'bytes on disk (batch_bytes {_BATCH.value / 2**20:.0f} MiB)'
+      )
   finally:
     if not _KEEP.value:
       shutil.rmtree(root, ignore_errors=True)

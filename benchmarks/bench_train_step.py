@@ -15,6 +15,7 @@ rate.
 import ast
 import os
 
+import _timing  # benchmarks/_timing.py, beside this script
 from absl import app
 from absl import flags
 import jax
@@ -23,7 +24,6 @@ import numpy as np
 
 from curvopt import models
 from curvopt import train
-import _timing  # benchmarks/_timing.py, beside this script
 
 _MODELS = flags.DEFINE_list('models', None, 'Model sizes (default: tiny,small on CPU, gpt2s else).')
 _BATCH = flags.DEFINE_integer('batch_size', None, 'Sequences per step (default per model).')
@@ -32,10 +32,17 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per repetition.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repetitions; the median is reported.')
 _PEAK = flags.DEFINE_float('peak_tflops', None, 'Peak bf16 TFLOP/s (default: by device kind).')
 _OPTIMIZERS = flags.DEFINE_list(
-    'optimizers', ['adamw'], 'Registry optimizers to time, ratios against the first; '
-    'NAME+field=value sets config.optimizer.field (lanton+lanton_noise_every=4).')
-_ATTENTION = flags.DEFINE_enum('attention_impl', None, ['xla', 'cudnn'],
-                               'jax.nn.dot_product_attention implementation (default: JAX\'s).')
+  'optimizers',
+  ['adamw'],
+  'Registry optimizers to time, ratios against the first; '
+  'NAME+field=value sets config.optimizer.field (lanton+lanton_noise_every=4).',
+)
+_ATTENTION = flags.DEFINE_enum(
+  'attention_impl',
+  None,
+  ['xla', 'cudnn'],
+  "jax.nn.dot_product_attention implementation (default: JAX's).",
+)
 _LM_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'lm.py')
 
 # Dense bf16 peaks from the vendors' datasheets (no sparsity).
@@ -65,9 +72,12 @@ def _make_step(model, spec, seq_len, logits_fn):
     lm.optimizer[field] = value  # ConfigDict checks the type
   opt = train.make_optimizer(lm.optimizer, 1000, lm.schedule)
   state = jax.jit(train.make_init_state(model, opt.tx, seq_len=seq_len))(jax.random.key(0))
-  step = jax.jit(train.make_train_step(logits_fn, opt.tx, pad_id=-1,
-                                       learning_rate=opt.learning_rate,
-                                       optimizer_stats=opt.stats), donate_argnums=0)
+  step = jax.jit(
+    train.make_train_step(
+      logits_fn, opt.tx, pad_id=-1, learning_rate=opt.learning_rate, optimizer_stats=opt.stats
+    ),
+    donate_argnums=0,
+  )
   return step, state
 
 
@@ -75,11 +85,14 @@ def bench(name: str):
   batch_size, seq_len = _DEFAULTS[name]
   batch_size, seq_len = _BATCH.value or batch_size, _SEQ.value or seq_len
   dtype = train.resolve_dtype('auto')
-  cfg = models.model_config(name, dtype=dtype, max_len=max(seq_len, 8),
-                            attention_impl=_ATTENTION.value)
+  cfg = models.model_config(
+    name, dtype=dtype, max_len=max(seq_len, 8), attention_impl=_ATTENTION.value
+  )
   model = models.Decoder(cfg)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(
-      0, min(cfg.vocab_size, 256), (batch_size, seq_len + 1)), jnp.int32)
+  tokens = jnp.asarray(
+    np.random.default_rng(0).integers(0, min(cfg.vocab_size, 256), (batch_size, seq_len + 1)),
+    jnp.int32,
+  )
 
   def logits_fn(params, inputs):
     return model.apply({'params': params}, inputs)[0]
@@ -107,13 +120,17 @@ def bench(name: str):
   median = {k: float(np.median(v)) for k, v in times.items()}
   tokens_per_step = batch_size * seq_len
   n_params = models.count_params(anchor_params)
-  print(f'{name}: {n_params / 1e6:.2f}M params, batch {batch_size}x{seq_len}, {dtype}, '
-        f'attention {_ATTENTION.value or "default"}')
+  print(
+    f'{name}: {n_params / 1e6:.2f}M params, batch {batch_size}x{seq_len}, {dtype}, '
+    f'attention {_ATTENTION.value or "default"}'
+  )
   first = _OPTIMIZERS.value[0]
   peak = _peak_tflops()
   for key, t in median.items():
-    line = (f'  {key:36s} {tokens_per_step / t:10.0f} tok/s  time / fwd+bwd '
-            f'{t / median["fwd+bwd"]:.3f}  time / {first} {t / median[first]:.3f}')
+    line = (
+      f'  {key:36s} {tokens_per_step / t:10.0f} tok/s  time / fwd+bwd '
+      f'{t / median["fwd+bwd"]:.3f}  time / {first} {t / median[first]:.3f}'
+    )
     if key != 'fwd+bwd' and jax.default_backend() != 'cpu' and peak:
       flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.d_model * seq_len
       line += f'  MFU {100 * flops_per_token * tokens_per_step / t / (peak * 1e12):.1f}%'
@@ -123,8 +140,10 @@ def bench(name: str):
 def main(argv):
   del argv
   names = _MODELS.value or (['tiny', 'small'] if jax.default_backend() == 'cpu' else ['gpt2s'])
-  print(f'backend {jax.default_backend()}, device {jax.devices()[0].device_kind}, '
-        f'{jax.device_count()} device(s); median of {_REPEATS.value} x {_STEPS.value} steps')
+  print(
+    f'backend {jax.default_backend()}, device {jax.devices()[0].device_kind}, '
+    f'{jax.device_count()} device(s); median of {_REPEATS.value} x {_STEPS.value} steps'
+  )
   for name in names:
     bench(name)
 

@@ -1,8 +1,9 @@
 r"""The main job: a small version of every experiment, written up as one report.
 
-  python experiments/demo.py --workdir=/tmp/curvopt_demo                 # default, ~10 min on 2 cores
-  python experiments/demo.py --workdir=/tmp/demo --config=configs/demo.py:smoke   # seconds, for tests
+python experiments/demo.py --workdir=/tmp/curvopt_demo                 # default, ~10 min on 2 cores
+python experiments/demo.py --workdir=/tmp/demo --config=configs/demo.py:smoke   # seconds, for tests
 """
+
 import os
 
 import ml_collections
@@ -11,8 +12,9 @@ from curvopt import train
 
 
 def _load_config(name: str, arg: str) -> ml_collections.ConfigDict:
-  return train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py'),
-                           arg)
+  return train.load_config(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py'), arg
+  )
 
 
 def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
@@ -28,12 +30,19 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   # (docs/lm_experiments.md, configs/lm_sweep.py:tiny). LANTON: mean_ratio, its sign-LMO
   # embedding at 0.1 of the schedule, the noise estimate refreshed every 4th step (cheaper, and
   # the variant that beat D-Muon on every seed).
-  config.lm_runs = ml_collections.ConfigDict({
+  config.lm_runs = ml_collections.ConfigDict(
+    {
       'adamw': {'name': 'adamw', 'learning_rate': 3e-3},
       'dmuon': {'name': 'dmuon', 'learning_rate': 0.01, 'adam_learning_rate': 3e-3},
-      'lanton_mean': {'name': 'lanton_mean', 'learning_rate': 0.015, 'adam_learning_rate': 3e-3,
-                      'lanton_embed_head_scale': 0.1, 'lanton_noise_every': 4},
-  })
+      'lanton_mean': {
+        'name': 'lanton_mean',
+        'learning_rate': 0.015,
+        'adam_learning_rate': 3e-3,
+        'lanton_embed_head_scale': 0.1,
+        'lanton_noise_every': 4,
+      },
+    }
+  )
   # RL section: SFT the LM section's AdamW model on arithmetic, then aggressive GRPO vs CAPO
   # from that policy (the full study is experiments/rl_study.py).
   config.rl = ml_collections.ConfigDict()
@@ -44,7 +53,8 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   config.rl.sft.update(total_steps=300, eval_every=100)
   config.rl.sft.eval.num_prompts = 128
   config.rl.runs = ml_collections.ConfigDict(
-      {name: _load_config('rl', name) for name in ('grpo_aggressive', 'capo_aggressive')})
+    {name: _load_config('rl', name) for name in ('grpo_aggressive', 'capo_aggressive')}
+  )
   for run in config.rl.runs.values():
     run.update(total_steps=40, eval_every=10)
     run.task.eval_prompts = 128

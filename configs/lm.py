@@ -6,14 +6,15 @@ Launch (tiny runs in minutes on 2 CPU cores):
       --config.total_steps=200 --config.optimizer.name=optax_muon
 Variants: tiny (CPU), small (CPU, ~10M params), gpt2s (GPU, ~124M params, bf16 compute).
 """
+
 import ml_collections
 from ml_collections import config_dict
 
 # variant -> (model size, batch size, sequence length, total steps, eval batches)
 _VARIANTS = {
-    'tiny': ('tiny', 16, 128, 300, 16),
-    'small': ('small', 32, 256, 2000, 16),
-    'gpt2s': ('gpt2s', 64, 1024, 5000, 16),
+  'tiny': ('tiny', 16, 128, 300, 16),
+  'small': ('small', 32, 256, 2000, 16),
+  'gpt2s': ('gpt2s', 64, 1024, 5000, 16),
 }
 
 

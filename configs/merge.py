@@ -14,23 +14,30 @@ Variants: linear, task_arithmetic, ties, dare, fisher, ota, ota_ffg, ffg_graft, 
 on small inputs, for the tests). The output is safetensors (sharded + index past
 --config.max_shard_bytes) or orbax (--config.output_format=orbax), plus merge_spec.json.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
 # variant -> (method, method options, ffg options or None)
 _VARIANTS = {
-    'linear': ('linear', {}, None),
-    'task_arithmetic': ('task_arithmetic', {'scale': 1.0}, None),
-    'ties': ('ties', {'density': 0.3, 'scale': 1.0}, None),
-    'dare': ('dare', {'drop': 0.5, 'combine': 'ties', 'scale': 1.0, 'seed': 0}, None),
-    'fisher': ('fisher', {'eps': 1e-8}, None),
-    'ota': ('ota', {'power': 0.5, 'eps': 1e-8, 'normalise': 'none'}, None),
-    # The reference's settings with a base model: eps = 1e-26, global FFG cutoff per expert.
-    'ota_ffg': ('ota', {'power': 0.5, 'eps': 1e-26, 'normalise': 'none'},
-                {'density': 0.3, 'scope': 'global', 'score': 'fisher'}),
-    'ffg_graft': ('ffg_graft', {}, {'density': 0.3, 'scope': 'global', 'score': 'fisher'}),
-    'test': ('ota', {'power': 0.5, 'eps': 1e-8, 'normalise': 'none'},
-             {'density': 0.3, 'scope': 'global', 'score': 'fisher'}),
+  'linear': ('linear', {}, None),
+  'task_arithmetic': ('task_arithmetic', {'scale': 1.0}, None),
+  'ties': ('ties', {'density': 0.3, 'scale': 1.0}, None),
+  'dare': ('dare', {'drop': 0.5, 'combine': 'ties', 'scale': 1.0, 'seed': 0}, None),
+  'fisher': ('fisher', {'eps': 1e-8}, None),
+  'ota': ('ota', {'power': 0.5, 'eps': 1e-8, 'normalise': 'none'}, None),
+  # The reference's settings with a base model: eps = 1e-26, global FFG cutoff per expert.
+  'ota_ffg': (
+    'ota',
+    {'power': 0.5, 'eps': 1e-26, 'normalise': 'none'},
+    {'density': 0.3, 'scope': 'global', 'score': 'fisher'},
+  ),
+  'ffg_graft': ('ffg_graft', {}, {'density': 0.3, 'scope': 'global', 'score': 'fisher'}),
+  'test': (
+    'ota',
+    {'power': 0.5, 'eps': 1e-8, 'normalise': 'none'},
+    {'density': 0.3, 'scope': 'global', 'score': 'fisher'},
+  ),
 }
 
 
@@ -55,7 +62,8 @@ def get_config(arg: str = 'ota_ffg') -> ml_collections.ConfigDict:
   config.include = config_dict.placeholder(str)  # comma-separated regexes of merged tensors
   config.exclude = config_dict.placeholder(str)
   config.options = ml_collections.ConfigDict(options)
-  config.ffg = ml_collections.ConfigDict({
+  config.ffg = ml_collections.ConfigDict(
+    {
       'enabled': ffg is not None,
       'density': (ffg or {}).get('density'),
       'mass': config_dict.placeholder(float),
@@ -65,7 +73,8 @@ def get_config(arg: str = 'ota_ffg') -> ml_collections.ConfigDict:
       # 'sampled': each global density cutoff from a strided sample of ~65k saliencies, in one
       # streaming pass instead of two (the merge reads the inputs twice, not three times).
       'quantile': 'exact',
-  })
+    }
+  )
   config.rank1 = False
   config.output_format = 'safetensors'  # or orbax
   config.max_shard_bytes = config_dict.placeholder(int)  # e.g. 5_000_000_000

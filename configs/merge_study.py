@@ -10,6 +10,7 @@ Variants:
            200-step AdamW expert per task at lr 1e-3; 64 greedy test prompts per task.
   smoke    seconds, for tests: the configs/sft.py:test decoder from scratch, 2 tasks.
 """
+
 import os
 
 import ml_collections
@@ -20,14 +21,12 @@ _PRETRAINED = '/work/runs/sweep_tiny/adamw/lr0.003/seed0'
 
 
 def _sft(arg: str) -> ml_collections.ConfigDict:
-  return train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sft.py'),
-                           arg)
+  return train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'sft.py'), arg)
 
 
 def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   if arg not in ('default', 'smoke'):
-    raise ValueError(f"unknown configs/merge_study.py variant {arg!r}; valid: "
-                     "['default', 'smoke']")
+    raise ValueError(f"unknown configs/merge_study.py variant {arg!r}; valid: ['default', 'smoke']")
   config = ml_collections.ConfigDict()
   # Copy-like tasks a 200-step expert learns; arithmetic needs ~600 steps to reach 0.3.
   config.tasks = ('reversal', 'sorting', 'kv_recall', 'format')

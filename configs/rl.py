@@ -8,6 +8,7 @@ Variants (the paper's regimes, scaled to a 0.9M-parameter policy): grpo_conserva
 rate x, 12b completions a step), grpo_aggressive and drgrpo_aggressive (5x, b completions),
 capo_aggressive and drcapo_aggressive (the same with the CAPO mask), test (seconds, from scratch).
 """
+
 import os
 
 import ml_collections
@@ -20,15 +21,20 @@ _LR = 2e-5
 _PROMPTS = 2  # b prompts a step in the aggressive regime (b * group_size completions)
 # CAPO thresholds of its reference recipes: (tau_H, tau_F) per advantage kind.
 _CAPO_TAUS = {'grpo': (0.01, 1e-4), 'dr_grpo': (5e-4, 1e-3)}
-_VARIANTS = ('grpo_conservative', 'grpo_aggressive', 'drgrpo_aggressive', 'capo_aggressive',
-             'drcapo_aggressive', 'test')
+_VARIANTS = (
+  'grpo_conservative',
+  'grpo_aggressive',
+  'drgrpo_aggressive',
+  'capo_aggressive',
+  'drcapo_aggressive',
+  'test',
+)
 
 
 def get_config(arg: str = 'capo_aggressive') -> ml_collections.ConfigDict:
   if arg not in _VARIANTS:
     raise ValueError(f'unknown configs/rl.py variant {arg!r}; valid: {sorted(_VARIANTS)}')
-  lm = train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lm.py'),
-                         'tiny')
+  lm = train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lm.py'), 'tiny')
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.init_from = ''  # a train_sft (or train_lm) workdir: the policy starts from its params
@@ -71,8 +77,9 @@ def get_config(arg: str = 'capo_aggressive') -> ml_collections.ConfigDict:
   config.capo.chunk_size = 256
 
   config.optimizer = lm.optimizer
-  config.optimizer.update(name='adamw', learning_rate=5 * _LR, weight_decay=0.0, b2=0.999,
-                          grad_clip_norm=1.0)
+  config.optimizer.update(
+    name='adamw', learning_rate=5 * _LR, weight_decay=0.0, b2=0.999, grad_clip_norm=1.0
+  )
   config.schedule = lm.schedule
   config.schedule.update(name='constant', warmup_steps=0)
   config.checkpoint = lm.checkpoint

@@ -5,14 +5,20 @@ r"""The RL regime study: conservative GRPO vs aggressive GRPO / Dr.GRPO / CAPO /
       --config.init_from=/tmp/rl/sft
 Variants: default (3 seeds), smoke (seconds, for tests: the rl.py test config).
 """
+
 import os
 
 import ml_collections
 
 from curvopt import train
 
-_RL_VARIANTS = ('grpo_conservative', 'grpo_aggressive', 'drgrpo_aggressive', 'capo_aggressive',
-                'drcapo_aggressive')
+_RL_VARIANTS = (
+  'grpo_conservative',
+  'grpo_aggressive',
+  'drgrpo_aggressive',
+  'capo_aggressive',
+  'drcapo_aggressive',
+)
 
 
 def _rl(arg: str) -> ml_collections.ConfigDict:

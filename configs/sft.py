@@ -15,6 +15,7 @@ Variants:
                    from the multitask base with --config.init_from.
   test             seconds, for tests: a 2-layer d=32 decoder.
 """
+
 import os
 
 import ml_collections
@@ -27,8 +28,7 @@ _VARIANTS = ('arithmetic', 'multitask', 'test') + tuple(f'expert_{t}' for t in T
 
 
 def _lm_config(arg: str) -> ml_collections.ConfigDict:
-  return train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lm.py'),
-                           arg)
+  return train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lm.py'), arg)
 
 
 def get_config(arg: str = 'arithmetic') -> ml_collections.ConfigDict:
@@ -67,7 +67,7 @@ def get_config(arg: str = 'arithmetic') -> ml_collections.ConfigDict:
     config.eval.max_new_tokens = 64
     config.eval.num_prompts = 100
   elif arg.startswith('expert_'):
-    config.data.tasks = ml_collections.ConfigDict({arg[len('expert_'):]: 1.0})
+    config.data.tasks = ml_collections.ConfigDict({arg[len('expert_') :]: 1.0})
     config.data.seq_len = 128
     config.total_steps = 300
     config.optimizer.learning_rate = 1e-3

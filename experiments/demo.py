@@ -4,6 +4,7 @@ r"""The main job: runs a small version of each experiment and writes DIR/report.
 
 Run again with the same workdir, finished runs are reused and interrupted ones resume.
 """
+
 import os
 import time
 
@@ -16,8 +17,10 @@ from curvopt import studies
 from curvopt import train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'demo.py'),
-    'Demo config, e.g. configs/demo.py or configs/demo.py:smoke.')
+  'config',
+  os.path.join(os.path.dirname(__file__), '..', 'configs', 'demo.py'),
+  'Demo config, e.g. configs/demo.py or configs/demo.py:smoke.',
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where runs, report.md and plots go.')
 flags.mark_flag_as_required('workdir')
 
@@ -33,18 +36,33 @@ def lm_section(config, workdir: str) -> str:
     logging.info('LM run %s in %s', name, run_dir)
     train.train_lm(run, run_dir)
     summary = studies.run_summary(run_dir)
-    rows.append([name, optimizer.learning_rate, summary['step'], summary['train_loss'],
-                 summary['eval_loss'], round(summary['tokens_per_s'])])
+    rows.append(
+      [
+        name,
+        optimizer.learning_rate,
+        summary['step'],
+        summary['train_loss'],
+        summary['eval_loss'],
+        round(summary['tokens_per_s']),
+      ]
+    )
     curves[name] = studies.curve(run_dir, 'eval_loss')
-  plot = studies.plot_curves(curves, os.path.join(workdir, 'lm_eval_loss.png'),
-                           title=f'{config.lm.model.name} decoder on {config.lm.data.name}',
-                           xlabel='step', ylabel='eval loss (nats/token)')
+  plot = studies.plot_curves(
+    curves,
+    os.path.join(workdir, 'lm_eval_loss.png'),
+    title=f'{config.lm.model.name} decoder on {config.lm.data.name}',
+    xlabel='step',
+    ylabel='eval loss (nats/token)',
+  )
   table = studies.markdown_table(
-      ['optimizer', 'peak lr', 'steps', 'final train loss', 'final eval loss', 'tokens/s'], rows)
+    ['optimizer', 'peak lr', 'steps', 'final train loss', 'final eval loss', 'tokens/s'], rows
+  )
   tokens = config.lm.data.batch_size * config.lm.data.seq_len
-  return (f'## Language-model pretraining\n\n{config.lm.model.name} decoder, '
-          f'{config.lm.total_steps} steps of {tokens} tokens, {config.lm.schedule.name} '
-          f'schedule.\n\n{table}\n\n![eval loss]({os.path.basename(plot)})\n')
+  return (
+    f'## Language-model pretraining\n\n{config.lm.model.name} decoder, '
+    f'{config.lm.total_steps} steps of {tokens} tokens, {config.lm.schedule.name} '
+    f'schedule.\n\n{table}\n\n![eval loss]({os.path.basename(plot)})\n'
+  )
 
 
 def lanton_section(config, workdir: str) -> str:
@@ -54,21 +72,28 @@ def lanton_section(config, workdir: str) -> str:
     return ''
   run_dir = os.path.join(workdir, 'lm', name)
   prefix = 'lanton/lr_scale/'
-  series = {k[len(prefix):]: v for k, v in studies.curves(run_dir, prefix).items()}
+  series = {k[len(prefix) :]: v for k, v in studies.curves(run_dir, prefix).items()}
   steps = next(iter(series.values()))[0]
-  plot = studies.plot_heatmap({leaf: values for leaf, (_, values) in series.items()}, steps,
-                            os.path.join(workdir, 'lanton_lr_scale.png'),
-                            title=f'LANTON ({config.lm_runs[name].name}): per-layer lr scale',
-                            xlabel='step', colorbar='learning-rate scale s(H)')
+  plot = studies.plot_heatmap(
+    {leaf: values for leaf, (_, values) in series.items()},
+    steps,
+    os.path.join(workdir, 'lanton_lr_scale.png'),
+    title=f'LANTON ({config.lm_runs[name].name}): per-layer lr scale',
+    xlabel='step',
+    colorbar='learning-rate scale s(H)',
+  )
   final = sorted(((values[-1], leaf) for leaf, (_, values) in series.items()))
-  table = studies.markdown_table(['leaf', 'final lr scale'],
-                               [[leaf, value] for value, leaf in final[:3] + final[-3:]])
-  return ('## LANTON: noise-adaptive layerwise learning rates\n\nEach layer\'s step is the '
-          'schedule times s(H), from its gradient-noise estimate H in the dual norm of its '
-          'LMO; noisier layers get smaller steps. The three smallest and three largest scales at '
-          'the end of the run (a constant per-group factor, such as the embedding\'s, '
-          f'included):\n\n{table}\n\n'
-          f'![lr scales]({os.path.basename(plot)})\n')
+  table = studies.markdown_table(
+    ['leaf', 'final lr scale'], [[leaf, value] for value, leaf in final[:3] + final[-3:]]
+  )
+  return (
+    "## LANTON: noise-adaptive layerwise learning rates\n\nEach layer's step is the "
+    'schedule times s(H), from its gradient-noise estimate H in the dual norm of its '
+    'LMO; noisier layers get smaller steps. The three smallest and three largest scales at '
+    "the end of the run (a constant per-group factor, such as the embedding's, "
+    f'included):\n\n{table}\n\n'
+    f'![lr scales]({os.path.basename(plot)})\n'
+  )
 
 
 def _sft_dir(workdir: str) -> str:
@@ -96,15 +121,18 @@ def rl_section(config, workdir: str) -> str:
     run.task.data_dir = run.task.data_dir or sft.data.data_dir
   studies.run_rl_study(runs, (0,), rl_dir, init_from=sft_dir)
   baseline, candidate = config.rl.baseline, config.rl.candidate
-  report = studies.rl_study_report(rl_dir, [baseline, candidate], (0,), baseline=baseline,
-                                 candidate=candidate, plot_dir=workdir)
-  return (f'## RL with the CAPO mask\n\nThe tiny LM above, fine-tuned on multi-step arithmetic '
-          f'for {result.step} steps (held-out greedy accuracy {accuracy:.3f}), then '
-          f'trained by GRPO and by GRPO with the CAPO mask in the aggressive regime (learning '
-          f'rate {runs[baseline].optimizer.learning_rate:g}, '
-          f'{runs[baseline].rollout.prompts_per_step * runs[baseline].rollout.group_size} '
-          f'completions a step), one seed; the full study is experiments/rl_study.py.\n\n'
-          f'{report}\n')
+  report = studies.rl_study_report(
+    rl_dir, [baseline, candidate], (0,), baseline=baseline, candidate=candidate, plot_dir=workdir
+  )
+  return (
+    f'## RL with the CAPO mask\n\nThe tiny LM above, fine-tuned on multi-step arithmetic '
+    f'for {result.step} steps (held-out greedy accuracy {accuracy:.3f}), then '
+    f'trained by GRPO and by GRPO with the CAPO mask in the aggressive regime (learning '
+    f'rate {runs[baseline].optimizer.learning_rate:g}, '
+    f'{runs[baseline].rollout.prompts_per_step * runs[baseline].rollout.group_size} '
+    f'completions a step), one seed; the full study is experiments/rl_study.py.\n\n'
+    f'{report}\n'
+  )
 
 
 def merge_section(config, workdir: str) -> str:
@@ -115,13 +143,16 @@ def merge_section(config, workdir: str) -> str:
   study_config.data_dir = _tasks_dir(config, workdir)
   study = studies.run_merge_study(study_config, os.path.join(workdir, 'merge'))
   second = next(t for t in study_config.tasks if t != 'arithmetic')
-  return ('## Model merging: OTA + FFG\n\nThe LM section\'s AdamW model is the base; its '
-          f'arithmetic fine-tune from the RL section and a {second} expert '
-          f'({study_config.expert.total_steps} AdamW steps from the base) are merged by every '
-          'method, each capability scored by greedy exact match on '
-          f'{study_config.eval.num_prompts} test prompts and normalized by its own expert; the '
-          'full study is experiments/merge_study.py.\n\n'
-          + studies.merge_study_report(study, workdir) + '\n')
+  return (
+    "## Model merging: OTA + FFG\n\nThe LM section's AdamW model is the base; its "
+    f'arithmetic fine-tune from the RL section and a {second} expert '
+    f'({study_config.expert.total_steps} AdamW steps from the base) are merged by every '
+    'method, each capability scored by greedy exact match on '
+    f'{study_config.eval.num_prompts} test prompts and normalized by its own expert; the '
+    'full study is experiments/merge_study.py.\n\n'
+    + studies.merge_study_report(study, workdir)
+    + '\n'
+  )
 
 
 SECTIONS = (lm_section, lanton_section, rl_section, merge_section)

@@ -6,6 +6,7 @@ r"""Merges fine-tuned experts tensor by tensor (OTA + FFG or a baseline); see co
 Refuses an existing --output unless --overwrite; writes into a temporary sibling directory that is
 renamed at the end.
 """
+
 import json
 
 from absl import app
@@ -35,19 +36,22 @@ def spec_from_config(config) -> dict:
   if config.base:
     spec['base'] = {'path': config.base, 'format': config.base_format}
   if config.experts:
-    spec['experts'] = [{'path': p, 'format': config.expert_format}
-                       for p in _split(config.experts)]
+    spec['experts'] = [{'path': p, 'format': config.expert_format} for p in _split(config.experts)]
   experts = spec.get('experts') or []
-  per_expert = {'moments': _split(config.moments), 'weight': _split(config.weights, float),
-                'density': _split(config.densities, float)}
+  per_expert = {
+    'moments': _split(config.moments),
+    'weight': _split(config.weights, float),
+    'density': _split(config.densities, float),
+  }
   for field, values in per_expert.items():
     if values is None:
       continue
     if len(values) != len(experts):
       raise app.UsageError(f'{len(values)} {field} values for {len(experts)} experts')
     for expert, value in zip(experts, values):
-      expert[field] = ({'path': value, 'format': config.moments_format} if field == 'moments'
-                       else value)
+      expert[field] = (
+        {'path': value, 'format': config.moments_format} if field == 'moments' else value
+      )
   spec.setdefault('options', config.options.to_dict())
   if config.ffg.enabled and 'ffg' not in spec:
     ffg = {k: config.ffg[k] for k in ('scope', 'score', 'quantile')}
@@ -58,8 +62,9 @@ def spec_from_config(config) -> dict:
     if config[field]:
       spec[field] = _split(config[field])
   spec.setdefault('rank1', config.rank1)
-  spec.setdefault('output', {'format': config.output_format,
-                             'max_shard_bytes': config.max_shard_bytes})
+  spec.setdefault(
+    'output', {'format': config.output_format, 'max_shard_bytes': config.max_shard_bytes}
+  )
   spec.setdefault('batch_bytes', config.batch_bytes)
   return spec
 
@@ -71,16 +76,22 @@ def main(argv):
   bar = tqdm.tqdm(unit='tensor', desc='merge')
   try:
     result = merge.merge_from_spec(
-        spec, _OUTPUT.value, overwrite=_OVERWRITE.value,
-        progress=lambda name: bar.update(1),
-        on_plan=lambda total: bar.reset(total=total))
+      spec,
+      _OUTPUT.value,
+      overwrite=_OVERWRITE.value,
+      progress=lambda name: bar.update(1),
+      on_plan=lambda total: bar.reset(total=total),
+    )
   except ValueError as e:
     raise SystemExit(f'merge failed: {e}') from e
   finally:
     bar.close()
   cutoffs = '' if result.thresholds is None else f', FFG cutoffs {list(result.thresholds)}'
-  print(f'wrote {len(result.names)} tensors ({len(result.merged)} merged) to {_OUTPUT.value} in '
-        f'{result.passes} passes over {result.bytes_read / 1e6:.1f} MB read{cutoffs}', flush=True)
+  print(
+    f'wrote {len(result.names)} tensors ({len(result.merged)} merged) to {_OUTPUT.value} in '
+    f'{result.passes} passes over {result.bytes_read / 1e6:.1f} MB read{cutoffs}',
+    flush=True,
+  )
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ r"""The merging capability study; writes DIR/merge_study.md and its plots.
 Rerun with the same workdir to resume: finished training runs are reused, interrupted ones
 resume, and accuracies already in DIR/evals.json are not measured again.
 """
+
 import os
 
 from absl import app
@@ -26,8 +27,11 @@ def main(argv):
   train.quiet_library_logs()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   study = studies.run_merge_study(config, workdir)
-  text = (f'# Merging study: {len(study.tasks)} experts ({", ".join(study.tasks)})\n\n'
-          + studies.merge_study_report(study, workdir) + '\n')
+  text = (
+    f'# Merging study: {len(study.tasks)} experts ({", ".join(study.tasks)})\n\n'
+    + studies.merge_study_report(study, workdir)
+    + '\n'
+  )
   path = os.path.join(workdir, 'merge_study.md')
   studies.write_text(path, text)
   print(text, flush=True)

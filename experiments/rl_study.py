@@ -5,6 +5,7 @@ r"""The RL regime study; writes DIR/rl_study.md and its plots.
 
 Rerun with the same workdir to resume: finished runs are reused, interrupted ones resume.
 """
+
 import os
 
 from absl import app
@@ -25,10 +26,18 @@ def main(argv):
   train.quiet_library_logs()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   studies.run_rl_study(config.runs, config.seeds, workdir, init_from=config.init_from)
-  text = ('# RL regimes on arithmetic\n\n'
-          + studies.rl_study_report(workdir, list(config.runs), config.seeds,
-                                  baseline=config.baseline, candidate=config.candidate,
-                                  collapse_fraction=config.collapse_fraction) + '\n')
+  text = (
+    '# RL regimes on arithmetic\n\n'
+    + studies.rl_study_report(
+      workdir,
+      list(config.runs),
+      config.seeds,
+      baseline=config.baseline,
+      candidate=config.candidate,
+      collapse_fraction=config.collapse_fraction,
+    )
+    + '\n'
+  )
   path = os.path.join(workdir, 'rl_study.md')
   studies.write_text(path, text)
   print(text, flush=True)

@@ -7,6 +7,7 @@ r"""Fine-tunes a decoder on synthetic tasks; resumes from the newest checkpoint 
 Multi-process: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every
 process, or --distributed_auto on a TPU pod / SLURM cluster (see BUILD.md).
 """
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -26,10 +27,13 @@ def main(argv):
   _START_DISTRIBUTED()
   result = train.train_sft(_CONFIG.value, _WORKDIR.value)
   accuracy = ', '.join(f'{k} {v:.3f}' for k, v in result.accuracy.items())
-  print(f'{"halted" if result.halted else "finished"} at step {result.step}: '
-        f'train loss {result.train_loss:.4f}, eval loss {result.eval_loss:.4f}, '
-        f'accuracy {result.mean_accuracy:.3f} ({accuracy}), '
-        f'{result.tokens_per_s:.0f} tokens/s, {result.wall_s:.0f} s', flush=True)
+  print(
+    f'{"halted" if result.halted else "finished"} at step {result.step}: '
+    f'train loss {result.train_loss:.4f}, eval loss {result.eval_loss:.4f}, '
+    f'accuracy {result.mean_accuracy:.3f} ({accuracy}), '
+    f'{result.tokens_per_s:.0f} tokens/s, {result.wall_s:.0f} s',
+    flush=True,
+  )
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ r"""Trains a decoder LM on the code corpus; resumes from the newest checkpoint i
 Multi-process: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every
 process, or --distributed_auto on a TPU pod / SLURM cluster (see BUILD.md).
 """
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -24,9 +25,12 @@ def main(argv):
   train.quiet_library_logs()
   _START_DISTRIBUTED()
   result = train.train_lm(_CONFIG.value, _WORKDIR.value)
-  print(f'{"halted" if result.halted else "finished"} at step {result.step}: '
-        f'train loss {result.train_loss:.4f}, eval loss {result.eval_loss:.4f}, '
-        f'{result.tokens_per_s:.0f} tokens/s', flush=True)
+  print(
+    f'{"halted" if result.halted else "finished"} at step {result.step}: '
+    f'train loss {result.train_loss:.4f}, eval loss {result.eval_loss:.4f}, '
+    f'{result.tokens_per_s:.0f} tokens/s',
+    flush=True,
+  )
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ r"""RL of a decoder policy on a verifiable task (GRPO family, optional CAPO mask
 
 Resumes from the newest checkpoint in --workdir. Multi-process flags as in train_lm.py.
 """
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -23,9 +24,12 @@ def main(argv):
   train.quiet_library_logs()
   _START_DISTRIBUTED()
   result = train.train_rl(_CONFIG.value, _WORKDIR.value)
-  print(f'{"halted" if result.halted else "finished"} at step {result.step}: reward '
-        f'{result.reward:.3f}, held-out accuracy {result.eval_accuracy:.3f}, '
-        f'{result.completions_seen} completions', flush=True)
+  print(
+    f'{"halted" if result.halted else "finished"} at step {result.step}: reward '
+    f'{result.reward:.3f}, held-out accuracy {result.eval_accuracy:.3f}, '
+    f'{result.completions_seen} completions',
+    flush=True,
+  )
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@
 `curvopt.merge` and `curvopt.models`; the data and trainer stack (tensorflow-datasets,
 ml_collections, ...) is the [train] extra. (absl.flags is not checked: optax and orbax import it.)
 """
+
 import ast
 import json
 import os
@@ -17,11 +18,23 @@ import pytest
 import setuptools
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-HEAVY = ('tensorflow_datasets', 'ml_collections', 'tensorflow', 'matplotlib', 'tensorboardX',
-         'chex')
+HEAVY = (
+  'tensorflow_datasets',
+  'ml_collections',
+  'tensorflow',
+  'matplotlib',
+  'tensorboardX',
+  'chex',
+)
 # import name -> the distribution that provides it
-DISTRIBUTIONS = {'jax': 'jax', 'flax': 'flax', 'optax': 'optax', 'orbax': 'orbax-checkpoint',
-                 'safetensors': 'safetensors', 'numpy': 'numpy'}
+DISTRIBUTIONS = {
+  'jax': 'jax',
+  'flax': 'flax',
+  'optax': 'optax',
+  'orbax': 'orbax-checkpoint',
+  'safetensors': 'safetensors',
+  'numpy': 'numpy',
+}
 
 
 def _setup_kwargs():
@@ -31,8 +44,10 @@ def _setup_kwargs():
 
 
 def _requirement_names(requirements):
-  return {req.split(';')[0].split('[')[0].split('>')[0].split('<')[0].split('=')[0].strip().lower()
-          for req in requirements}
+  return {
+    req.split(';')[0].split('[')[0].split('>')[0].split('<')[0].split('=')[0].strip().lower()
+    for req in requirements
+  }
 
 
 def _third_party_imports(package):
@@ -47,15 +62,25 @@ def _third_party_imports(package):
 
 
 def test_fresh_import_of_the_method_packages_pulls_in_no_heavy_dependency():
-  script = '\n'.join([
+  script = '\n'.join(
+    [
       'import json, sys',
       'import curvopt.optim, curvopt.rl, curvopt.merge',
       f'heavy = {HEAVY!r}',
       'print(json.dumps({"file": sys.modules["curvopt"].__file__,',
-      '                  "heavy": [m for m in heavy if m in sys.modules]}))'])
+      '                  "heavy": [m for m in heavy if m in sys.modules]}))',
+    ]
+  )
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
-  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
+  out = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert pathlib.Path(result['file']).resolve().is_relative_to(REPO), result['file']
@@ -63,11 +88,19 @@ def test_fresh_import_of_the_method_packages_pulls_in_no_heavy_dependency():
 
 
 def test_bare_import_of_curvopt_loads_no_third_party_module():
-  script = ('import sys, curvopt\n'
-            'print(sorted(m for m in ("jax", "numpy", "flax") if m in sys.modules))')
+  script = (
+    'import sys, curvopt\nprint(sorted(m for m in ("jax", "numpy", "flax") if m in sys.modules))'
+  )
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=60, check=True)
+  out = subprocess.run(
+    [sys.executable, '-c', script],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    check=True,
+  )
   assert out.stdout.strip() == '[]', out.stdout
 
 
@@ -77,8 +110,10 @@ def test_core_requirements_cover_the_package(package):
   imports = _third_party_imports(package)
   assert imports, package
   unknown = imports - set(DISTRIBUTIONS)
-  assert not unknown, (f'curvopt/{package} imports {sorted(unknown)}, not a core requirement '
-                       '(a new core dependency goes into install_requires and DISTRIBUTIONS)')
+  assert not unknown, (
+    f'curvopt/{package} imports {sorted(unknown)}, not a core requirement '
+    '(a new core dependency goes into install_requires and DISTRIBUTIONS)'
+  )
   missing = {DISTRIBUTIONS[n] for n in imports} - core
   assert not missing, f'curvopt/{package} needs {sorted(missing)}, not in install_requires'
 

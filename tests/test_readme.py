@@ -3,6 +3,7 @@
 A block runs with the repository's curvopt first on the path, in an empty temporary working
 directory (also its TMPDIR), without the suite's fake 8-device flag, as a user would run it.
 """
+
 import os
 import pathlib
 import re
@@ -23,14 +24,25 @@ def python_blocks(markdown: str) -> list[str]:
 def run_block(source: str, cwd: pathlib.Path, timeout: float = 240) -> None:
   """Runs one block in a fresh interpreter; fails with the block's text and its stderr."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu', TFDS_DATA_DIR=str(cwd / 'tfds'),
-             TMPDIR=str(cwd))  # tempfile.mkdtemp() in a block lands in the test's tmp_path
-  out = subprocess.run([sys.executable, '-c', source], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=timeout, check=False)
+  env.update(
+    PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu', TFDS_DATA_DIR=str(cwd / 'tfds'), TMPDIR=str(cwd)
+  )  # tempfile.mkdtemp() in a block lands in the test's tmp_path
+  out = subprocess.run(
+    [sys.executable, '-c', source],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
   if out.returncode:
     numbered = '\n'.join(f'{i:3d}  {line}' for i, line in enumerate(source.splitlines(), 1))
-    pytest.fail(f'README block failed (exit {out.returncode}):\n{numbered}\n\n--- stderr ---\n'
-                f'{out.stderr[-4000:]}', pytrace=False)
+    pytest.fail(
+      f'README block failed (exit {out.returncode}):\n{numbered}\n\n--- stderr ---\n'
+      f'{out.stderr[-4000:]}',
+      pytrace=False,
+    )
 
 
 def test_readme_has_python_blocks():

@@ -1,32 +1,33 @@
 """Data: byte tokenizer, tfds data sets (code corpus, synthetic tasks), LM and task batches."""
+
 from curvopt.data._code_corpus import CodeCorpus
-from curvopt.data._packing import eval_batches
 from curvopt.data._packing import PackedBatches
+from curvopt.data._packing import eval_batches
 from curvopt.data._permutation import IndexPermutation
+from curvopt.data._sources import TextSource
 from curvopt.data._sources import default_data_dir
 from curvopt.data._sources import text_source
-from curvopt.data._sources import TextSource
-from curvopt.data._task_batches import prompt_batch
 from curvopt.data._task_batches import TaskBatches
-from curvopt.data._tasks import CurvoptTasks
+from curvopt.data._task_batches import prompt_batch
 from curvopt.data._tasks import TASK_NAMES
-from curvopt.data._tasks import task_source
+from curvopt.data._tasks import CurvoptTasks
 from curvopt.data._tasks import TaskSource
+from curvopt.data._tasks import task_source
 from curvopt.data._tokenizer import ByteTokenizer
 
 __all__ = (
-    'ByteTokenizer',
-    'CodeCorpus',
-    'CurvoptTasks',
-    'IndexPermutation',
-    'PackedBatches',
-    'TASK_NAMES',
-    'TaskBatches',
-    'TaskSource',
-    'TextSource',
-    'default_data_dir',
-    'eval_batches',
-    'prompt_batch',
-    'task_source',
-    'text_source',
+  'ByteTokenizer',
+  'CodeCorpus',
+  'CurvoptTasks',
+  'IndexPermutation',
+  'PackedBatches',
+  'TASK_NAMES',
+  'TaskBatches',
+  'TaskSource',
+  'TextSource',
+  'default_data_dir',
+  'eval_batches',
+  'prompt_batch',
+  'task_source',
+  'text_source',
 )

@@ -1,4 +1,5 @@
 """Validation shared by the batch iterators: their options and their JSON resume states."""
+
 import operator
 from typing import Any, Iterable, Mapping
 
@@ -26,8 +27,9 @@ def source_id(source) -> str | None:
   return None
 
 
-def check_state(state: Any, *, state_format: str, settings: Mapping[str, Any],
-                fields: Iterable[str]) -> None:
+def check_state(
+  state: Any, *, state_format: str, settings: Mapping[str, Any], fields: Iterable[str]
+) -> None:
   """Raises unless `state` is a get_state() dict of this format, with these settings.
 
   `fields` are the state's own keys besides 'format' and the settings; their values are the
@@ -38,14 +40,13 @@ def check_state(state: Any, *, state_format: str, settings: Mapping[str, Any],
   expected_keys = {'format', *fields, *settings}
   if set(state) != expected_keys:
     raise ValueError(
-        f'state keys {sorted(state)} differ from get_state()\'s {sorted(expected_keys)}')
+      f"state keys {sorted(state)} differ from get_state()'s {sorted(expected_keys)}"
+    )
   if state['format'] != state_format:
     raise ValueError(f'state format {state["format"]!r} is not {state_format!r}')
-  mismatched = {key: (state[key], value) for key, value in settings.items()
-                if state[key] != value}
+  mismatched = {key: (state[key], value) for key, value in settings.items() if state[key] != value}
   if mismatched:
-    details = ', '.join(f'{k}: state has {s!r}, this has {v!r}'
-                        for k, (s, v) in mismatched.items())
+    details = ', '.join(f'{k}: state has {s!r}, this has {v!r}' for k, (s, v) in mismatched.items())
     raise ValueError(f'state was saved with other settings ({details})')
   if not is_count(state['num_batches']):
     raise ValueError(f'state num_batches must be an int >= 0, got {state["num_batches"]!r}')

@@ -1,4 +1,5 @@
 """tfds builder over the running interpreter's standard-library `.py` files."""
+
 import hashlib
 import os
 import platform
@@ -83,27 +84,30 @@ class CodeCorpus(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(
-          name='full', description='Every stdlib .py file (about 30 MB).'),
-      tfds.core.BuilderConfig(
-          name='mini',
-          description='A fixed subset of small files (about 300 KB), for tests.'),
+    tfds.core.BuilderConfig(name='full', description='Every stdlib .py file (about 30 MB).'),
+    tfds.core.BuilderConfig(
+      name='mini', description='A fixed subset of small files (about 300 KB), for tests.'
+    ),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = 'full'
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            'Python standard-library source files of the interpreter that prepared the '
-            'data set, split into train / validation by a sha256 hash of the relative path.'),
-        features=tfds.features.FeaturesDict({
-            'path': tfds.features.Text(),
-            'text': tfds.features.Text(),
-        }),
-        # Which interpreter produced the files; another Python version gives another corpus.
-        metadata=tfds.core.MetadataDict(
-            python_version=platform.python_version(), stdlib_root=stdlib_root()),
+      builder=self,
+      description=(
+        'Python standard-library source files of the interpreter that prepared the '
+        'data set, split into train / validation by a sha256 hash of the relative path.'
+      ),
+      features=tfds.features.FeaturesDict(
+        {
+          'path': tfds.features.Text(),
+          'text': tfds.features.Text(),
+        }
+      ),
+      # Which interpreter produced the files; another Python version gives another corpus.
+      metadata=tfds.core.MetadataDict(
+        python_version=platform.python_version(), stdlib_root=stdlib_root()
+      ),
     )
 
   def _split_generators(self, dl_manager):
@@ -111,8 +115,11 @@ class CodeCorpus(tfds.core.GeneratorBasedBuilder):
     root = stdlib_root()
     files = corpus_files(self.builder_config.name, root)
     # tfds refuses to write an empty split (possible for a tiny or unusual stdlib tree).
-    return {split: self._generate_examples(root, relpaths)
-            for split, relpaths in files.items() if relpaths}
+    return {
+      split: self._generate_examples(root, relpaths)
+      for split, relpaths in files.items()
+      if relpaths
+    }
 
   def _generate_examples(self, root, relpaths):
     for relpath in relpaths:

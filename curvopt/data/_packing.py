@@ -7,6 +7,7 @@ followed by EOS. Consecutive batches overlap by one token per row (batch k, row 
 the stream's tokens [kT, kT + T + 1)), so every token after the first is a target exactly
 once. A row's whole future is fixed by (position, token offset), which is the state.
 """
+
 from collections.abc import Sequence
 import operator
 from typing import Any
@@ -21,7 +22,8 @@ _STATE_FORMAT = 'curvopt.PackedBatches/1'
 
 def _check_source(source) -> int:
   if not isinstance(source, Sequence) and not (
-      hasattr(source, '__len__') and hasattr(source, '__getitem__')):
+    hasattr(source, '__len__') and hasattr(source, '__getitem__')
+  ):
     raise TypeError(f'source must support len() and [i], got {type(source).__name__}')
   num_records = len(source)
   if num_records < 1:
@@ -104,7 +106,7 @@ class PackedBatches:
     while filled < seq_len + 1:
       tokens = self._doc(row, position)
       take = min(len(tokens) - offset, seq_len + 1 - filled)
-      out_row[filled:filled + take] = tokens[offset:offset + take]
+      out_row[filled : filled + take] = tokens[offset : offset + take]
       if filled <= seq_len < filled + take:
         # The last token is also the next batch's first: resume right at it.
         next_cursor = (position, offset + seq_len - filled)
@@ -120,50 +122,55 @@ class PackedBatches:
 
   def __next__(self) -> np.ndarray:
     tokens_BxTplus1 = np.empty((self._batch_size, self._seq_len + 1), np.int32)
-    self._cursors = [
-        self._fill_row(row, tokens_BxTplus1[row]) for row in range(self._batch_size)]
+    self._cursors = [self._fill_row(row, tokens_BxTplus1[row]) for row in range(self._batch_size)]
     self._num_batches += 1
     return tokens_BxTplus1
 
   def _settings(self) -> dict[str, Any]:
     return {
-        'batch_size': self._batch_size,
-        'seq_len': self._seq_len,
-        'seed': self._seed,
-        'num_records': self._num_records,
-        'source': _batch_state.source_id(self._source),
-        'vocab_size': int(self._tokenizer.vocab_size),
+      'batch_size': self._batch_size,
+      'seq_len': self._seq_len,
+      'seed': self._seed,
+      'num_records': self._num_records,
+      'source': _batch_state.source_id(self._source),
+      'vocab_size': int(self._tokenizer.vocab_size),
     }
 
   def get_state(self) -> dict[str, Any]:
     """A small JSON-serializable dict from which `set_state` resumes exactly."""
     return {
-        'format': _STATE_FORMAT,
-        **self._settings(),
-        'num_batches': self._num_batches,
-        'rows': [[position, offset] for position, offset in self._cursors],
+      'format': _STATE_FORMAT,
+      **self._settings(),
+      'num_batches': self._num_batches,
+      'rows': [[position, offset] for position, offset in self._cursors],
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Resumes from `get_state()` of a PackedBatches with the same settings and source."""
-    _batch_state.check_state(state, state_format=_STATE_FORMAT, settings=self._settings(),
-                             fields=('num_batches', 'rows'))
+    _batch_state.check_state(
+      state, state_format=_STATE_FORMAT, settings=self._settings(), fields=('num_batches', 'rows')
+    )
     num_batches = state['num_batches']
     rows = state['rows']
     if not isinstance(rows, list) or len(rows) != self._batch_size:
       raise ValueError(
-          f'state rows must be a list of {self._batch_size} [position, offset] pairs, got '
-          f'{rows!r:.200}')
+        f'state rows must be a list of {self._batch_size} [position, offset] pairs, got '
+        f'{rows!r:.200}'
+      )
     cursors = []
     for row, cursor in enumerate(rows):
-      if (not isinstance(cursor, (list, tuple)) or len(cursor) != 2 or
-          not all(isinstance(v, int) and not isinstance(v, bool) for v in cursor)):
+      if (
+        not isinstance(cursor, (list, tuple))
+        or len(cursor) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in cursor)
+      ):
         raise ValueError(f'state rows[{row}] must be [position, offset] ints, got {cursor!r}')
       position, offset = cursor
       if position < 0 or position % self._batch_size != row:
         raise ValueError(
-            f'state rows[{row}] position {position} is not row {row} of a stream of '
-            f'batch_size {self._batch_size}')
+          f'state rows[{row}] position {position} is not row {row} of a stream of '
+          f'batch_size {self._batch_size}'
+        )
       cursors.append((position, offset))
     # Offsets are checked against the documents themselves, read here anyway for the
     # next batch; only a fully valid state replaces the current one.
@@ -172,21 +179,25 @@ class PackedBatches:
       tokens = _document_tokens(self._source, self._tokenizer, self.record_at(position))
       if not 0 <= offset < len(tokens):
         raise ValueError(
-            f'state rows[{row}] offset {offset} outside the {len(tokens)} tokens of the '
-            f'document at position {position}')
+          f'state rows[{row}] offset {offset} outside the {len(tokens)} tokens of the '
+          f'document at position {position}'
+        )
       cached_docs[row] = (position, tokens)
     self._cursors = cursors
     self._cached_docs = cached_docs
     self._num_batches = num_batches
 
   def __repr__(self) -> str:
-    return (f'PackedBatches(batch_size={self._batch_size}, seq_len={self._seq_len}, '
-            f'seed={self._seed}, num_records={self._num_records}, '
-            f'num_batches={self._num_batches})')
+    return (
+      f'PackedBatches(batch_size={self._batch_size}, seq_len={self._seq_len}, '
+      f'seed={self._seed}, num_records={self._num_records}, '
+      f'num_batches={self._num_batches})'
+    )
 
 
-def eval_batches(source, tokenizer, *, batch_size: int, seq_len: int,
-                 num_batches: int) -> list[np.ndarray]:
+def eval_batches(
+  source, tokenizer, *, batch_size: int, seq_len: int, num_batches: int
+) -> list[np.ndarray]:
   """Fixed evaluation batches: records 0, 1, 2, ... packed in order, each token a target once.
 
   Row j of the stream (batch j // B, row j % B) holds the stream's tokens [jT, jT + T + 1).
@@ -214,8 +225,8 @@ def eval_batches(source, tokenizer, *, batch_size: int, seq_len: int,
   num_rows = -(-(len(stream) - 1) // seq_len)  # Rows holding at least one target.
   num_out = -(-num_rows // batch_size)
   padded = np.full(num_out * batch_size * seq_len + 1, tokenizer.pad_id, np.int32)
-  padded[:len(stream)] = stream
+  padded[: len(stream)] = stream
   # Rows overlap by one token: row j = padded[jT : jT + T + 1].
   rows = np.lib.stride_tricks.sliding_window_view(padded, seq_len + 1)[::seq_len]
   rows = np.ascontiguousarray(rows, dtype=np.int32)
-  return [rows[b * batch_size:(b + 1) * batch_size] for b in range(num_out)]
+  return [rows[b * batch_size : (b + 1) * batch_size] for b in range(num_out)]

@@ -5,6 +5,7 @@ gigabytes per epoch; a keyed Feistel network with cycle walking maps any index t
 shuffled position directly. It uses only integer arithmetic and blake2b, so every process
 and machine computes the same order (no numpy stream, hash seed or dict order involved).
 """
+
 import hashlib
 
 _MASK64 = (1 << 64) - 1
@@ -39,10 +40,9 @@ class IndexPermutation:
     keys = self._keys_by_epoch.get(epoch)
     if keys is None:
       digest = hashlib.blake2b(
-          f'curvopt.IndexPermutation:{self.seed}:{epoch}'.encode(),
-          digest_size=8 * _NUM_ROUNDS).digest()
-      keys = tuple(
-          int.from_bytes(digest[8 * r:8 * r + 8], 'little') for r in range(_NUM_ROUNDS))
+        f'curvopt.IndexPermutation:{self.seed}:{epoch}'.encode(), digest_size=8 * _NUM_ROUNDS
+      ).digest()
+      keys = tuple(int.from_bytes(digest[8 * r : 8 * r + 8], 'little') for r in range(_NUM_ROUNDS))
       if len(self._keys_by_epoch) >= _MAX_CACHED_EPOCHS:
         self._keys_by_epoch.clear()
       self._keys_by_epoch[epoch] = keys

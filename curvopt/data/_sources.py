@@ -1,7 +1,8 @@
 """Random-access text sources over tfds data sets prepared as array_record (no TensorFlow)."""
+
+from collections.abc import Sequence
 import operator
 import os
-from collections.abc import Sequence
 
 from absl import logging
 import tensorflow_datasets as tfds
@@ -10,7 +11,7 @@ from curvopt.data import _code_corpus
 
 # curvopt's own builders, by the name `text_source` knows them; prepared on first use.
 _OWN_BUILDERS = {
-    'code_corpus': _code_corpus.CodeCorpus,
+  'code_corpus': _code_corpus.CodeCorpus,
 }
 _FILE_FORMAT = 'array_record'
 
@@ -49,8 +50,9 @@ class TextSource(Sequence):
     record = self.record(index)
     if self.text_key not in record:
       raise ValueError(
-          f'{self.name}/{self.split} records have no {self.text_key!r} feature; they have '
-          f'{sorted(record)}; pass text_key=')
+        f'{self.name}/{self.split} records have no {self.text_key!r} feature; they have '
+        f'{sorted(record)}; pass text_key='
+      )
     text = record[self.text_key]
     if isinstance(text, bytes):
       return text.decode('utf-8', errors='replace')
@@ -64,15 +66,17 @@ def _prepare_own_builder(builder_cls, config: str | None, data_dir: str | None):
   """Returns a prepared builder of one of our own data sets, preparing it if needed."""
   if config is not None and config not in builder_cls.builder_configs:
     raise ValueError(
-        f'unknown config {config!r} of {builder_cls.name}; valid: '
-        f'{sorted(builder_cls.builder_configs)}')
+      f'unknown config {config!r} of {builder_cls.name}; valid: '
+      f'{sorted(builder_cls.builder_configs)}'
+    )
   builder = builder_cls(config=config, data_dir=data_dir, file_format=_FILE_FORMAT)
   if builder.is_prepared():
     return builder
   try:
     builder.download_and_prepare(
-        download_dir=os.path.join(os.fspath(builder.data_dir_root), 'downloads'),
-        file_format=_FILE_FORMAT)
+      download_dir=os.path.join(os.fspath(builder.data_dir_root), 'downloads'),
+      file_format=_FILE_FORMAT,
+    )
   except OSError:
     # Another process (e.g. another host on a shared file system) may have finished
     # first: tfds' final rename onto its directory then fails here.
@@ -93,20 +97,23 @@ def _prepared_tfds_builder(name: str, data_dir: str | None):
   except tfds.core.registered.DatasetNotFoundError:
     # tfds' own message lists hundreds of names; keep ours to the point.
     raise ValueError(
-        f'unknown dataset {name!r}: not one of curvopt\'s ({sorted(_OWN_BUILDERS)}) and '
-        f'not a tfds data set whose code or prepared files are found under '
-        f'data_dir={data_dir!r}') from None
+      f"unknown dataset {name!r}: not one of curvopt's ({sorted(_OWN_BUILDERS)}) and "
+      f'not a tfds data set whose code or prepared files are found under '
+      f'data_dir={data_dir!r}'
+    ) from None
   if not builder.is_prepared():
     raise ValueError(
-        f'dataset {name!r} is not prepared under {os.fspath(builder.data_dir)!r} and curvopt '
-        f'never downloads; prepare it elsewhere with `tfds build {name} '
-        f'--file_format={_FILE_FORMAT}` and copy it under data_dir={data_dir!r} '
-        f'(or $TFDS_DATA_DIR)')
+      f'dataset {name!r} is not prepared under {os.fspath(builder.data_dir)!r} and curvopt '
+      f'never downloads; prepare it elsewhere with `tfds build {name} '
+      f'--file_format={_FILE_FORMAT}` and copy it under data_dir={data_dir!r} '
+      f'(or $TFDS_DATA_DIR)'
+    )
   return builder
 
 
-def text_source(name: str, split: str, *, data_dir: str | None = None,
-                text_key: str = 'text') -> TextSource:
+def text_source(
+  name: str, split: str, *, data_dir: str | None = None, text_key: str = 'text'
+) -> TextSource:
   """A random-access source of texts: `len(src)`, `src[i] -> str`.
 
   Args:
@@ -141,7 +148,8 @@ def text_source(name: str, split: str, *, data_dir: str | None = None,
     data_source = builder.as_data_source(split=split)
   except NotImplementedError as e:
     raise ValueError(
-        f'dataset {name!r} under {os.fspath(builder.data_dir)!r} is stored as '
-        f'{builder.info.file_format}, which has no random access; prepare it with '
-        f'--file_format={_FILE_FORMAT}') from e
+      f'dataset {name!r} under {os.fspath(builder.data_dir)!r} is stored as '
+      f'{builder.info.file_format}, which has no random access; prepare it with '
+      f'--file_format={_FILE_FORMAT}'
+    ) from e
   return TextSource(data_source, name=name, split=split, text_key=text_key)

@@ -10,6 +10,7 @@ Row r of batch k draws its task from the weights with a hash of (seed, k, r); ea
 walks its examples in an order reshuffled every epoch. The state is the batch count plus
 one position per task, so resuming is exact.
 """
+
 from collections.abc import Mapping, Sequence
 import hashlib
 import math
@@ -66,12 +67,20 @@ class TaskBatches:
   `tasks` counts the rows drawn from each task so far (also in the state).
   """
 
-  def __init__(self, sources: Mapping[str, Any], tokenizer, *, batch_size: int,
-               seq_len: int, seed: int = 0,
-               weights: Mapping[str, float] | Sequence[float] | None = None):
+  def __init__(
+    self,
+    sources: Mapping[str, Any],
+    tokenizer,
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int = 0,
+    weights: Mapping[str, float] | Sequence[float] | None = None,
+  ):
     if not isinstance(sources, Mapping) or not sources:
-      raise TypeError(f'sources must be a non-empty dict of task name -> source, got '
-                      f'{sources!r:.100}')
+      raise TypeError(
+        f'sources must be a non-empty dict of task name -> source, got {sources!r:.100}'
+      )
     self._names = tuple(sources)
     self._sources = dict(sources)
     self._tokenizer = tokenizer
@@ -101,8 +110,9 @@ class TaskBatches:
       unknown = sorted(set(weights) - set(self._names))
       missing = sorted(set(self._names) - set(weights))
       if unknown or missing:
-        raise ValueError(f'weights name tasks {sorted(weights)} but sources are '
-                         f'{sorted(self._names)}')
+        raise ValueError(
+          f'weights name tasks {sorted(weights)} but sources are {sorted(self._names)}'
+        )
       values = [weights[name] for name in self._names]
     else:
       values = list(weights)
@@ -168,55 +178,74 @@ class TaskBatches:
       ids, prompt_len = example_tokens(self.example_at(name, position), self._tokenizer)
       if len(ids) > shape[1]:
         raise ValueError(
-            f'example at position {position} of task {name!r} has {len(ids)} tokens (with '
-            f'BOS and EOS), more than seq_len + 1 = {shape[1]}; raise seq_len')
+          f'example at position {position} of task {name!r} has {len(ids)} tokens (with '
+          f'BOS and EOS), more than seq_len + 1 = {shape[1]}; raise seq_len'
+        )
       positions[name] = position + 1
-      tokens[row, :len(ids)] = ids
+      tokens[row, : len(ids)] = ids
       prompt_mask[row, :prompt_len] = 1
-      loss_mask[row, prompt_len:len(ids)] = 1
+      loss_mask[row, prompt_len : len(ids)] = 1
     self._positions = positions
     self._num_batches += 1
     return {'tokens': tokens, 'loss_mask': loss_mask, 'prompt_mask': prompt_mask}
 
   def _settings(self) -> dict[str, Any]:
     return {
-        'batch_size': self._batch_size,
-        'seq_len': self._seq_len,
-        'seed': self._seed,
-        'weights': self.weights,
-        'sizes': dict(self._sizes),
-        'sources': {name: _batch_state.source_id(self._sources[name]) for name in self._names},
-        'vocab_size': int(self._tokenizer.vocab_size),
+      'batch_size': self._batch_size,
+      'seq_len': self._seq_len,
+      'seed': self._seed,
+      'weights': self.weights,
+      'sizes': dict(self._sizes),
+      'sources': {name: _batch_state.source_id(self._sources[name]) for name in self._names},
+      'vocab_size': int(self._tokenizer.vocab_size),
     }
 
   def get_state(self) -> dict[str, Any]:
     """A small JSON-serializable dict from which `set_state` resumes exactly."""
-    return {'format': _STATE_FORMAT, **self._settings(), 'num_batches': self._num_batches,
-            'positions': dict(self._positions)}
+    return {
+      'format': _STATE_FORMAT,
+      **self._settings(),
+      'num_batches': self._num_batches,
+      'positions': dict(self._positions),
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Resumes from `get_state()` of a TaskBatches with the same settings and sources."""
-    _batch_state.check_state(state, state_format=_STATE_FORMAT, settings=self._settings(),
-                             fields=('num_batches', 'positions'))
+    _batch_state.check_state(
+      state,
+      state_format=_STATE_FORMAT,
+      settings=self._settings(),
+      fields=('num_batches', 'positions'),
+    )
     num_batches = state['num_batches']
     positions = state['positions']
-    if (not isinstance(positions, dict) or set(positions) != set(self._names) or
-        not all(_batch_state.is_count(v) for v in positions.values())):
-      raise ValueError(f'state positions must map every task {sorted(self._names)} to an '
-                       f'int >= 0, got {positions!r:.200}')
+    if (
+      not isinstance(positions, dict)
+      or set(positions) != set(self._names)
+      or not all(_batch_state.is_count(v) for v in positions.values())
+    ):
+      raise ValueError(
+        f'state positions must map every task {sorted(self._names)} to an '
+        f'int >= 0, got {positions!r:.200}'
+      )
     if sum(positions.values()) != num_batches * self._batch_size:
-      raise ValueError(f'state positions {positions} do not add up to num_batches '
-                       f'{num_batches} x batch_size {self._batch_size}')
+      raise ValueError(
+        f'state positions {positions} do not add up to num_batches '
+        f'{num_batches} x batch_size {self._batch_size}'
+      )
     self._positions = {name: positions[name] for name in self._names}
     self._num_batches = num_batches
 
   def __repr__(self) -> str:
-    return (f'TaskBatches(tasks={self.weights}, batch_size={self._batch_size}, '
-            f'seq_len={self._seq_len}, seed={self._seed}, num_batches={self._num_batches})')
+    return (
+      f'TaskBatches(tasks={self.weights}, batch_size={self._batch_size}, '
+      f'seq_len={self._seq_len}, seed={self._seed}, num_batches={self._num_batches})'
+    )
 
 
-def prompt_batch(examples: Sequence[Mapping[str, str] | str], tokenizer, *,
-                 max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+def prompt_batch(
+  examples: Sequence[Mapping[str, str] | str], tokenizer, *, max_prompt_len: int
+) -> tuple[np.ndarray, np.ndarray]:
   """LEFT-padded [BOS] prompt ids of each example, for sampling a completion after them.
 
   Args:
@@ -232,8 +261,10 @@ def prompt_batch(examples: Sequence[Mapping[str, str] | str], tokenizer, *,
   """
   max_prompt_len = _batch_state.positive_int(max_prompt_len, 'max_prompt_len')
   if isinstance(examples, (str, Mapping)):
-    raise TypeError('examples must be a sequence of examples or prompt strings, got one '
-                    f'{type(examples).__name__}')
+    raise TypeError(
+      'examples must be a sequence of examples or prompt strings, got one '
+      f'{type(examples).__name__}'
+    )
   if len(examples) < 1:
     raise ValueError('prompt_batch needs at least one example')
   prompts = np.full((len(examples), max_prompt_len), tokenizer.pad_id, np.int32)
@@ -241,8 +272,10 @@ def prompt_batch(examples: Sequence[Mapping[str, str] | str], tokenizer, *,
   for i, example in enumerate(examples):
     ids = tokenizer.encode(_text(example, 'prompt', f'examples[{i}]'), add_bos=True)
     if len(ids) > max_prompt_len:
-      raise ValueError(f'examples[{i}] prompt has {len(ids)} tokens with BOS, more than '
-                       f'max_prompt_len={max_prompt_len}')
-    prompts[i, max_prompt_len - len(ids):] = ids
-    mask[i, max_prompt_len - len(ids):] = 1
+      raise ValueError(
+        f'examples[{i}] prompt has {len(ids)} tokens with BOS, more than '
+        f'max_prompt_len={max_prompt_len}'
+      )
+    prompts[i, max_prompt_len - len(ids) :] = ids
+    mask[i, max_prompt_len - len(ids) :] = 1
   return prompts, mask

@@ -7,6 +7,7 @@ Every example is {'prompt', 'completion', 'answer'} with
 so a verifier compares the text after the last '#### ' with `answer` exactly.
 Splits are generated from fixed seeds; test prompts never occur in train.
 """
+
 import hashlib
 import random
 from typing import Callable
@@ -22,15 +23,51 @@ ANSWER_PREFIX = '#### '
 _ARITH_NUM_OPS = (2, 3, 4)
 _ARITH_OPERANDS = (1, 9)
 _ARITH_MAX_VALUE = 99
-_OPS = {'+': (1, lambda a, b: a + b), '-': (1, lambda a, b: a - b),
-        '*': (2, lambda a, b: a * b)}
+_OPS = {'+': (1, lambda a, b: a + b), '-': (1, lambda a, b: a - b), '*': (2, lambda a, b: a * b)}
 
 _LETTERS = 'abcdefghijklmnopqrstuvwxyz'
 _SORT_WORDS = (
-    'ant', 'bee', 'cat', 'dog', 'elk', 'fig', 'gnu', 'hen', 'ink', 'jam', 'kit', 'log',
-    'map', 'net', 'owl', 'pig', 'rat', 'sun', 'tea', 'urn', 'van', 'wax', 'yak', 'zip',
-    'arc', 'bat', 'cow', 'den', 'eel', 'fox', 'gum', 'hat', 'ice', 'jet', 'key', 'lid',
-    'mud', 'nut', 'oak', 'pen')
+  'ant',
+  'bee',
+  'cat',
+  'dog',
+  'elk',
+  'fig',
+  'gnu',
+  'hen',
+  'ink',
+  'jam',
+  'kit',
+  'log',
+  'map',
+  'net',
+  'owl',
+  'pig',
+  'rat',
+  'sun',
+  'tea',
+  'urn',
+  'van',
+  'wax',
+  'yak',
+  'zip',
+  'arc',
+  'bat',
+  'cow',
+  'den',
+  'eel',
+  'fox',
+  'gum',
+  'hat',
+  'ice',
+  'jet',
+  'key',
+  'lid',
+  'mud',
+  'nut',
+  'oak',
+  'pen',
+)
 
 # kv_recall: a fixed table of made-up countries and capitals, asked in these phrasings.
 # Each key's train examples use all but _KV_HELD_OUT of them; its test examples use the
@@ -38,15 +75,35 @@ _SORT_WORDS = (
 _KV_NUM_KEYS = 128
 _KV_HELD_OUT = 2
 _KV_PHRASINGS = (
-    'Q: capital of {k}?\n',
-    'Q: What is the capital of {k}?\n',
-    'Q: {k} has which capital?\n',
-    'Q: Name the capital of {k}.\n',
-    'Q: {k}: capital?\n',
-    'Q: Which city is the capital of {k}?\n',
+  'Q: capital of {k}?\n',
+  'Q: What is the capital of {k}?\n',
+  'Q: {k} has which capital?\n',
+  'Q: Name the capital of {k}.\n',
+  'Q: {k}: capital?\n',
+  'Q: Which city is the capital of {k}?\n',
 )
-_SYLLABLE_ONSETS = ('b', 'd', 'f', 'g', 'k', 'l', 'm', 'n', 'p', 'r', 's', 't', 'v', 'z',
-                    'br', 'tr', 'st', 'kl', 'gr', 'sh')
+_SYLLABLE_ONSETS = (
+  'b',
+  'd',
+  'f',
+  'g',
+  'k',
+  'l',
+  'm',
+  'n',
+  'p',
+  'r',
+  's',
+  't',
+  'v',
+  'z',
+  'br',
+  'tr',
+  'st',
+  'kl',
+  'gr',
+  'sh',
+)
 _SYLLABLE_VOWELS = ('a', 'e', 'i', 'o', 'u', 'ai', 'ou')
 _COUNTRY_ENDINGS = ('ia', 'land', 'stan', 'ora', 'ania', 'mark')
 
@@ -61,8 +118,11 @@ def _rng(*parts) -> random.Random:
 
 
 def _example(prompt: str, steps: list[str], answer: str) -> dict[str, str]:
-  return {'prompt': prompt, 'completion': ''.join(s + '\n' for s in steps) + ANSWER_PREFIX + answer,
-          'answer': answer}
+  return {
+    'prompt': prompt,
+    'completion': ''.join(s + '\n' for s in steps) + ANSWER_PREFIX + answer,
+    'answer': answer,
+  }
 
 
 # ---------------------------------------------------------------------------- arithmetic
@@ -139,8 +199,7 @@ def sorting_example(rng: random.Random) -> dict[str, str]:
 
 
 def _syllables(rng: random.Random, count: int) -> str:
-  return ''.join(rng.choice(_SYLLABLE_ONSETS) + rng.choice(_SYLLABLE_VOWELS)
-                 for _ in range(count))
+  return ''.join(rng.choice(_SYLLABLE_ONSETS) + rng.choice(_SYLLABLE_VOWELS) for _ in range(count))
 
 
 def kv_table() -> list[tuple[str, str, tuple[int, ...]]]:
@@ -160,8 +219,9 @@ def kv_table() -> list[tuple[str, str, tuple[int, ...]]]:
 
 
 def _kv_example(country: str, capital: str, phrasing: int) -> dict[str, str]:
-  return _example(_KV_PHRASINGS[phrasing].format(k=country),
-                  [f'The capital of {country} is {capital}.'], capital)
+  return _example(
+    _KV_PHRASINGS[phrasing].format(k=country), [f'The capital of {country} is {capital}.'], capital
+  )
 
 
 def kv_recall_examples(split: str, size: int) -> list[dict[str, str]]:
@@ -171,8 +231,7 @@ def kv_recall_examples(split: str, size: int) -> list[dict[str, str]]:
     pairs = [(c, v, p) for c, v, held in table for p in held]
     _rng('kv_recall', 'test').shuffle(pairs)
     return [_kv_example(*pair) for pair in pairs[:size]]
-  pairs = [(c, v, p) for c, v, held in table for p in range(len(_KV_PHRASINGS))
-           if p not in held]
+  pairs = [(c, v, p) for c, v, held in table for p in range(len(_KV_PHRASINGS)) if p not in held]
   rng = _rng('kv_recall', split)
   return [_kv_example(*rng.choice(pairs)) for _ in range(size)]
 
@@ -182,30 +241,33 @@ def kv_recall_examples(split: str, size: int) -> list[dict[str, str]]:
 
 def _format_template(rng: random.Random) -> str:
   key = rng.choice(_FORMAT_KEYS)
-  return rng.choice((
+  return rng.choice(
+    (
       '{"%s": "_"}' % key,
       f'<{key}>_</{key}>',
       f'[{key}=_]',
       f'{key}: _;',
       f'({key} _)',
       f'{key.upper()}="_"',
-  ))
+    )
+  )
 
 
 def format_example(rng: random.Random) -> dict[str, str]:
   template = _format_template(rng)
   word = ''.join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 7)))
-  return _example(f'Q: fill {template} with {word}\n', [f'value {word}'],
-                  template.replace('_', word))
+  return _example(
+    f'Q: fill {template} with {word}\n', [f'value {word}'], template.replace('_', word)
+  )
 
 
 # ------------------------------------------------------------------------------ splits
 
 _GENERATORS: dict[str, Callable[[random.Random], dict[str, str]]] = {
-    'arithmetic': arithmetic_example,
-    'reversal': reversal_example,
-    'sorting': sorting_example,
-    'format': format_example,
+  'arithmetic': arithmetic_example,
+  'reversal': reversal_example,
+  'sorting': sorting_example,
+  'format': format_example,
 }
 
 

@@ -1,7 +1,8 @@
 """The synthetic tasks as a tfds data set (one config per task) and random access to it."""
+
+from collections.abc import Sequence
 import operator
 import os
-from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
@@ -19,19 +20,19 @@ class CurvoptTasks(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name=task, description=f'The {task} task.')
-      for task in TASK_NAMES
+    tfds.core.BuilderConfig(name=task, description=f'The {task} task.') for task in TASK_NAMES
   ]
   DEFAULT_BUILDER_CONFIG_NAME = TASK_NAMES[0]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=(
-            'Generated from fixed seeds: a prompt "Q: ...\\n", a completion of worked '
-            'solution lines ending in a line "#### <answer>", and the answer string that '
-            'exact match compares. No test prompt occurs in train.'),
-        features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in _FIELDS}),
+      builder=self,
+      description=(
+        'Generated from fixed seeds: a prompt "Q: ...\\n", a completion of worked '
+        'solution lines ending in a line "#### <answer>", and the answer string that '
+        'exact match compares. No test prompt occurs in train.'
+      ),
+      features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in _FIELDS}),
     )
 
   def _split_generators(self, dl_manager):
@@ -62,8 +63,11 @@ class TaskSource(Sequence):
     if not -self._len <= index < self._len:
       raise IndexError(f'example {index} outside [0, {self._len}) of {self.name}/{self.split}')
     record = self._data_source[index % self._len]
-    return {k: v.decode('utf-8') if isinstance(v, bytes) else str(v)
-            for k, v in record.items() if k in _FIELDS}
+    return {
+      k: v.decode('utf-8') if isinstance(v, bytes) else str(v)
+      for k, v in record.items()
+      if k in _FIELDS
+    }
 
   def __repr__(self) -> str:
     return f'TaskSource({self.name}/{self.split}, {self._len} examples)'

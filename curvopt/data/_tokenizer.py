@@ -1,4 +1,5 @@
 """Byte-level tokenizer: ids 0..255 are raw UTF-8 bytes, a few ids above are specials."""
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -6,8 +7,16 @@ import numpy as np
 # Specials sit right after the 256 byte ids. The unused ones keep the vocabulary at a
 # multiple of 8 (shards evenly over the mesh) and leave room for later tasks without
 # changing vocab_size, which would invalidate checkpoints.
-_SPECIALS = ('<pad>', '<bos>', '<eos>', '<sep>', '<unused_0>', '<unused_1>', '<unused_2>',
-             '<unused_3>')
+_SPECIALS = (
+  '<pad>',
+  '<bos>',
+  '<eos>',
+  '<sep>',
+  '<unused_0>',
+  '<unused_1>',
+  '<unused_2>',
+  '<unused_3>',
+)
 _NUM_BYTES = 256
 
 

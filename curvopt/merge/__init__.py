@@ -18,27 +18,27 @@ from curvopt.merge._dare import dare_keep_masks
 from curvopt.merge._dare import dare_leaf
 from curvopt.merge._dare import leaf_key
 from curvopt.merge._estimate_fisher import estimate_fisher
+from curvopt.merge._ffg import QUANTILES
+from curvopt.merge._ffg import SCOPES
+from curvopt.merge._ffg import SCORES
 from curvopt.merge._ffg import ffg_graft
 from curvopt.merge._ffg import ffg_graft_leaf
 from curvopt.merge._ffg import ffg_mask
 from curvopt.merge._ffg import ffg_mask_leaf
 from curvopt.merge._ffg import ffg_saliency
 from curvopt.merge._ffg import ffg_threshold
-from curvopt.merge._ffg import QUANTILES
-from curvopt.merge._ffg import SCOPES
-from curvopt.merge._ffg import SCORES
 from curvopt.merge._fisher_merge import fisher
 from curvopt.merge._fisher_merge import fisher_leaf
-from curvopt.merge._io_orbax import orbax_moments_reader
-from curvopt.merge._io_orbax import orbax_params_reader
 from curvopt.merge._io_orbax import OrbaxMomentsReader
 from curvopt.merge._io_orbax import OrbaxReader
 from curvopt.merge._io_orbax import OrbaxWriter
+from curvopt.merge._io_orbax import orbax_moments_reader
+from curvopt.merge._io_orbax import orbax_params_reader
 from curvopt.merge._io_orbax import save_orbax
-from curvopt.merge._io_safetensors import exp_avg_sq_reader
-from curvopt.merge._io_safetensors import save_safetensors
 from curvopt.merge._io_safetensors import SafetensorsReader
 from curvopt.merge._io_safetensors import SafetensorsWriter
+from curvopt.merge._io_safetensors import exp_avg_sq_reader
+from curvopt.merge._io_safetensors import save_safetensors
 from curvopt.merge._linear import linear
 from curvopt.merge._linear import linear_leaf
 from curvopt.merge._linear import task_arithmetic
@@ -59,65 +59,65 @@ from curvopt.merge._run import open_reader
 from curvopt.merge._sources import LeafReader
 from curvopt.merge._sources import TreeReader
 from curvopt.merge._stream_cutoff import StreamedCutoff
-from curvopt.merge._streaming import MemoryWriter
-from curvopt.merge._streaming import merge_streaming
 from curvopt.merge._streaming import METHODS
+from curvopt.merge._streaming import MemoryWriter
 from curvopt.merge._streaming import StreamResult
+from curvopt.merge._streaming import merge_streaming
 from curvopt.merge._ties import ties
 from curvopt.merge._ties import ties_leaf
 
 __all__ = (
-    'COMBINES',
-    'LeafReader',
-    'METHODS',
-    'MemoryWriter',
-    'NORMALISE',
-    'QUANTILES',
-    'OrbaxMomentsReader',
-    'OrbaxReader',
-    'OrbaxWriter',
-    'Rank1',
-    'SCOPES',
-    'SCORES',
-    'SafetensorsReader',
-    'SafetensorsWriter',
-    'StreamResult',
-    'StreamedCutoff',
-    'TreeReader',
-    'dare',
-    'dare_keep_masks',
-    'dare_leaf',
-    'estimate_fisher',
-    'exp_avg_sq_reader',
-    'ffg_graft',
-    'ffg_graft_leaf',
-    'ffg_mask',
-    'ffg_mask_leaf',
-    'ffg_saliency',
-    'ffg_threshold',
-    'fisher',
-    'fisher_leaf',
-    'leaf_key',
-    'linear',
-    'linear_leaf',
-    'merge_from_spec',
-    'merge_streaming',
-    'open_moments',
-    'open_reader',
-    'orbax_moments_reader',
-    'orbax_params_reader',
-    'ota',
-    'ota_expert_weight',
-    'ota_ffg',
-    'ota_leaf',
-    'rank1_compress',
-    'rank1_compress_leaf',
-    'rank1_expand',
-    'rank1_expand_leaf',
-    'save_orbax',
-    'save_safetensors',
-    'task_arithmetic',
-    'task_arithmetic_leaf',
-    'ties',
-    'ties_leaf',
+  'COMBINES',
+  'LeafReader',
+  'METHODS',
+  'MemoryWriter',
+  'NORMALISE',
+  'QUANTILES',
+  'OrbaxMomentsReader',
+  'OrbaxReader',
+  'OrbaxWriter',
+  'Rank1',
+  'SCOPES',
+  'SCORES',
+  'SafetensorsReader',
+  'SafetensorsWriter',
+  'StreamResult',
+  'StreamedCutoff',
+  'TreeReader',
+  'dare',
+  'dare_keep_masks',
+  'dare_leaf',
+  'estimate_fisher',
+  'exp_avg_sq_reader',
+  'ffg_graft',
+  'ffg_graft_leaf',
+  'ffg_mask',
+  'ffg_mask_leaf',
+  'ffg_saliency',
+  'ffg_threshold',
+  'fisher',
+  'fisher_leaf',
+  'leaf_key',
+  'linear',
+  'linear_leaf',
+  'merge_from_spec',
+  'merge_streaming',
+  'open_moments',
+  'open_reader',
+  'orbax_moments_reader',
+  'orbax_params_reader',
+  'ota',
+  'ota_expert_weight',
+  'ota_ffg',
+  'ota_leaf',
+  'rank1_compress',
+  'rank1_compress_leaf',
+  'rank1_expand',
+  'rank1_expand_leaf',
+  'save_orbax',
+  'save_safetensors',
+  'task_arithmetic',
+  'task_arithmetic_leaf',
+  'ties',
+  'ties_leaf',
 )

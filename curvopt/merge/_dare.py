@@ -47,8 +47,7 @@ def dare_keep_masks(key, drops_T, *, shape):
 
 
 @functools.partial(jax.jit, static_argnames=('combine',))
-def _dare_kernel(base, experts, keep_T, drops_T, weights_T, scale, *,
-                 combine):
+def _dare_kernel(base, experts, keep_T, drops_T, weights_T, scale, *, combine):
   base32 = base.astype(F32)
   taus = []
   for t, expert in enumerate(experts):
@@ -63,36 +62,50 @@ def _dare_kernel(base, experts, keep_T, drops_T, weights_T, scale, *,
 
 def _merge_leaf(base, experts, key, drops_T, weights_T, scale, combine):
   keep_T = dare_keep_masks(key, drops_T, shape=tuple(base.shape))
-  return _dare_kernel(base, experts, keep_T, drops_T, weights_T, scale,
-                      combine=combine)
+  return _dare_kernel(base, experts, keep_T, drops_T, weights_T, scale, combine=combine)
 
 
 def _options_for(num, drop, combine, weights, scale):
   if drop is None:
     raise ValueError('drop is required')
-  return (_options.per_expert(drop, num, what='drop', low=0.0, high=1.0,
-                              high_open=True),
-          _options.choice(combine, COMBINES, what='combine'),
-          _options.per_expert(weights, num, what='weights'),
-          _options.finite(scale, what='scale'))
+  return (
+    _options.per_expert(drop, num, what='drop', low=0.0, high=1.0, high_open=True),
+    _options.choice(combine, COMBINES, what='combine'),
+    _options.per_expert(weights, num, what='weights'),
+    _options.finite(scale, what='scale'),
+  )
 
 
-def dare_leaf(base: Any, experts: Sequence[Any], *, drop: Any, key: Any,
-              combine: str = 'ties', weights: Any = None, scale: float = 1.0,
-              name: str = 'leaf'):
+def dare_leaf(
+  base: Any,
+  experts: Sequence[Any],
+  *,
+  drop: Any,
+  key: Any,
+  combine: str = 'ties',
+  weights: Any = None,
+  scale: float = 1.0,
+  name: str = 'leaf',
+):
   """`dare` on one tensor; `key` is this leaf's key (see `leaf_key`).
 
   Expert t keeps the entries set in row t of `dare_keep_masks(key, p, ...)`.
   """
   _tree.check_leaf_group(base, experts, name=name)
-  p, combine, w, scale = _options_for(len(experts), drop, combine, weights,
-                                      scale)
+  p, combine, w, scale = _options_for(len(experts), drop, combine, weights, scale)
   return _merge_leaf(base, tuple(experts), key, p, w, scale, combine)
 
 
-def dare(base: Any, experts: Sequence[Any], *, drop: Any, key: Any,
-         combine: str = 'ties', weights: Any = None,
-         scale: float = 1.0) -> Any:
+def dare(
+  base: Any,
+  experts: Sequence[Any],
+  *,
+  drop: Any,
+  key: Any,
+  combine: str = 'ties',
+  weights: Any = None,
+  scale: float = 1.0,
+) -> Any:
   """DARE (Yu et al. 2024): drop task-vector entries, rescale, combine.
 
   Each entry of tau_t is dropped with probability p_t and the survivors are
@@ -120,9 +133,10 @@ def dare(base: Any, experts: Sequence[Any], *, drop: Any, key: Any,
       drop outside [0, 1) or an unknown combine (holding the value).
   """
   gathered = _tree.gather(base, experts)
-  p, combine, w, scale = _options_for(gathered.num_experts, drop, combine,
-                                      weights, scale)
-  return gathered.reference.unflatten([
+  p, combine, w, scale = _options_for(gathered.num_experts, drop, combine, weights, scale)
+  return gathered.reference.unflatten(
+    [
       _merge_leaf(b, leaves, leaf_key(key, name), p, w, scale, combine)
-      for name, b, leaves in zip(gathered.names, gathered.base,
-                                 gathered.experts)])
+      for name, b, leaves in zip(gathered.names, gathered.base, gathered.experts)
+    ]
+  )

@@ -22,17 +22,17 @@ def _batch_size(batch: Any, index: int) -> int:
   sizes = {}
   for path, leaf in pairs:
     if jnp.ndim(leaf) < 1:
-      raise ValueError(f'batch {index} leaf {path_str(path)!r} is a scalar; '
-                       'every batch leaf needs a leading example axis')
+      raise ValueError(
+        f'batch {index} leaf {path_str(path)!r} is a scalar; '
+        'every batch leaf needs a leading example axis'
+      )
     sizes[path_str(path)] = jnp.shape(leaf)[0]
   if len(set(sizes.values())) != 1:
-    raise ValueError(f'batch {index} leaves disagree on the number of '
-                     f'examples: {sizes}')
+    raise ValueError(f'batch {index} leaves disagree on the number of examples: {sizes}')
   return next(iter(sizes.values()))
 
 
-def estimate_fisher(loss_fn: Callable[[Any, Any], Any], params: Any,
-                    batches: Iterable[Any]) -> Any:
+def estimate_fisher(loss_fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[Any]) -> Any:
   """Mean of squared per-example gradients, per parameter entry, in fp32.
 
   Args:
@@ -57,8 +57,8 @@ def estimate_fisher(loss_fn: Callable[[Any, Any], Any], params: Any,
   def accumulate(total, params, batch):
     grads = per_example_grads(params, batch)
     return jax.tree.map(
-        lambda acc, g: acc + jnp.sum(jnp.square(g.astype(F32)), axis=0),
-        total, grads)
+      lambda acc, g: acc + jnp.sum(jnp.square(g.astype(F32)), axis=0), total, grads
+    )
 
   total = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), F32), params)
   count = 0
@@ -69,6 +69,5 @@ def estimate_fisher(loss_fn: Callable[[Any, Any], Any], params: Any,
     total = accumulate(total, params, batch)
     count += size
   if count == 0:
-    raise ValueError('estimate_fisher needs at least one example; batches '
-                     'was empty')
+    raise ValueError('estimate_fisher needs at least one example; batches was empty')
   return jax.tree.map(lambda acc: acc / count, total)

@@ -79,8 +79,7 @@ def _at_least(s, threshold):
 
 @jax.jit
 def _sums_at_least(saliencies, threshold):
-  return jnp.stack([jnp.sum(jnp.where(s >= threshold, s, 0.0))
-                    for s in saliencies])
+  return jnp.stack([jnp.sum(jnp.where(s >= threshold, s, 0.0)) for s in saliencies])
 
 
 @jax.jit
@@ -113,8 +112,7 @@ def _leaf_count(s, t):
   flat = jnp.ravel(ones)
   full = flat.size // _EXACT_F32_COUNT * _EXACT_F32_COUNT
   chunks = jnp.sum(flat[:full].reshape(-1, _EXACT_F32_COUNT), axis=1)
-  return (jnp.sum(chunks.astype(jnp.int32))
-          + jnp.sum(flat[full:]).astype(jnp.int32))
+  return jnp.sum(chunks.astype(jnp.int32)) + jnp.sum(flat[full:]).astype(jnp.int32)
 
 
 def _split16(x):
@@ -147,12 +145,11 @@ def _bisect(passes, lo, hi):
     active = lo < hi
     mid = lo + (hi - lo + 1) // 2
     ok = passes(jax.lax.bitcast_convert_type(mid, F32))
-    return (jnp.where(active & ok, mid, lo),
-            jnp.where(active & ~ok, mid - 1, hi))
+    return (jnp.where(active & ok, mid, lo), jnp.where(active & ~ok, mid - 1, hi))
 
-  lo, _ = jax.lax.while_loop(lambda b: jnp.any(b[0] < b[1]), body,
-                             (jnp.asarray(lo, jnp.int32),
-                              jnp.asarray(hi, jnp.int32)))
+  lo, _ = jax.lax.while_loop(
+    lambda b: jnp.any(b[0] < b[1]), body, (jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32))
+  )
   return lo
 
 
@@ -178,6 +175,7 @@ def _kth_largest_bits(leaves, k_hi, k_lo, rank_hi, rank_lo, *, stride):
   one a bisection over all of [0, inf] finds, only in fewer passes
   (~log2 of the bracket's width in bit patterns instead of 31).
   """
+
   def passes(t):
     return _at_least_k(leaves, t, k_hi, k_lo)
 
@@ -189,19 +187,18 @@ def _kth_largest_bits(leaves, k_hi, k_lo, rank_hi, rank_lo, *, stride):
       return lambda t: jnp.sum(jnp.where(sample >= t, 1.0, 0.0)) >= rank
 
     # Rank < 1 asks for more than the largest: +inf (also density 0).
-    top = jnp.where(rank_hi >= 1,
-                    _bisect(sample_passes(rank_hi.astype(F32)), 0,
-                            _INF_BITS) + 1, _INF_BITS)
+    top = jnp.where(
+      rank_hi >= 1, _bisect(sample_passes(rank_hi.astype(F32)), 0, _INF_BITS) + 1, _INF_BITS
+    )
     top = jnp.minimum(top, _INF_BITS)
-    bottom = jnp.where(rank_lo <= sample.size,
-                       _bisect(sample_passes(rank_lo.astype(F32)), 0,
-                               _INF_BITS), 0)
+    bottom = jnp.where(
+      rank_lo <= sample.size, _bisect(sample_passes(rank_lo.astype(F32)), 0, _INF_BITS), 0
+    )
     bottom = jnp.minimum(bottom, top)
     top_passes = passes(jax.lax.bitcast_convert_type(top, F32))
     bottom_passes = passes(jax.lax.bitcast_convert_type(bottom, F32))
     lo = jnp.where(top_passes, top, jnp.where(bottom_passes, bottom, 0))
-    hi = jnp.where(top_passes, _INF_BITS,
-                   jnp.where(bottom_passes, top - 1, bottom - 1))
+    hi = jnp.where(top_passes, _INF_BITS, jnp.where(bottom_passes, top - 1, bottom - 1))
   return _bisect(passes, lo, hi)
 
 
@@ -211,8 +208,8 @@ def sample_stride(leaves) -> int:
   cannot be strided (the cutoff then bisects over all of [0, inf])."""
   total = sum(int(np.size(s)) for s in leaves)
   sampled = total > 4 * _SAMPLE and not any(
-      _topk.explicit_spec(s) is not None for s in leaves
-      if isinstance(s, jax.Array))
+    _topk.explicit_spec(s) is not None for s in leaves if isinstance(s, jax.Array)
+  )
   return total // _SAMPLE if sampled else 0
 
 
@@ -231,36 +228,33 @@ def density_plan(leaves, density):
     rank_hi = int(np.floor(rank - margin)) if k else 0
     rank_lo = int(np.ceil(rank + margin))
   k_hi, k_lo = divmod(k, 1 << 16)
-  return (np.int32(k_hi), np.int32(k_lo), np.int32(rank_hi),
-          np.int32(rank_lo)), stride
+  return (np.int32(k_hi), np.int32(k_lo), np.int32(rank_hi), np.int32(rank_lo)), stride
 
 
 @functools.partial(jax.jit, static_argnames=('stride',))
 def _threshold_kernel(leaves, k_hi, k_lo, rank_hi, rank_lo, *, stride):
   return jax.lax.bitcast_convert_type(
-      _kth_largest_bits(leaves, k_hi, k_lo, rank_hi, rank_lo, stride=stride),
-      F32)
+    _kth_largest_bits(leaves, k_hi, k_lo, rank_hi, rank_lo, stride=stride), F32
+  )
 
 
-def _global_cutoff_bits(bases, experts, moments, k_hi, k_lo, rank_hi,
-                        rank_lo, *, score, stride):
+def _global_cutoff_bits(bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, *, score, stride):
   """(saliencies, the bits of their global density cutoff) of one expert."""
   # Materialized once: fused into each counting pass they would be
   # recomputed from three inputs per pass.
   saliencies = jax.lax.optimization_barrier(
-      [saliency(b, e, v, score=score)
-       for b, e, v in zip(bases, experts, moments)])
-  return saliencies, _kth_largest_bits(saliencies, k_hi, k_lo, rank_hi,
-                                       rank_lo, stride=stride)
+    [saliency(b, e, v, score=score) for b, e, v in zip(bases, experts, moments)]
+  )
+  return saliencies, _kth_largest_bits(saliencies, k_hi, k_lo, rank_hi, rank_lo, stride=stride)
 
 
 @functools.partial(jax.jit, static_argnames=('score', 'stride'))
-def global_cutoff_kernel(bases, experts, moments, k_hi, k_lo, rank_hi,
-                         rank_lo, *, score, stride):
+def global_cutoff_kernel(bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, *, score, stride):
   """One expert's exact global density cutoff (fp32; +inf keeps nothing),
   with `density_plan`'s arguments."""
-  _, bits = _global_cutoff_bits(bases, experts, moments, k_hi, k_lo, rank_hi,
-                                rank_lo, score=score, stride=stride)
+  _, bits = _global_cutoff_bits(
+    bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, score=score, stride=stride
+  )
   return jax.lax.bitcast_convert_type(bits, F32)
 
 
@@ -268,14 +262,11 @@ def _sampled_kth_largest(saliencies, rank, *, stride):
   """The rank-th largest of every stride-th saliency (fp32; +inf for rank 0)."""
   sample = _sample(saliencies, stride)
   count = rank.astype(F32)
-  bits = _bisect(lambda t: jnp.sum(jnp.where(sample >= t, 1.0, 0.0)) >= count,
-                 0, _INF_BITS)
-  return jnp.where(rank >= 1, jax.lax.bitcast_convert_type(bits, F32),
-                   jnp.inf)
+  bits = _bisect(lambda t: jnp.sum(jnp.where(sample >= t, 1.0, 0.0)) >= count, 0, _INF_BITS)
+  return jnp.where(rank >= 1, jax.lax.bitcast_convert_type(bits, F32), jnp.inf)
 
 
-_sampled_threshold_kernel = jax.jit(_sampled_kth_largest,
-                                    static_argnames=('stride',))
+_sampled_threshold_kernel = jax.jit(_sampled_kth_largest, static_argnames=('stride',))
 
 
 def sampled_threshold(samples, rank) -> jax.Array:
@@ -285,23 +276,26 @@ def sampled_threshold(samples, rank) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=('score', 'stride'))
-def sampled_cutoffs_kernel(bases, experts_T, moments_T, ranks_T, *, score,
-                           stride):
+def sampled_cutoffs_kernel(bases, experts_T, moments_T, ranks_T, *, score, stride):
   """`ffg_threshold(..., quantile='sampled')` of T experts' saliencies
   (computed from their weights and moments in one strided pass each), by one
   bisection over all T samples at once: [T] fp32, +inf where a rank is 0."""
-  samples = jnp.stack([
-      _sample([_strided_saliency(b, e, v, stride, score)
-               for b, e, v in zip(bases, experts, moments)], 1)
-      for experts, moments in zip(experts_T, moments_T)])
+  samples = jnp.stack(
+    [
+      _sample(
+        [_strided_saliency(b, e, v, stride, score) for b, e, v in zip(bases, experts, moments)], 1
+      )
+      for experts, moments in zip(experts_T, moments_T)
+    ]
+  )
   counts = ranks_T.astype(F32)
   num = len(experts_T)
   bits = _bisect(
-      lambda t: jnp.sum(jnp.where(samples >= t[:, None], 1.0, 0.0), axis=1)
-      >= counts, jnp.zeros([num], jnp.int32),
-      jnp.full([num], _INF_BITS, jnp.int32))
-  return jnp.where(ranks_T >= 1, jax.lax.bitcast_convert_type(bits, F32),
-                   jnp.inf)
+    lambda t: jnp.sum(jnp.where(samples >= t[:, None], 1.0, 0.0), axis=1) >= counts,
+    jnp.zeros([num], jnp.int32),
+    jnp.full([num], _INF_BITS, jnp.int32),
+  )
+  return jnp.where(ranks_T >= 1, jax.lax.bitcast_convert_type(bits, F32), jnp.inf)
 
 
 def _strided_saliency(base, expert, moment, stride, score):
@@ -321,13 +315,12 @@ def sampled_rank(leaves, density: float, stride: int) -> np.int32:
 
 
 @functools.partial(jax.jit, static_argnames=('score', 'stride'))
-def _global_mask_kernel(bases, experts, moments, k_hi, k_lo, rank_hi,
-                        rank_lo, *, score, stride):
+def _global_mask_kernel(bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, *, score, stride):
   """Saliencies, validity flags, the global density cutoff and the masks
   of one expert in one computation: no host round trip between them."""
   saliencies, bits = _global_cutoff_bits(
-      bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, score=score,
-      stride=stride)
+    bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, score=score, stride=stride
+  )
   oks = jnp.stack([_valid(v, score) for v in moments])
   cutoff = jax.lax.bitcast_convert_type(bits, F32)
   # A cutoff of +inf keeps nothing, even a saliency that overflowed to inf.
@@ -361,20 +354,30 @@ def largest_passing(passes: Callable[[float], bool]) -> float:
 
 
 def _one_selector(density, threshold, mass):
-  given = {k: v for k, v in (('density', density), ('threshold', threshold),
-                             ('mass', mass)) if v is not None}
+  given = {
+    k: v
+    for k, v in (('density', density), ('threshold', threshold), ('mass', mass))
+    if v is not None
+  }
   if len(given) != 1:
-    raise ValueError('give exactly one of density, threshold and mass; got '
-                     f'density={density!r}, threshold={threshold!r}, '
-                     f'mass={mass!r}')
-  (kind, value), = given.items()
+    raise ValueError(
+      'give exactly one of density, threshold and mass; got '
+      f'density={density!r}, threshold={threshold!r}, '
+      f'mass={mass!r}'
+    )
+  ((kind, value),) = given.items()
   if kind == 'threshold':
     return kind, _options.finite(value, what='threshold')
   return kind, float(_options.density(value, 1, what=kind)[0])
 
 
-def ffg_threshold(saliencies: Any, *, density: float | None = None,
-                  mass: float | None = None, quantile: str = 'exact') -> float:
+def ffg_threshold(
+  saliencies: Any,
+  *,
+  density: float | None = None,
+  mass: float | None = None,
+  quantile: str = 'exact',
+) -> float:
   """The global FFG cutoff over all leaves of `saliencies`.
 
   With density d: the k-th largest saliency, k = round(d * N) over all N
@@ -402,8 +405,9 @@ def ffg_threshold(saliencies: Any, *, density: float | None = None,
       [0, 1] (holding the value).
   """
   if (density is None) == (mass is None):
-    raise ValueError('ffg_threshold needs exactly one of density and mass, got '
-                     f'density={density!r}, mass={mass!r}')
+    raise ValueError(
+      f'ffg_threshold needs exactly one of density and mass, got density={density!r}, mass={mass!r}'
+    )
   kind, value = _one_selector(density, None, mass)
   _options.choice(quantile, QUANTILES, what='quantile')
   leaves = tuple(jax.tree.leaves(saliencies))
@@ -412,8 +416,9 @@ def ffg_threshold(saliencies: Any, *, density: float | None = None,
   if kind == 'density':
     stride = sample_stride(leaves)
     if quantile == 'sampled' and stride:
-      return float(_sampled_threshold_kernel(
-          leaves, sampled_rank(leaves, value, stride), stride=stride))
+      return float(
+        _sampled_threshold_kernel(leaves, sampled_rank(leaves, value, stride), stride=stride)
+      )
     args, stride = density_plan(leaves, value)
     return float(_threshold_kernel(leaves, *args, stride=stride))
   else:
@@ -432,8 +437,9 @@ def ffg_threshold(saliencies: Any, *, density: float | None = None,
   return largest_passing(passes)
 
 
-def ffg_saliency(base: Any, expert: Any, second_moment: Any = None, *,
-                 score: str = 'fisher', name: str = 'leaf'):
+def ffg_saliency(
+  base: Any, expert: Any, second_moment: Any = None, *, score: str = 'fisher', name: str = 'leaf'
+):
   """Saliencies of one tensor (fp32), for a streamed global threshold."""
   _options.choice(score, SCORES, what='score')
   second_moment = _check_leaf(base, expert, second_moment, score, name)
@@ -446,8 +452,7 @@ def _check_leaf(base, expert, second_moment, score, name):
   _tree.check_leaf_group(base, [expert], name=name)
   if score != 'fisher':
     return None
-  _tree.check_moment(second_moment, tuple(base.shape), name=name,
-                     what='second moment')
+  _tree.check_moment(second_moment, tuple(base.shape), name=name, what='second moment')
   return second_moment
 
 
@@ -462,15 +467,22 @@ def _per_tensor_mask(base, expert, moment, kind, value, score):
     return _threshold_mask_kernel(base, expert, moment, value, score=score)
   if kind == 'mass':
     return _mass_mask_kernel(base, expert, moment, value, score=score)
-  return _count_mask_kernel(base, expert, moment,
-                            _topk.num_kept(value, int(np.size(base))),
-                            score=score)
+  return _count_mask_kernel(
+    base, expert, moment, _topk.num_kept(value, int(np.size(base))), score=score
+  )
 
 
-def ffg_mask_leaf(base: Any, expert: Any, second_moment: Any = None, *,
-                  density: float | None = None,
-                  threshold: float | None = None, mass: float | None = None,
-                  score: str = 'fisher', name: str = 'leaf'):
+def ffg_mask_leaf(
+  base: Any,
+  expert: Any,
+  second_moment: Any = None,
+  *,
+  density: float | None = None,
+  threshold: float | None = None,
+  mass: float | None = None,
+  score: str = 'fisher',
+  name: str = 'leaf',
+):
   """FFG mask of one tensor: its own top density or mass, or s >= threshold.
 
   A streaming merge with a global cutoff passes `threshold=`.
@@ -483,10 +495,17 @@ def ffg_mask_leaf(base: Any, expert: Any, second_moment: Any = None, *,
   return mask
 
 
-def ffg_mask(base: Any, expert: Any, second_moment: Any = None, *,
-             density: float | None = None, threshold: float | None = None,
-             scope: str = 'global', score: str = 'fisher',
-             mass: float | None = None) -> Any:
+def ffg_mask(
+  base: Any,
+  expert: Any,
+  second_moment: Any = None,
+  *,
+  density: float | None = None,
+  threshold: float | None = None,
+  scope: str = 'global',
+  score: str = 'fisher',
+  mass: float | None = None,
+) -> Any:
   """FFG mask of one expert: which task-vector entries to keep.
 
   Args:
@@ -523,10 +542,11 @@ def ffg_mask(base: Any, expert: Any, second_moment: Any = None, *,
   experts = [leaves[0] for leaves in gathered.experts]
   if score == 'fisher':
     if second_moment is None:
-      raise ValueError("score='fisher' needs the expert's second moments; "
-                       "pass second_moment or use score='magnitude'")
-    moments = [m[0] for m in _tree.gather_moments(gathered, [second_moment],
-                                                  what='second moments')]
+      raise ValueError(
+        "score='fisher' needs the expert's second moments; "
+        "pass second_moment or use score='magnitude'"
+      )
+    moments = [m[0] for m in _tree.gather_moments(gathered, [second_moment], what='second moments')]
   else:
     moments = [None] * len(names)
   checks = _tree.ValueChecks()
@@ -543,13 +563,12 @@ def ffg_mask(base: Any, expert: Any, second_moment: Any = None, *,
     if not names:
       return gathered.reference.unflatten([])
     args, stride = density_plan(gathered.reference.leaves, value)
-    masks, oks = _global_mask_kernel(tuple(gathered.base), tuple(experts),
-                                     tuple(moments), *args, score=score,
-                                     stride=stride)
+    masks, oks = _global_mask_kernel(
+      tuple(gathered.base), tuple(experts), tuple(moments), *args, score=score, stride=stride
+    )
     bad = np.flatnonzero(~np.asarray(jax.device_get(oks)))
     if bad.size:
-      raise ValueError(_tree.moment_message(names[bad[0]],
-                                            'second moment')(0))
+      raise ValueError(_tree.moment_message(names[bad[0]], 'second moment')(0))
     return gathered.reference.unflatten(masks)
   saliencies = []
   for name, b, e, v in zip(names, gathered.base, experts, moments):
@@ -593,8 +612,7 @@ def ffg_graft(base: Any, expert: Any, mask: Any) -> Any:
   gathered = _tree.gather(base, [expert])
   masks = _tree.align(gathered.reference, mask, what='mask', missing='mask')
   outs = []
-  for name, b, leaves, m in zip(gathered.names, gathered.base,
-                                gathered.experts, masks):
+  for name, b, leaves, m in zip(gathered.names, gathered.base, gathered.experts, masks):
     _tree.check_mask(m, tuple(b.shape), name=name, what='mask')
     outs.append(_graft_kernel(b, leaves[0], m))
   return gathered.reference.unflatten(outs)

@@ -35,12 +35,17 @@ def _options_for(num, weights, eps):
   return linear_weights(weights, num), _options.positive(eps, what='eps')
 
 
-def fisher_leaf(experts: Sequence[Any], fishers: Sequence[Any], *,
-                eps: float = 1e-8, weights: Any = None, name: str = 'leaf'):
+def fisher_leaf(
+  experts: Sequence[Any],
+  fishers: Sequence[Any],
+  *,
+  eps: float = 1e-8,
+  weights: Any = None,
+  name: str = 'leaf',
+):
   """`fisher` on one tensor (a fisher may be `Rank1` factors)."""
   reference = _tree.check_leaf_group(None, experts, name=name)
-  _tree.check_moment_group(fishers, len(experts), tuple(reference.shape),
-                           name=name, what='fisher')
+  _tree.check_moment_group(fishers, len(experts), tuple(reference.shape), name=name, what='fisher')
   w, eps = _options_for(len(experts), weights, eps)
   checks = _tree.ValueChecks()
   out, ok = _fisher_kernel(tuple(experts), tuple(fishers), w, eps)
@@ -49,8 +54,9 @@ def fisher_leaf(experts: Sequence[Any], fishers: Sequence[Any], *,
   return out
 
 
-def fisher(experts: Sequence[Any], fishers: Sequence[Any], *,
-           eps: float = 1e-8, weights: Any = None) -> Any:
+def fisher(
+  experts: Sequence[Any], fishers: Sequence[Any], *, eps: float = 1e-8, weights: Any = None
+) -> Any:
   """Fisher merging (Matena & Raffel 2022) with diagonal Fishers.
 
   theta* = sum_t w_t (F_t + eps) theta_t / sum_t w_t (F_t + eps), per entry.
@@ -76,8 +82,7 @@ def fisher(experts: Sequence[Any], fishers: Sequence[Any], *,
   w, eps = _options_for(gathered.num_experts, weights, eps)
   checks = _tree.ValueChecks()
   outs = []
-  for name, leaves, leaf_f in zip(gathered.names, gathered.experts,
-                                  leaf_fishers):
+  for name, leaves, leaf_f in zip(gathered.names, gathered.experts, leaf_fishers):
     out, ok = _fisher_kernel(leaves, leaf_f, w, eps)
     checks.add(ok, _tree.moment_message(name, 'fisher'))
     outs.append(out)

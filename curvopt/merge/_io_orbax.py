@@ -28,17 +28,20 @@ import orbax.checkpoint as ocp
 from curvopt.merge import _sources
 
 _ADAM_FIELDS = ('count', 'mu', 'nu')
-_NO_MOMENT_HINT = ('a model trained without Adam (Muon, LANTON, SGD) keeps no '
-                   'second moment for these parameters; estimate one with '
-                   'curvopt.merge.estimate_fisher(loss_fn, params, batches)')
+_NO_MOMENT_HINT = (
+  'a model trained without Adam (Muon, LANTON, SGD) keeps no '
+  'second moment for these parameters; estimate one with '
+  'curvopt.merge.estimate_fisher(loss_fn, params, batches)'
+)
 
 
 def _has_metadata(path: pathlib.Path) -> bool:
   return (path / '_METADATA').exists()
 
 
-def pytree_directory(path: str, *, step: int | None = None,
-                     item: str | None = None) -> pathlib.Path:
+def pytree_directory(
+  path: str, *, step: int | None = None, item: str | None = None
+) -> pathlib.Path:
   """The pytree checkpoint directory that `path` points at.
 
   Args:
@@ -68,7 +71,7 @@ def pytree_directory(path: str, *, step: int | None = None,
   steps = sorted(int(c) for c in children if c.isdigit())
   items = [c for c in children if _has_metadata(root / c)]
   if items:
-    for name in ([item] if item else ['state', 'params']):
+    for name in [item] if item else ['state', 'params']:
       if name in items:
         return root / name
     if item is None and len(items) == 1:
@@ -80,9 +83,11 @@ def pytree_directory(path: str, *, step: int | None = None,
     if step not in steps:
       raise ValueError(f'{root} has no step {step}; steps: {steps}')
     return pytree_directory(root / str(step), item=item)
-  raise ValueError(f'{root} is not an orbax checkpoint: no _METADATA, no '
-                   f'pytree items and no step directories; it holds '
-                   f'{children}')
+  raise ValueError(
+    f'{root} is not an orbax checkpoint: no _METADATA, no '
+    f'pytree items and no step directories; it holds '
+    f'{children}'
+  )
 
 
 def _key_str(key: Any) -> str:
@@ -123,8 +128,14 @@ class OrbaxReader(_sources.LeafReader):
   leaf name to its key path in the checkpoint.
   """
 
-  def __init__(self, directory: pathlib.Path, tree: Any,
-               stored: Mapping[str, tuple[str, ...]], *, description: str):
+  def __init__(
+    self,
+    directory: pathlib.Path,
+    tree: Any,
+    stored: Mapping[str, tuple[str, ...]],
+    *,
+    description: str,
+  ):
     self.directory = directory
     self.description = description
     self._tree = tree
@@ -133,8 +144,7 @@ class OrbaxReader(_sources.LeafReader):
     self._specs = {}
     for name, keys in self._stored.items():
       meta = flat[keys]
-      self._specs[name] = jax.ShapeDtypeStruct(tuple(meta.shape),
-                                               np.dtype(meta.dtype))
+      self._specs[name] = jax.ShapeDtypeStruct(tuple(meta.shape), np.dtype(meta.dtype))
     self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
 
   def restore_paths(self, paths: list[tuple[str, ...]]) -> dict:
@@ -149,10 +159,14 @@ class OrbaxReader(_sources.LeafReader):
 
     item = jax.tree_util.tree_map_with_path(target, self._tree)
     args = jax.tree.map(
-        lambda x: (ocp.RestoreArgs(restore_type=np.ndarray)
-                   if isinstance(x, jax.ShapeDtypeStruct) else x), item)
+      lambda x: (
+        ocp.RestoreArgs(restore_type=np.ndarray) if isinstance(x, jax.ShapeDtypeStruct) else x
+      ),
+      item,
+    )
     restored = self._checkpointer.restore(
-        self.directory, args=ocp.args.PyTreeRestore(item, restore_args=args))
+      self.directory, args=ocp.args.PyTreeRestore(item, restore_args=args)
+    )
     return {keys: _subtree(restored, keys) for keys in paths}
 
   def _read(self, names):
@@ -179,8 +193,9 @@ def _metadata_tree(directory: pathlib.Path) -> Any:
   return ocp.StandardCheckpointHandler().metadata(directory).tree
 
 
-def orbax_params_reader(path: str, *, step: int | None = None,
-                        item: str | None = None) -> OrbaxReader:
+def orbax_params_reader(
+  path: str, *, step: int | None = None, item: str | None = None
+) -> OrbaxReader:
   """The params of a train-state checkpoint, or a params-only checkpoint.
 
   Args:
@@ -195,8 +210,9 @@ def orbax_params_reader(path: str, *, step: int | None = None,
   directory = pytree_directory(path, step=step, item=item)
   tree = _metadata_tree(directory)
   prefix = _params_prefix(tree)
-  return OrbaxReader(directory, tree, _named(tree, prefix),
-                     description=f'orbax params at {directory}')
+  return OrbaxReader(
+    directory, tree, _named(tree, prefix), description=f'orbax params at {directory}'
+  )
 
 
 class OrbaxMomentsReader(OrbaxReader):
@@ -210,8 +226,7 @@ class OrbaxMomentsReader(OrbaxReader):
       moment fails naming them.
   """
 
-  def __init__(self, directory, tree, stored, *, description, states,
-               missing):
+  def __init__(self, directory, tree, stored, *, description, states, missing):
     super().__init__(directory, tree, stored, description=description)
     self.states = tuple('/'.join(s) for s in states)
     self._state_paths = tuple(states)
@@ -220,24 +235,26 @@ class OrbaxMomentsReader(OrbaxReader):
   def spec(self, name: str) -> jax.ShapeDtypeStruct:
     if name in self.missing:
       raise ValueError(
-          f'the optimizer state at {self.directory} has no Adam second '
-          f'moment for the parameter {name!r} (it was masked out of Adam; '
-          f'{len(self.missing)} such parameters: {list(self.missing)[:8]}); '
-          + _NO_MOMENT_HINT)
+        f'the optimizer state at {self.directory} has no Adam second '
+        f'moment for the parameter {name!r} (it was masked out of Adam; '
+        f'{len(self.missing)} such parameters: {list(self.missing)[:8]}); ' + _NO_MOMENT_HINT
+      )
     return super().spec(name)
 
   def counts(self) -> dict[str, int]:
     """Each Adam state's step count (for `ota(..., bias_correction=)`)."""
     paths = [s + ('count',) for s in self._state_paths]
     values = self.restore_paths(paths)
-    return {'/'.join(s): int(np.asarray(values[p]))
-            for s, p in zip(self._state_paths, paths)}
+    return {'/'.join(s): int(np.asarray(values[p])) for s, p in zip(self._state_paths, paths)}
 
 
-def orbax_moments_reader(path: str, *, step: int | None = None,
-                         item: str | None = None,
-                         adam_state: int | str | None = None
-                         ) -> OrbaxMomentsReader:
+def orbax_moments_reader(
+  path: str,
+  *,
+  step: int | None = None,
+  item: str | None = None,
+  adam_state: int | str | None = None,
+) -> OrbaxMomentsReader:
   """Adam second moments (`nu`) out of a train-state checkpoint.
 
   Finds every `scale_by_adam` state in the stored optimizer state, whatever
@@ -266,9 +283,10 @@ def orbax_moments_reader(path: str, *, step: int | None = None,
   states = list(_find_adam_states(_subtree(tree, search), search))
   if not states:
     raise ValueError(
-        f'the checkpoint at {directory} holds no Adam second moment: no '
-        'optimizer-state entry with the fields count, mu and nu '
-        '(optax.ScaleByAdamState) was found; ' + _NO_MOMENT_HINT)
+      f'the checkpoint at {directory} holds no Adam second moment: no '
+      'optimizer-state entry with the fields count, mu and nu '
+      '(optax.ScaleByAdamState) was found; ' + _NO_MOMENT_HINT
+    )
   if adam_state is not None:
     labels = ['/'.join(s) for s in states]
     if isinstance(adam_state, int) and 0 <= adam_state < len(states):
@@ -276,30 +294,37 @@ def orbax_moments_reader(path: str, *, step: int | None = None,
     elif isinstance(adam_state, str) and adam_state in labels:
       states = [states[labels.index(adam_state)]]
     else:
-      raise ValueError(f'unknown adam_state {adam_state!r}; the checkpoint has '
-                       f'{len(states)} Adam states: {labels}')
+      raise ValueError(
+        f'unknown adam_state {adam_state!r}; the checkpoint has {len(states)} Adam states: {labels}'
+      )
   stored: dict[str, tuple[str, ...]] = {}
   owner: dict[str, str] = {}
   for state in states:
     for name, keys in _named(tree, state + ('nu',)).items():
       if name in stored:
         raise ValueError(
-            f'the parameter {name!r} has a second moment in two Adam states, '
-            f'{owner[name]!r} and {"/".join(state)!r}; pick one with '
-            'adam_state=')
+          f'the parameter {name!r} has a second moment in two Adam states, '
+          f'{owner[name]!r} and {"/".join(state)!r}; pick one with '
+          'adam_state='
+        )
       owner[name] = '/'.join(state)
       stored[name] = keys
   params = list(_named(tree, prefix)) if prefix else list(stored)
   extra = sorted(set(stored) - set(params))
   if extra:
-    raise ValueError(f'Adam nu leaves {extra[:5]} match no parameter of the '
-                     f'checkpoint at {directory}')
+    raise ValueError(
+      f'Adam nu leaves {extra[:5]} match no parameter of the checkpoint at {directory}'
+    )
   stored = {name: stored[name] for name in params if name in stored}
   missing = [name for name in params if name not in stored]
   return OrbaxMomentsReader(
-      directory, tree, stored,
-      description=f'orbax Adam nu at {directory}', states=states,
-      missing=missing)
+    directory,
+    tree,
+    stored,
+    description=f'orbax Adam nu at {directory}',
+    states=states,
+    missing=missing,
+  )
 
 
 def save_orbax(path: str, tree: Any) -> None:
@@ -331,16 +356,14 @@ class OrbaxWriter:
 
   def write(self, name: str, value: Any) -> None:
     if self._specs is not None and name not in self._specs:
-      raise ValueError(f'tensor {name!r} is not among the writer\'s planned '
-                       'tensors')
+      raise ValueError(f"tensor {name!r} is not among the writer's planned tensors")
     self._values[name] = np.asarray(jax.device_get(value))
 
   def close(self) -> None:
     if self._specs is not None:
       missing = [n for n in self._specs if n not in self._values]
       if missing:
-        raise ValueError(f'{len(missing)} planned tensors were never written, '
-                         f'e.g. {missing[:5]}')
+        raise ValueError(f'{len(missing)} planned tensors were never written, e.g. {missing[:5]}')
     save_orbax(self.path, _sources.unflatten_names(self._values))
     self._values = {}
 

@@ -32,18 +32,31 @@ from curvopt.merge import _sources
 INDEX_SUFFIX = '.safetensors.index.json'
 # numpy dtype name -> safetensors dtype string.
 _DTYPES = {
-    'float64': 'F64', 'float32': 'F32', 'float16': 'F16', 'bfloat16': 'BF16',
-    'int64': 'I64', 'int32': 'I32', 'int16': 'I16', 'int8': 'I8',
-    'uint64': 'U64', 'uint32': 'U32', 'uint16': 'U16', 'uint8': 'U8',
-    'bool': 'BOOL', 'float8_e4m3fn': 'F8_E4M3', 'float8_e5m2': 'F8_E5M2',
+  'float64': 'F64',
+  'float32': 'F32',
+  'float16': 'F16',
+  'bfloat16': 'BF16',
+  'int64': 'I64',
+  'int32': 'I32',
+  'int16': 'I16',
+  'int8': 'I8',
+  'uint64': 'U64',
+  'uint32': 'U32',
+  'uint16': 'U16',
+  'uint8': 'U8',
+  'bool': 'BOOL',
+  'float8_e4m3fn': 'F8_E4M3',
+  'float8_e5m2': 'F8_E5M2',
 }
 _NP_DTYPES = {v: k for k, v in _DTYPES.items()}
 
 
 def _np_dtype(st_dtype: str, *, name: str, path: str) -> np.dtype:
   if st_dtype not in _NP_DTYPES:
-    raise ValueError(f'tensor {name!r} in {path} has dtype {st_dtype}, which '
-                     f'curvopt cannot read; readable: {sorted(_NP_DTYPES)}')
+    raise ValueError(
+      f'tensor {name!r} in {path} has dtype {st_dtype}, which '
+      f'curvopt cannot read; readable: {sorted(_NP_DTYPES)}'
+    )
   return jax.numpy.dtype(_NP_DTYPES[st_dtype])
 
 
@@ -51,8 +64,7 @@ def _read_header(path: str) -> dict[str, Any]:
   with open(path, 'rb') as f:
     size_bytes = f.read(8)
     if len(size_bytes) != 8:
-      raise ValueError(f'{path} is not a safetensors file (shorter than 8 '
-                       'bytes)')
+      raise ValueError(f'{path} is not a safetensors file (shorter than 8 bytes)')
     size = int.from_bytes(size_bytes, 'little')
     try:
       return json.loads(f.read(size))
@@ -71,22 +83,23 @@ def _resolve(path: str, stem: str) -> tuple[dict[str, str], str]:
     elif os.path.exists(single):
       path = single
     else:
-      found = sorted(f for f in os.listdir(path) if f.endswith('.safetensors')
-                     or f.endswith(INDEX_SUFFIX))
-      raise ValueError(f'{path} holds neither {stem}.safetensors nor '
-                       f'{stem}{INDEX_SUFFIX}; safetensors files there: '
-                       f'{found}')
+      found = sorted(
+        f for f in os.listdir(path) if f.endswith('.safetensors') or f.endswith(INDEX_SUFFIX)
+      )
+      raise ValueError(
+        f'{path} holds neither {stem}.safetensors nor '
+        f'{stem}{INDEX_SUFFIX}; safetensors files there: '
+        f'{found}'
+      )
   if not os.path.exists(path):
     raise ValueError(f'no safetensors file or index at {path}')
   if path.endswith('.json'):
     with open(path) as f:
       weight_map = json.load(f).get('weight_map')
     if not isinstance(weight_map, dict) or not weight_map:
-      raise ValueError(f'{path} has no "weight_map" of tensor names to shard '
-                       'files')
+      raise ValueError(f'{path} has no "weight_map" of tensor names to shard files')
     folder = os.path.dirname(path)
-    return {name: os.path.join(folder, shard)
-            for name, shard in weight_map.items()}, path
+    return {name: os.path.join(folder, shard) for name, shard in weight_map.items()}, path
   header = _read_header(path)
   return {name: path for name in header if name != '__metadata__'}, path
 
@@ -112,18 +125,19 @@ class SafetensorsReader(_sources.LeafReader):
     headers = {}
     for shard in sorted(set(files.values())):
       if not os.path.exists(shard):
-        raise ValueError(f'shard {shard} listed by {self.description} does not '
-                         'exist')
+        raise ValueError(f'shard {shard} listed by {self.description} does not exist')
       headers[shard] = _read_header(shard)
     # Index order is arbitrary; storage order (by shard, then by offset)
     # makes a sequential streaming read.
-    order = sorted(files, key=lambda n: (files[n], headers[files[n]].get(
-        n, {}).get('data_offsets', [0])[0]))
+    order = sorted(
+      files, key=lambda n: (files[n], headers[files[n]].get(n, {}).get('data_offsets', [0])[0])
+    )
     for name in order:
       entry = headers[files[name]].get(name)
       if entry is None:
-        raise ValueError(f'{files[name]} lacks the tensor {name!r} that '
-                         f'{self.description} maps to it')
+        raise ValueError(
+          f'{files[name]} lacks the tensor {name!r} that {self.description} maps to it'
+        )
       dtype = _np_dtype(entry['dtype'], name=name, path=files[name])
       self._specs[name] = jax.ShapeDtypeStruct(tuple(entry['shape']), dtype)
 
@@ -156,21 +170,26 @@ def exp_avg_sq_reader(path: str) -> SafetensorsReader:
   path = os.fspath(path)
   if os.path.isdir(path):
     for folder in (os.path.join(path, 'export'), path):
-      if (os.path.exists(os.path.join(folder, 'exp_avg_sq.safetensors')) or
-          os.path.exists(os.path.join(folder, 'exp_avg_sq' + INDEX_SUFFIX))):
+      if os.path.exists(os.path.join(folder, 'exp_avg_sq.safetensors')) or os.path.exists(
+        os.path.join(folder, 'exp_avg_sq' + INDEX_SUFFIX)
+      ):
         return SafetensorsReader(folder, stem='exp_avg_sq')
-    raise ValueError(f'{path} holds no export/exp_avg_sq.safetensors nor '
-                     'exp_avg_sq.safetensors; second moments of an expert '
-                     'without them can be estimated with '
-                     'curvopt.merge.estimate_fisher')
+    raise ValueError(
+      f'{path} holds no export/exp_avg_sq.safetensors nor '
+      'exp_avg_sq.safetensors; second moments of an expert '
+      'without them can be estimated with '
+      'curvopt.merge.estimate_fisher'
+    )
   return SafetensorsReader(path)
 
 
 def _st_dtype(dtype: Any, name: str) -> str:
   key = np.dtype(dtype).name
   if key not in _DTYPES:
-    raise ValueError(f'tensor {name!r} has dtype {key}, which safetensors '
-                     f'cannot store; storable: {sorted(_DTYPES)}')
+    raise ValueError(
+      f'tensor {name!r} has dtype {key}, which safetensors '
+      f'cannot store; storable: {sorted(_DTYPES)}'
+    )
   return _DTYPES[key]
 
 
@@ -186,10 +205,15 @@ class SafetensorsWriter:
   tensor was written and writes the index.
   """
 
-  def __init__(self, directory: str,
-               specs: Mapping[str, Any] | Sequence[tuple[str, Any]], *,
-               max_shard_bytes: int | None = None, stem: str = 'model',
-               metadata: Mapping[str, str] | None = None):
+  def __init__(
+    self,
+    directory: str,
+    specs: Mapping[str, Any] | Sequence[tuple[str, Any]],
+    *,
+    max_shard_bytes: int | None = None,
+    stem: str = 'model',
+    metadata: Mapping[str, str] | None = None,
+  ):
     """Plans the shards and writes their headers.
 
     Args:
@@ -211,10 +235,8 @@ class SafetensorsWriter:
     for name, spec in items:
       dtype = _st_dtype(spec.dtype, name)
       shape = tuple(int(d) for d in spec.shape)
-      nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(
-          spec.dtype).itemsize
-      if (max_shard_bytes is not None and shards[-1]
-          and size + nbytes > max_shard_bytes):
+      nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+      if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
         shards.append([])
         size = 0
       shards[-1].append((name, dtype, shape, nbytes))
@@ -222,9 +244,11 @@ class SafetensorsWriter:
     self.directory = os.fspath(directory)
     self._stem = stem
     count = len(shards)
-    self.files = ([f'{stem}.safetensors'] if count == 1 else
-                  [f'{stem}-{i + 1:05d}-of-{count:05d}.safetensors'
-                   for i in range(count)])
+    self.files = (
+      [f'{stem}.safetensors']
+      if count == 1
+      else [f'{stem}-{i + 1:05d}-of-{count:05d}.safetensors' for i in range(count)]
+    )
     self._meta = {'format': 'pt', **dict(metadata or {})}
     self._where: dict[str, tuple[int, int, int, str, tuple]] = {}
     self._fds: list[int] = []
@@ -233,20 +257,21 @@ class SafetensorsWriter:
       header: dict[str, Any] = {'__metadata__': self._meta}
       offset = 0
       for name, dtype, shape, nbytes in shard:
-        header[name] = {'dtype': dtype, 'shape': list(shape),
-                        'data_offsets': [offset, offset + nbytes]}
+        header[name] = {
+          'dtype': dtype,
+          'shape': list(shape),
+          'data_offsets': [offset, offset + nbytes],
+        }
         offset += nbytes
       raw = json.dumps(header, separators=(',', ':')).encode()
       raw += b' ' * (-len(raw) % 8)
       start = 8 + len(raw)
-      fd = os.open(os.path.join(self.directory, file),
-                   os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+      fd = os.open(os.path.join(self.directory, file), os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
       os.write(fd, len(raw).to_bytes(8, 'little') + raw)
       os.ftruncate(fd, start + offset)
       for name, dtype, shape, nbytes in shard:
         begin = header[name]['data_offsets'][0]
-        self._where[name] = (len(self._fds), start + begin, nbytes, dtype,
-                             shape)
+        self._where[name] = (len(self._fds), start + begin, nbytes, dtype, shape)
       self._fds.append(fd)
       self.total_bytes += offset
     self._written: set[str] = set()
@@ -258,16 +283,17 @@ class SafetensorsWriter:
   def write(self, name: str, value: Any) -> None:
     """Writes one tensor (a numpy or fully addressable jax array)."""
     if name not in self._where:
-      raise ValueError(f'tensor {name!r} is not among the writer\'s planned '
-                       'tensors')
+      raise ValueError(f"tensor {name!r} is not among the writer's planned tensors")
     if name in self._written:
       raise ValueError(f'tensor {name!r} was already written')
     shard, offset, nbytes, dtype, shape = self._where[name]
     array = np.ascontiguousarray(np.asarray(jax.device_get(value)))
     if tuple(array.shape) != shape or _st_dtype(array.dtype, name) != dtype:
-      raise ValueError(f'tensor {name!r} has shape {array.shape} and dtype '
-                       f'{array.dtype}; the writer planned {shape} '
-                       f'{_NP_DTYPES[dtype]}')
+      raise ValueError(
+        f'tensor {name!r} has shape {array.shape} and dtype '
+        f'{array.dtype}; the writer planned {shape} '
+        f'{_NP_DTYPES[dtype]}'
+      )
     view = memoryview(array.reshape(-1).view(np.uint8))
     done = 0
     while done < nbytes:
@@ -281,14 +307,13 @@ class SafetensorsWriter:
     self._fds = []
     missing = [n for n in self._where if n not in self._written]
     if missing:
-      raise ValueError(f'{len(missing)} planned tensors were never written, '
-                       f'e.g. {missing[:5]}')
+      raise ValueError(f'{len(missing)} planned tensors were never written, e.g. {missing[:5]}')
     if len(self.files) > 1:
-      index = {'metadata': {'total_size': self.total_bytes},
-               'weight_map': {name: self.files[where[0]]
-                              for name, where in self._where.items()}}
-      with open(os.path.join(self.directory, self._stem + INDEX_SUFFIX),
-                'w') as f:
+      index = {
+        'metadata': {'total_size': self.total_bytes},
+        'weight_map': {name: self.files[where[0]] for name, where in self._where.items()},
+      }
+      with open(os.path.join(self.directory, self._stem + INDEX_SUFFIX), 'w') as f:
         json.dump(index, f, indent=2)
 
   def __enter__(self):
@@ -303,9 +328,14 @@ class SafetensorsWriter:
       self._fds = []
 
 
-def save_safetensors(directory: str, tensors: Mapping[str, Any] | Any, *,
-                     max_shard_bytes: int | None = None, stem: str = 'model',
-                     metadata: Mapping[str, str] | None = None) -> list[str]:
+def save_safetensors(
+  directory: str,
+  tensors: Mapping[str, Any] | Any,
+  *,
+  max_shard_bytes: int | None = None,
+  stem: str = 'model',
+  metadata: Mapping[str, str] | None = None,
+) -> list[str]:
   """Writes a dict of named tensors, or a pytree ('/'-joined leaf names).
 
   Args:
@@ -320,9 +350,9 @@ def save_safetensors(directory: str, tensors: Mapping[str, Any] | Any, *,
   """
   reader = _sources.TreeReader(tensors)
   flat = reader.read(reader.names)
-  with SafetensorsWriter(directory, flat, max_shard_bytes=max_shard_bytes,
-                         stem=stem, metadata=metadata) as writer:
+  with SafetensorsWriter(
+    directory, flat, max_shard_bytes=max_shard_bytes, stem=stem, metadata=metadata
+  ) as writer:
     for name, value in flat.items():
       writer.write(name, value)
-  return writer.files + ([stem + INDEX_SUFFIX] if len(writer.files) > 1
-                         else [])
+  return writer.files + ([stem + INDEX_SUFFIX] if len(writer.files) > 1 else [])

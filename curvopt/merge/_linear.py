@@ -40,8 +40,7 @@ def _task_arithmetic_kernel(base, experts, weights_T, scale):
   return (base32 + scale * acc).astype(base.dtype)
 
 
-def linear_leaf(experts: Sequence[Any], *, weights: Any = None,
-                name: str = 'leaf'):
+def linear_leaf(experts: Sequence[Any], *, weights: Any = None, name: str = 'leaf'):
   """`linear` on one tensor: sum_t w_t theta_t / sum_t w_t."""
   _tree.check_leaf_group(None, experts, name=name)
   return _linear_kernel(tuple(experts), linear_weights(weights, len(experts)))
@@ -65,13 +64,12 @@ def linear(experts: Sequence[Any], *, weights: Any = None) -> Any:
   """
   gathered = _tree.gather(None, experts)
   w = linear_weights(weights, gathered.num_experts)
-  return gathered.reference.unflatten(
-      [_linear_kernel(leaves, w) for leaves in gathered.experts])
+  return gathered.reference.unflatten([_linear_kernel(leaves, w) for leaves in gathered.experts])
 
 
-def task_arithmetic_leaf(base: Any, experts: Sequence[Any], *,
-                         scale: float = 1.0, weights: Any = None,
-                         name: str = 'leaf'):
+def task_arithmetic_leaf(
+  base: Any, experts: Sequence[Any], *, scale: float = 1.0, weights: Any = None, name: str = 'leaf'
+):
   """`task_arithmetic` on one tensor."""
   _tree.check_leaf_group(base, experts, name=name)
   w = _options.per_expert(weights, len(experts), what='weights')
@@ -79,8 +77,9 @@ def task_arithmetic_leaf(base: Any, experts: Sequence[Any], *,
   return _task_arithmetic_kernel(base, tuple(experts), w, scale)
 
 
-def task_arithmetic(base: Any, experts: Sequence[Any], *, scale: float = 1.0,
-                    weights: Any = None) -> Any:
+def task_arithmetic(
+  base: Any, experts: Sequence[Any], *, scale: float = 1.0, weights: Any = None
+) -> Any:
   """theta0 + scale * sum_t w_t (theta_t - theta0), the sum not normalized.
 
   Args:
@@ -98,6 +97,9 @@ def task_arithmetic(base: Any, experts: Sequence[Any], *, scale: float = 1.0,
   gathered = _tree.gather(base, experts)
   w = _options.per_expert(weights, gathered.num_experts, what='weights')
   scale = _options.finite(scale, what='scale')
-  return gathered.reference.unflatten([
+  return gathered.reference.unflatten(
+    [
       _task_arithmetic_kernel(b, leaves, w, scale)
-      for b, leaves in zip(gathered.base, gathered.experts)])
+      for b, leaves in zip(gathered.base, gathered.experts)
+    ]
+  )

@@ -12,10 +12,18 @@ import numpy as np
 from curvopt.merge._paths import is_tracer
 
 
-def per_expert(value: Any, num: int, *, what: str, default: float = 1.0,
-               low: float | None = None, high: float | None = None,
-               low_open: bool = False, high_open: bool = False,
-               dtype: Any = np.float32) -> Any:
+def per_expert(
+  value: Any,
+  num: int,
+  *,
+  what: str,
+  default: float = 1.0,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  high_open: bool = False,
+  dtype: Any = np.float32,
+) -> Any:
   """`value` (None, a scalar, or one per expert) as an fp32 array [num].
 
   Args:
@@ -45,18 +53,15 @@ def per_expert(value: Any, num: int, *, what: str, default: float = 1.0,
   try:
     arr = np.asarray(value, np.float64)
   except (TypeError, ValueError) as e:
-    raise ValueError(f'{what} must be a number or one number per expert, '
-                     f'got {value!r}') from e
+    raise ValueError(f'{what} must be a number or one number per expert, got {value!r}') from e
   if arr.ndim == 0:
     arr = np.full((num,), float(arr))
   if arr.shape != (num,):
-    raise ValueError(f'{what} needs a scalar or one value per expert ({num}), '
-                     f'got {value!r}')
+    raise ValueError(f'{what} needs a scalar or one value per expert ({num}), got {value!r}')
   if not np.all(np.isfinite(arr)):
     raise ValueError(f'{what} must be finite, got {value!r}')
   bad_low = low is not None and np.any(arr <= low if low_open else arr < low)
-  bad_high = high is not None and np.any(arr >= high if high_open
-                                         else arr > high)
+  bad_high = high is not None and np.any(arr >= high if high_open else arr > high)
   if bad_low or bad_high:
     lo = '(' if low_open else '['
     hi = ')' if high_open else ']'
@@ -72,8 +77,7 @@ def density(value: Any, num: int, *, what: str = 'density') -> Any:
   """
   if value is None:
     raise ValueError(f'{what} is required')
-  return per_expert(value, num, what=what, low=0.0, high=1.0,
-                    dtype=np.float64)
+  return per_expert(value, num, what=what, low=0.0, high=1.0, dtype=np.float64)
 
 
 def positive(value: Any, *, what: str) -> float:

@@ -27,8 +27,9 @@ F32 = jnp.float32
 NORMALISE = ('none', 'mean')
 
 
-def ota_expert_weight(moment: Any, *, power, eps, scale=1.0, correction=1.0,
-                      normalise: str = 'none', mask: Any = None):
+def ota_expert_weight(
+  moment: Any, *, power, eps, scale=1.0, correction=1.0, normalise: str = 'none', mask: Any = None
+):
   """w_t = (P_t + eps) * m_t for one expert and tensor, in fp32 (traceable).
 
   Args:
@@ -44,13 +45,19 @@ def ota_expert_weight(moment: Any, *, power, eps, scale=1.0, correction=1.0,
   Returns:
     The fp32 weight tensor w_t.
   """
-  return _expert_weight(moment, power=power, eps=eps, scale=scale,
-                        correction=correction, normalise=normalise, mask=mask,
-                        root=False)
+  return _expert_weight(
+    moment,
+    power=power,
+    eps=eps,
+    scale=scale,
+    correction=correction,
+    normalise=normalise,
+    mask=mask,
+    root=False,
+  )
 
 
-def _expert_weight(moment, *, power, eps, scale, correction, normalise, mask,
-                   root):
+def _expert_weight(moment, *, power, eps, scale, correction, normalise, mask, root):
   """`ota_expert_weight`; root=True takes sqrt for power 0.5 (the default)
   instead of a pow, which costs an exp and a log per entry."""
   v = _rank1.dense_moment(moment) * correction
@@ -69,17 +76,42 @@ def by_power(power, merge):
   return jax.lax.cond(power == 0.5, lambda: merge(True), lambda: merge(False))
 
 
-@functools.partial(jax.jit,
-                   static_argnames=('normalise', 'fallback_to_base'))
-def _ota_kernel(base, experts, moments, masks, power, eps, scales_T,
-                corrections_T, *, normalise, fallback_to_base):
-  return by_power(power, lambda root: ota_merge(
-      base, experts, moments, masks, power, eps, scales_T, corrections_T,
-      normalise=normalise, fallback_to_base=fallback_to_base, root=root))
+@functools.partial(jax.jit, static_argnames=('normalise', 'fallback_to_base'))
+def _ota_kernel(
+  base, experts, moments, masks, power, eps, scales_T, corrections_T, *, normalise, fallback_to_base
+):
+  return by_power(
+    power,
+    lambda root: ota_merge(
+      base,
+      experts,
+      moments,
+      masks,
+      power,
+      eps,
+      scales_T,
+      corrections_T,
+      normalise=normalise,
+      fallback_to_base=fallback_to_base,
+      root=root,
+    ),
+  )
 
 
-def ota_merge(base, experts, moments, masks, power, eps, scales_T,
-              corrections_T, *, normalise, fallback_to_base, root):
+def ota_merge(
+  base,
+  experts,
+  moments,
+  masks,
+  power,
+  eps,
+  scales_T,
+  corrections_T,
+  *,
+  normalise,
+  fallback_to_base,
+  root,
+):
   num = len(experts)
   reference = experts[0] if base is None else base
   base32 = None if base is None else base.astype(F32)
@@ -90,10 +122,16 @@ def ota_merge(base, experts, moments, masks, power, eps, scales_T,
     rank1 = _rank1.is_rank1(moments[t])
     # Rank1 factors are checked directly (a few small vectors); full moments
     # by the NaN they leave in the output, so they are masked below.
-    weight = _expert_weight(moments[t], power=power, eps=eps,
-                            scale=scales_T[t], correction=corrections_T[t],
-                            normalise=normalise,
-                            mask=masks[t] if rank1 else None, root=root)
+    weight = _expert_weight(
+      moments[t],
+      power=power,
+      eps=eps,
+      scale=scales_T[t],
+      correction=corrections_T[t],
+      normalise=normalise,
+      mask=masks[t] if rank1 else None,
+      root=root,
+    )
     if rank1:
       factors_ok &= _tree.moment_ok(moments[t])
     else:
@@ -139,15 +177,18 @@ def _masked_nan_where_invalid(weight, moment, mask, root):
   return jnp.where((moment >= 0) & (moment < jnp.inf), weight, jnp.nan)
 
 
-def add_moment_check(checks: _tree.ValueChecks, out: Any, factors_ok: Any,
-                     moments: Sequence[Any], name: str) -> None:
+def add_moment_check(
+  checks: _tree.ValueChecks, out: Any, factors_ok: Any, moments: Sequence[Any], name: str
+) -> None:
   """Queues the check of one tensor's second moments after `ota_merge`: the
   screen (output finite, Rank1 factors valid) on every call, the exact
   per-expert check only where the screen fails (which non-finite experts
   can also cause: then no error)."""
-  checks.add(_tree.finite_screen(out, factors_ok),
-             _tree.moment_message(name, 'second moment'),
-             recheck=lambda: _tree.moments_ok(tuple(moments)))
+  checks.add(
+    _tree.finite_screen(out, factors_ok),
+    _tree.moment_message(name, 'second moment'),
+    recheck=lambda: _tree.moments_ok(tuple(moments)),
+  )
 
 
 def bias_corrections(bias_correction: Any, num: int) -> np.ndarray:
@@ -157,16 +198,20 @@ def bias_corrections(bias_correction: Any, num: int) -> np.ndarray:
   try:
     pairs = [tuple(pair) for pair in bias_correction]
   except TypeError as e:
-    raise ValueError('bias_correction must be None or one (b2, count) pair '
-                     f'per expert, got {bias_correction!r}') from e
+    raise ValueError(
+      f'bias_correction must be None or one (b2, count) pair per expert, got {bias_correction!r}'
+    ) from e
   if len(pairs) != num or any(len(pair) != 2 for pair in pairs):
-    raise ValueError(f'bias_correction needs one (b2, count) pair per expert '
-                     f'({num}), got {bias_correction!r}')
+    raise ValueError(
+      f'bias_correction needs one (b2, count) pair per expert ({num}), got {bias_correction!r}'
+    )
   out = []
   for b2, count in pairs:
     if not 0.0 <= float(b2) < 1.0 or int(count) != count or count < 1:
-      raise ValueError('bias_correction needs 0 <= b2 < 1 and an integer '
-                       f'count >= 1, got (b2, count) = ({b2!r}, {count!r})')
+      raise ValueError(
+        'bias_correction needs 0 <= b2 < 1 and an integer '
+        f'count >= 1, got (b2, count) = ({b2!r}, {count!r})'
+      )
     out.append(1.0 / (1.0 - float(b2) ** int(count)))
   return np.asarray(out, np.float32)
 
@@ -176,8 +221,7 @@ def options_for(num, power, eps, normalise, bias_correction, scales):
   eps = _options.positive(eps, what='eps')
   normalise = _options.choice(normalise, NORMALISE, what='normalise')
   corrections = bias_corrections(bias_correction, num)
-  scales = _options.per_expert(scales, num, what='scales', low=0.0,
-                               low_open=True)
+  scales = _options.per_expert(scales, num, what='scales', low=0.0, low_open=True)
   return power, eps, normalise, corrections, scales
 
 
@@ -191,8 +235,7 @@ def _leaf_masks(masks, num, *, name, shape):
   if masks is None:
     return (None,) * num
   if not isinstance(masks, Sequence) or len(masks) != num:
-    raise ValueError(f'masks needs one array (or None) per expert ({num}), '
-                     f'got {_describe(masks)}')
+    raise ValueError(f'masks needs one array (or None) per expert ({num}), got {_describe(masks)}')
   for t, mask in enumerate(masks):
     if mask is not None:
       _tree.check_mask(mask, shape, name=name, what=f'mask of expert {t}')
@@ -205,28 +248,33 @@ def _gather_masks(gathered: _tree.Gathered, masks: Any) -> list[tuple]:
   if masks is None:
     return [(None,) * num] * count
   if not isinstance(masks, Sequence) or len(masks) != num:
-    raise ValueError(f'masks needs one tree (or None) per expert ({num}), '
-                     f'got {_describe(masks)}')
+    raise ValueError(f'masks needs one tree (or None) per expert ({num}), got {_describe(masks)}')
   per_expert = []
   for t, tree in enumerate(masks):
     if tree is None:
       per_expert.append((None,) * count)
       continue
-    leaves = _tree.align(gathered.reference, tree, what=f'masks of expert {t}',
-                         missing='mask')
-    for name, weight, mask in zip(gathered.names, gathered.reference.leaves,
-                                  leaves):
-      _tree.check_mask(mask, tuple(weight.shape), name=name,
-                       what=f'mask of expert {t}')
+    leaves = _tree.align(gathered.reference, tree, what=f'masks of expert {t}', missing='mask')
+    for name, weight, mask in zip(gathered.names, gathered.reference.leaves, leaves):
+      _tree.check_mask(mask, tuple(weight.shape), name=name, what=f'mask of expert {t}')
     per_expert.append(leaves)
   return list(zip(*per_expert))
 
 
-def ota_leaf(base: Any, experts: Sequence[Any], second_moments: Sequence[Any],
-             *, power: float = 0.5, eps: float = 1e-8,
-             masks: Sequence[Any] | None = None, normalise: str = 'none',
-             fallback_to_base: bool = True, bias_correction: Any = None,
-             scales: Any = None, name: str = 'leaf'):
+def ota_leaf(
+  base: Any,
+  experts: Sequence[Any],
+  second_moments: Sequence[Any],
+  *,
+  power: float = 0.5,
+  eps: float = 1e-8,
+  masks: Sequence[Any] | None = None,
+  normalise: str = 'none',
+  fallback_to_base: bool = True,
+  bias_correction: Any = None,
+  scales: Any = None,
+  name: str = 'leaf',
+):
   """`ota` on one tensor: arrays (base may be None), per-expert moments.
 
   Moments may be `Rank1` factors for 2-D tensors; `masks` holds one bool
@@ -236,26 +284,42 @@ def ota_leaf(base: Any, experts: Sequence[Any], second_moments: Sequence[Any],
   reference = _tree.check_leaf_group(base, experts, name=name)
   shape = tuple(reference.shape)
   num = len(experts)
-  _tree.check_moment_group(second_moments, num, shape, name=name,
-                           what='second moment')
+  _tree.check_moment_group(second_moments, num, shape, name=name, what='second moment')
   leaf_masks = _leaf_masks(masks, num, name=name, shape=shape)
   power, eps, normalise, corrections, scales = options_for(
-      num, power, eps, normalise, bias_correction, scales)
-  out, ok = _ota_kernel(base, tuple(experts), tuple(second_moments),
-                        leaf_masks, power, eps, scales, corrections,
-                        normalise=normalise,
-                        fallback_to_base=bool(fallback_to_base))
+    num, power, eps, normalise, bias_correction, scales
+  )
+  out, ok = _ota_kernel(
+    base,
+    tuple(experts),
+    tuple(second_moments),
+    leaf_masks,
+    power,
+    eps,
+    scales,
+    corrections,
+    normalise=normalise,
+    fallback_to_base=bool(fallback_to_base),
+  )
   checks = _tree.ValueChecks()
   add_moment_check(checks, out, ok, second_moments, name)
   checks.raise_if_failed()
   return out
 
 
-def ota(base: Any, experts: Sequence[Any], second_moments: Sequence[Any], *,
-        power: float = 0.5, eps: float = 1e-8,
-        masks: Sequence[Any] | None = None, normalise: str = 'none',
-        fallback_to_base: bool = True, bias_correction: Any = None,
-        scales: Any = None) -> Any:
+def ota(
+  base: Any,
+  experts: Sequence[Any],
+  second_moments: Sequence[Any],
+  *,
+  power: float = 0.5,
+  eps: float = 1e-8,
+  masks: Sequence[Any] | None = None,
+  normalise: str = 'none',
+  fallback_to_base: bool = True,
+  bias_correction: Any = None,
+  scales: Any = None,
+) -> Any:
   """OTA merge: an elementwise average weighted by (v_t)^p (module docstring).
 
   Args:
@@ -288,19 +352,29 @@ def ota(base: Any, experts: Sequence[Any], second_moments: Sequence[Any], *,
   """
   gathered = _tree.gather(base, experts)
   num = gathered.num_experts
-  leaf_moments = _tree.gather_moments(gathered, second_moments,
-                                      what='second moments')
+  leaf_moments = _tree.gather_moments(gathered, second_moments, what='second moments')
   leaf_masks = _gather_masks(gathered, masks)
   power, eps, normalise, corrections, scales = options_for(
-      num, power, eps, normalise, bias_correction, scales)
+    num, power, eps, normalise, bias_correction, scales
+  )
   bases = gathered.base or (None,) * len(gathered.names)
   checks = _tree.ValueChecks()
   outs = []
   for name, b, leaves, moments, masks_t in zip(
-      gathered.names, bases, gathered.experts, leaf_moments, leaf_masks):
-    out, ok = _ota_kernel(b, leaves, moments, masks_t, power, eps,
-                          scales, corrections, normalise=normalise,
-                          fallback_to_base=bool(fallback_to_base))
+    gathered.names, bases, gathered.experts, leaf_moments, leaf_masks
+  ):
+    out, ok = _ota_kernel(
+      b,
+      leaves,
+      moments,
+      masks_t,
+      power,
+      eps,
+      scales,
+      corrections,
+      normalise=normalise,
+      fallback_to_base=bool(fallback_to_base),
+    )
     add_moment_check(checks, out, ok, moments, name)
     outs.append(out)
   checks.raise_if_failed()

@@ -25,21 +25,42 @@ from curvopt.merge import _ota
 from curvopt.merge import _tree
 
 
-@functools.partial(jax.jit,
-                   static_argnames=('score', 'normalise', 'fallback_to_base'))
-def _ota_ffg_kernel(base, experts, moments, cutoffs_T, power, eps, scales_T,
-                    corrections_T, *, score, normalise, fallback_to_base):
+@functools.partial(jax.jit, static_argnames=('score', 'normalise', 'fallback_to_base'))
+def _ota_ffg_kernel(
+  base,
+  experts,
+  moments,
+  cutoffs_T,
+  power,
+  eps,
+  scales_T,
+  corrections_T,
+  *,
+  score,
+  normalise,
+  fallback_to_base,
+):
   def merge(root):
     # The masks are built inside the branch, where they fuse into the merge
     # (operands of the cond would be materialized). A cutoff of +inf keeps
     # nothing, even a saliency that overflowed to inf.
     masks = tuple(
-        (_ffg.saliency(base, e, v, score=score) >= cutoffs_T[t])
-        & (cutoffs_T[t] < jnp.inf)
-        for t, (e, v) in enumerate(zip(experts, moments)))
-    return _ota.ota_merge(base, experts, moments, masks, power, eps, scales_T,
-                          corrections_T, normalise=normalise,
-                          fallback_to_base=fallback_to_base, root=root)
+      (_ffg.saliency(base, e, v, score=score) >= cutoffs_T[t]) & (cutoffs_T[t] < jnp.inf)
+      for t, (e, v) in enumerate(zip(experts, moments))
+    )
+    return _ota.ota_merge(
+      base,
+      experts,
+      moments,
+      masks,
+      power,
+      eps,
+      scales_T,
+      corrections_T,
+      normalise=normalise,
+      fallback_to_base=fallback_to_base,
+      root=root,
+    )
 
   return _ota.by_power(power, merge)
 
@@ -49,27 +70,38 @@ def _cutoffs(bases, experts_T, moments_T, densities, *, quantile, score):
   stride = _ffg.sample_stride(bases)
   # Small models and Explicit-sharded leaves (no strided sample): exact.
   if quantile == 'sampled' and stride:
-    ranks = np.asarray([_ffg.sampled_rank(bases, float(d), stride)
-                        for d in densities], np.int32)
-    return _ffg.sampled_cutoffs_kernel(bases, experts_T, moments_T, ranks,
-                                       score=score, stride=stride)
+    ranks = np.asarray([_ffg.sampled_rank(bases, float(d), stride) for d in densities], np.int32)
+    return _ffg.sampled_cutoffs_kernel(
+      bases, experts_T, moments_T, ranks, score=score, stride=stride
+    )
   cutoffs = []
   for experts, moments, density in zip(experts_T, moments_T, densities):
     if density == 0:
       cutoffs.append(jnp.float32(jnp.inf))
       continue
     args, stride = _ffg.density_plan(bases, float(density))
-    cutoffs.append(_ffg.global_cutoff_kernel(bases, experts, moments, *args,
-                                             score=score, stride=stride))
+    cutoffs.append(
+      _ffg.global_cutoff_kernel(bases, experts, moments, *args, score=score, stride=stride)
+    )
   return jnp.stack(cutoffs)
 
 
-def ota_ffg(base: Any, experts: Sequence[Any], second_moments: Sequence[Any],
-            *, density: Any = None, threshold: Any = None,
-            quantile: str = 'exact', score: str = 'fisher',
-            power: float = 0.5, eps: float = 1e-8, normalise: str = 'none',
-            fallback_to_base: bool = True, bias_correction: Any = None,
-            scales: Any = None) -> Any:
+def ota_ffg(
+  base: Any,
+  experts: Sequence[Any],
+  second_moments: Sequence[Any],
+  *,
+  density: Any = None,
+  threshold: Any = None,
+  quantile: str = 'exact',
+  score: str = 'fisher',
+  power: float = 0.5,
+  eps: float = 1e-8,
+  normalise: str = 'none',
+  fallback_to_base: bool = True,
+  bias_correction: Any = None,
+  scales: Any = None,
+) -> Any:
   """OTA over FFG-pruned task vectors, in one fused pass (module docstring).
 
   With quantile='exact' the result equals `ota(base, experts,
@@ -99,36 +131,48 @@ def ota_ffg(base: Any, experts: Sequence[Any], second_moments: Sequence[Any],
       outside [0, 1]; an unknown quantile or score; anything `ota` rejects.
   """
   if base is None:
-    raise ValueError('ota_ffg needs the base: FFG prunes task vectors '
-                     'theta_t - theta0')
+    raise ValueError('ota_ffg needs the base: FFG prunes task vectors theta_t - theta0')
   _options.choice(quantile, _ffg.QUANTILES, what='quantile')
   _options.choice(score, _ffg.SCORES, what='score')
   if (density is None) == (threshold is None):
-    raise ValueError('give exactly one of density and threshold; got '
-                     f'density={density!r}, threshold={threshold!r}')
+    raise ValueError(
+      f'give exactly one of density and threshold; got density={density!r}, threshold={threshold!r}'
+    )
   gathered = _tree.gather(base, experts)
   num = gathered.num_experts
-  leaf_moments = _tree.gather_moments(gathered, second_moments,
-                                      what='second moments')
+  leaf_moments = _tree.gather_moments(gathered, second_moments, what='second moments')
   power, eps, normalise, corrections, scales = _ota.options_for(
-      num, power, eps, normalise, bias_correction, scales)
+    num, power, eps, normalise, bias_correction, scales
+  )
   if threshold is not None:
-    cutoffs = jnp.asarray(_options.per_expert(threshold, num,
-                                              what='threshold'))
+    cutoffs = jnp.asarray(_options.per_expert(threshold, num, what='threshold'))
   else:
     cutoffs = _cutoffs(
-        tuple(gathered.base),
-        tuple(tuple(leaves[t] for leaves in gathered.experts)
-              for t in range(num)),
-        tuple(tuple(m[t] for m in leaf_moments) for t in range(num)),
-        _options.density(density, num), quantile=quantile, score=score)
+      tuple(gathered.base),
+      tuple(tuple(leaves[t] for leaves in gathered.experts) for t in range(num)),
+      tuple(tuple(m[t] for m in leaf_moments) for t in range(num)),
+      _options.density(density, num),
+      quantile=quantile,
+      score=score,
+    )
   checks = _tree.ValueChecks()
   outs = []
-  for name, b, leaves, moments in zip(gathered.names, gathered.base,
-                                      gathered.experts, leaf_moments):
-    out, ok = _ota_ffg_kernel(b, leaves, moments, cutoffs, power, eps, scales,
-                              corrections, score=score, normalise=normalise,
-                              fallback_to_base=bool(fallback_to_base))
+  for name, b, leaves, moments in zip(
+    gathered.names, gathered.base, gathered.experts, leaf_moments
+  ):
+    out, ok = _ota_ffg_kernel(
+      b,
+      leaves,
+      moments,
+      cutoffs,
+      power,
+      eps,
+      scales,
+      corrections,
+      score=score,
+      normalise=normalise,
+      fallback_to_base=bool(fallback_to_base),
+    )
     _ota.add_moment_check(checks, out, ok, moments, name)
     outs.append(out)
   checks.raise_if_failed()

@@ -18,6 +18,7 @@ from curvopt.merge._paths import path_str
 
 class Rank1(NamedTuple):
   """Rank-1 factors of an m x n second moment, all fp32."""
+
   row_sums: Any  # [m]
   col_sums: Any  # [n]
   total: Any  # [] = sum(row_sums) = sum(col_sums)
@@ -31,17 +32,18 @@ def is_rank1(x: Any) -> bool:
 def _compress(v_MxN):
   ok = moment_is_valid(v_MxN)
   v_MxN = v_MxN.astype(jnp.float32)
-  return Rank1(jnp.sum(v_MxN, axis=1), jnp.sum(v_MxN, axis=0),
-               jnp.sum(v_MxN)), ok
+  return Rank1(jnp.sum(v_MxN, axis=1), jnp.sum(v_MxN, axis=0), jnp.sum(v_MxN)), ok
 
 
 def _compress_checked(v_MxN, name: str) -> Rank1:
   # Negative entries can cancel in the sums, so check v itself, not R and C.
   factors, ok = _compress(v_MxN)
   if not is_tracer(ok) and not bool(ok):
-    raise ValueError(f'second moment at leaf {name!r} has negative or '
-                     'non-finite entries; second moments must be finite and '
-                     '>= 0')
+    raise ValueError(
+      f'second moment at leaf {name!r} has negative or '
+      'non-finite entries; second moments must be finite and '
+      '>= 0'
+    )
   return factors
 
 
@@ -75,39 +77,44 @@ def moment_is_valid(moment: Any):
   return ok
 
 
-def check_factors(factors: Rank1, shape: tuple[int, ...], *, name: str,
-                  what: str) -> None:
+def check_factors(factors: Rank1, shape: tuple[int, ...], *, name: str, what: str) -> None:
   """Shapes of `factors` against the m x n weight they stand for."""
   if len(shape) != 2:
-    raise ValueError(f'{what} at leaf {name!r} is a rank-1 factorization, but '
-                     f'the weight has shape {tuple(shape)}; only 2-D leaves '
-                     'can be factored')
+    raise ValueError(
+      f'{what} at leaf {name!r} is a rank-1 factorization, but '
+      f'the weight has shape {tuple(shape)}; only 2-D leaves '
+      'can be factored'
+    )
   m, n = shape
   got = tuple(tuple(jnp.shape(part)) for part in factors)
   if got != ((m,), (n,), ()):
-    raise ValueError(f'{what} at leaf {name!r}: rank-1 factors have shapes '
-                     f'{got}, expected {((m,), (n,), ())} for a weight of '
-                     f'shape {tuple(shape)}')
+    raise ValueError(
+      f'{what} at leaf {name!r}: rank-1 factors have shapes '
+      f'{got}, expected {((m,), (n,), ())} for a weight of '
+      f'shape {tuple(shape)}'
+    )
 
 
 def rank1_compress_leaf(v: Any, *, name: str = 'leaf') -> Rank1:
   """Rank-1 factors of one 2-D second moment (finite, >= 0)."""
   if jnp.ndim(v) != 2:
-    raise ValueError(f'rank1_compress_leaf needs a 2-D moment at leaf '
-                     f'{name!r}, got shape {jnp.shape(v)}')
+    raise ValueError(
+      f'rank1_compress_leaf needs a 2-D moment at leaf {name!r}, got shape {jnp.shape(v)}'
+    )
   return _compress_checked(v, name)
 
 
 def rank1_expand_leaf(factors: Rank1):
   """The dense fp32 m x n v_hat of one set of `Rank1` factors."""
   if not is_rank1(factors):
-    raise TypeError(f'rank1_expand_leaf needs Rank1 factors, got '
-                    f'{type(factors).__name__}')
+    raise TypeError(f'rank1_expand_leaf needs Rank1 factors, got {type(factors).__name__}')
   row, col = jnp.shape(factors.row_sums), jnp.shape(factors.col_sums)
   if len(row) != 1 or len(col) != 1 or jnp.shape(factors.total) != ():
-    raise ValueError('Rank1 factors need 1-D row and column sums and a scalar '
-                     f'total, got shapes {row}, {col}, '
-                     f'{jnp.shape(factors.total)}')
+    raise ValueError(
+      'Rank1 factors need 1-D row and column sums and a scalar '
+      f'total, got shapes {row}, {col}, '
+      f'{jnp.shape(factors.total)}'
+    )
   return _expand(factors)
 
 

@@ -42,8 +42,7 @@ READER_FORMATS = ('auto', 'safetensors', 'orbax')
 MOMENT_FORMATS = ('auto', 'orbax_nu', 'exp_avg_sq', 'safetensors', 'orbax')
 OUTPUT_FORMATS = ('safetensors', 'orbax')
 # per-expert spec field -> method option it feeds
-_PER_EXPERT = {'weight': 'weights', 'density': 'density', 'drop': 'drop',
-               'scale': 'scales'}
+_PER_EXPERT = {'weight': 'weights', 'density': 'density', 'drop': 'drop', 'scale': 'scales'}
 
 
 def detect_format(path: str) -> str:
@@ -53,8 +52,7 @@ def detect_format(path: str) -> str:
     return 'safetensors'
   if os.path.isdir(path):
     files = os.listdir(path)
-    if any(f.endswith('.safetensors') or f.endswith('.safetensors.index.json')
-           for f in files):
+    if any(f.endswith('.safetensors') or f.endswith('.safetensors.index.json') for f in files):
       return 'safetensors'
     return 'orbax'
   raise ValueError(f'no model at {path}')
@@ -77,16 +75,14 @@ def open_moments(expert: Mapping[str, Any]) -> _sources.LeafReader:
   path = moments.get('path') or expert['path']
   fmt = moments.get('format') or 'auto'
   if fmt not in MOMENT_FORMATS:
-    raise ValueError(f'unknown moments format {fmt!r}; valid: '
-                     f'{MOMENT_FORMATS}')
+    raise ValueError(f'unknown moments format {fmt!r}; valid: {MOMENT_FORMATS}')
   if fmt == 'auto':
     if moments.get('path'):
-      fmt = ('orbax_nu' if detect_format(path) == 'orbax' else 'safetensors')
+      fmt = 'orbax_nu' if detect_format(path) == 'orbax' else 'safetensors'
       if fmt == 'safetensors' and os.path.isdir(path):
         fmt = 'exp_avg_sq'
     else:
-      fmt = ('orbax_nu' if detect_format(expert['path']) == 'orbax'
-             else 'exp_avg_sq')
+      fmt = 'orbax_nu' if detect_format(expert['path']) == 'orbax' else 'exp_avg_sq'
   if fmt == 'orbax_nu':
     return _io_orbax.orbax_moments_reader(path)
   if fmt == 'exp_avg_sq':
@@ -114,8 +110,7 @@ def _streaming_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
     if all(v is None for v in given):
       continue
     if any(v is None for v in given):
-      raise ValueError(f'set {field!r} for every expert or for none, got '
-                       f'{given}')
+      raise ValueError(f'set {field!r} for every expert or for none, got {given}')
     if field == 'density' and ffg is not None:
       for kind in ('density', 'mass', 'threshold'):
         ffg.pop(kind, None)
@@ -123,25 +118,33 @@ def _streaming_kwargs(spec: Mapping[str, Any]) -> dict[str, Any]:
     else:
       options[option] = given
   return dict(
-      method=method, options=options, ffg=ffg,
-      rank1=bool(spec.get('rank1', False)),
-      include=spec.get('include') or None, exclude=spec.get('exclude') or None,
-      expert_include=[e.get('include') or None for e in experts],
-      expert_exclude=[e.get('exclude') or None for e in experts],
-      batch_bytes=int(spec.get('batch_bytes') or 1 << 28))
+    method=method,
+    options=options,
+    ffg=ffg,
+    rank1=bool(spec.get('rank1', False)),
+    include=spec.get('include') or None,
+    exclude=spec.get('exclude') or None,
+    expert_include=[e.get('include') or None for e in experts],
+    expert_exclude=[e.get('exclude') or None for e in experts],
+    batch_bytes=int(spec.get('batch_bytes') or 1 << 28),
+  )
 
 
 def _needs_moments(kwargs: Mapping[str, Any]) -> bool:
   ffg = kwargs['ffg']
   return kwargs['method'] in ('ota', 'fisher') or (
-      ffg is not None and ffg.get('score', 'fisher') == 'fisher')
+    ffg is not None and ffg.get('score', 'fisher') == 'fisher'
+  )
 
 
-def merge_from_spec(spec: Mapping[str, Any], output: str, *,
-                    overwrite: bool = False,
-                    progress: Callable[[str], None] | None = None,
-                    on_plan: Callable[[int], None] | None = None
-                    ) -> _streaming.StreamResult:
+def merge_from_spec(
+  spec: Mapping[str, Any],
+  output: str,
+  *,
+  overwrite: bool = False,
+  progress: Callable[[str], None] | None = None,
+  on_plan: Callable[[int], None] | None = None,
+) -> _streaming.StreamResult:
   """Runs the merge that `spec` describes (module docstring) into `output`.
 
   Args:
@@ -159,40 +162,41 @@ def merge_from_spec(spec: Mapping[str, Any], output: str, *,
   """
   output = os.path.abspath(os.fspath(output))
   if os.path.exists(output) and not overwrite:
-    raise ValueError(f'the output {output} exists; pass overwrite (the '
-                     '--overwrite flag) to replace it')
+    raise ValueError(
+      f'the output {output} exists; pass overwrite (the --overwrite flag) to replace it'
+    )
   out_spec = dict(spec.get('output') or {})
   out_format = out_spec.get('format', 'safetensors')
   if out_format not in OUTPUT_FORMATS:
-    raise ValueError(f'unknown output format {out_format!r}; valid: '
-                     f'{OUTPUT_FORMATS}')
+    raise ValueError(f'unknown output format {out_format!r}; valid: {OUTPUT_FORMATS}')
   kwargs = _streaming_kwargs(spec)
-  base = (open_reader(spec['base']['path'], spec['base'].get('format', 'auto'))
-          if spec.get('base') and spec['base'].get('path') else None)
-  experts = [open_reader(e['path'], e.get('format', 'auto'))
-             for e in spec['experts']]
-  moments = ([open_moments(e) for e in spec['experts']]
-             if _needs_moments(kwargs) else None)
+  base = (
+    open_reader(spec['base']['path'], spec['base'].get('format', 'auto'))
+    if spec.get('base') and spec['base'].get('path')
+    else None
+  )
+  experts = [open_reader(e['path'], e.get('format', 'auto')) for e in spec['experts']]
+  moments = [open_moments(e) for e in spec['experts']] if _needs_moments(kwargs) else None
   reference = base if base is not None else experts[0]
   specs = {n: reference.spec(n) for n in reference.names}
   if on_plan is not None:
     on_plan(len(specs))
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
-  temporary = os.path.join(parent, f'.{os.path.basename(output)}.partial-'
-                           f'{os.getpid()}')
+  temporary = os.path.join(parent, f'.{os.path.basename(output)}.partial-{os.getpid()}')
   if os.path.exists(temporary):
     shutil.rmtree(temporary)
   os.makedirs(temporary)
   try:
     if out_format == 'safetensors':
       writer = _io_safetensors.SafetensorsWriter(
-          temporary, specs, max_shard_bytes=out_spec.get('max_shard_bytes'))
+        temporary, specs, max_shard_bytes=out_spec.get('max_shard_bytes')
+      )
     else:
       writer = _io_orbax.OrbaxWriter(os.path.join(temporary, 'params'), specs)
     result = _streaming.merge_streaming(
-        experts=experts, writer=writer, base=base, moments=moments,
-        progress=progress, **kwargs)
+      experts=experts, writer=writer, base=base, moments=moments, progress=progress, **kwargs
+    )
     writer.close()
     with open(os.path.join(temporary, 'merge_spec.json'), 'w') as f:
       json.dump(spec, f, indent=2, default=str)
@@ -204,4 +208,3 @@ def merge_from_spec(spec: Mapping[str, Any], output: str, *,
     shutil.rmtree(temporary, ignore_errors=True)
     raise
   return result
-

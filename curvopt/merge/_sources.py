@@ -36,15 +36,16 @@ class LeafReader(abc.ABC):
   def spec(self, name: str) -> jax.ShapeDtypeStruct:
     """Shape and dtype of `name` without reading it."""
     if name not in self._specs:
-      raise ValueError(f'{self.description} has no tensor {name!r}; it has '
-                     f'{len(self._specs)} tensors, e.g. '
-                     f'{list(self._specs)[:5]}')
+      raise ValueError(
+        f'{self.description} has no tensor {name!r}; it has '
+        f'{len(self._specs)} tensors, e.g. '
+        f'{list(self._specs)[:5]}'
+      )
     return self._specs[name]
 
   def nbytes(self, name: str) -> int:
     spec = self.spec(name)
-    return int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(
-        spec.dtype).itemsize
+    return int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
 
   def read(self, names: Sequence[str]) -> dict[str, Any]:
     """Host (numpy) arrays of `names`, or `Rank1` factors where stored so."""
@@ -53,8 +54,7 @@ class LeafReader(abc.ABC):
     return self._read(list(names))
 
   @abc.abstractmethod
-  def _read(self, names: list[str]) -> dict[str, Any]:
-    ...
+  def _read(self, names: list[str]) -> dict[str, Any]: ...
 
   def read_tree(self, names: Iterable[str] | None = None) -> dict[str, Any]:
     """Every (or the named) leaf as a nested dict split on '/'.
@@ -62,10 +62,9 @@ class LeafReader(abc.ABC):
     Holds the whole model: for small models and tests; a streaming merge
     reads a few leaves at a time instead.
     """
-    return unflatten_names(self.read(list(self.names if names is None
-                                          else names)))
+    return unflatten_names(self.read(list(self.names if names is None else names)))
 
-  def close(self) -> None:
+  def close(self) -> None:  # noqa: B027 (a no-op for readers that hold no open files)
     pass
 
   def __enter__(self):

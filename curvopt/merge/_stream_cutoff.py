@@ -50,17 +50,16 @@ class StreamedCutoff:
   keep nothing). Leaves may come in any order and any grouping.
   """
 
-  def __init__(self, *, total: int, density: float | None = None,
-               mass: float | None = None):
+  def __init__(self, *, total: int, density: float | None = None, mass: float | None = None):
     """Args: total: the number of saliency entries over all leaves;
     density / mass: exactly one, in [0, 1] (see `ffg_threshold`)."""
     if (density is None) == (mass is None):
-      raise ValueError('give exactly one of density and mass; got '
-                       f'density={density!r}, mass={mass!r}')
+      raise ValueError(
+        f'give exactly one of density and mass; got density={density!r}, mass={mass!r}'
+      )
     kind = 'density' if density is not None else 'mass'
     self._kind = kind
-    self._value = float(_options.density(density if kind == 'density'
-                                         else mass, 1, what=kind)[0])
+    self._value = float(_options.density(density if kind == 'density' else mass, 1, what=kind)[0])
     self.threshold: float | None = None
     self._bin: int | None = None
     self._need = 0.0
@@ -91,8 +90,7 @@ class StreamedCutoff:
     index = np.asarray(index)
     self._counts += np.bincount(index, minlength=size + 1)[:size]
     if self._kind == 'mass':
-      self._sums += np.bincount(index, weights=np.asarray(s),
-                                minlength=size + 1)[:size]
+      self._sums += np.bincount(index, weights=np.asarray(s), minlength=size + 1)[:size]
 
   def end_pass(self) -> None:
     """Narrows the cutoff to a bin (pass 1) or to a value (pass 2)."""

@@ -32,25 +32,32 @@ from curvopt.merge import _ffg
 from curvopt.merge import _fisher_merge
 from curvopt.merge import _linear
 from curvopt.merge import _options
+from curvopt.merge import _ota
 from curvopt.merge import _rank1
 from curvopt.merge import _sources
 from curvopt.merge import _stream_cutoff
 from curvopt.merge import _ties
-from curvopt.merge import _ota
 
-METHODS = ('linear', 'task_arithmetic', 'ties', 'dare', 'fisher', 'ota',
-           'ffg_graft')
+METHODS = ('linear', 'task_arithmetic', 'ties', 'dare', 'fisher', 'ota', 'ffg_graft')
 # Methods that read a base model, and those that read second moments.
 _NEEDS_BASE = ('task_arithmetic', 'ties', 'dare', 'ffg_graft')
 _NEEDS_MOMENTS = ('fisher', 'ota')
 # Options with one entry per expert (subset when a tensor leaves some out).
-PER_EXPERT_OPTIONS = ('weights', 'density', 'drop', 'scales',
-                      'bias_correction', 'mass', 'threshold')
+PER_EXPERT_OPTIONS = (
+  'weights',
+  'density',
+  'drop',
+  'scales',
+  'bias_correction',
+  'mass',
+  'threshold',
+)
 
 
 @dataclasses.dataclass
 class StreamResult:
   """What a streaming merge did."""
+
   names: tuple[str, ...]  # tensors written, in order
   merged: tuple[str, ...]  # of those, the ones merged (not copied)
   thresholds: tuple[float | None, ...] | None  # global FFG cutoffs
@@ -72,8 +79,11 @@ class MemoryWriter:
 
 
 def _is_rules(value: Any) -> bool:
-  return (isinstance(value, (list, tuple)) and bool(value)
-          and all(isinstance(r, Mapping) and 'value' in r for r in value))
+  return (
+    isinstance(value, (list, tuple))
+    and bool(value)
+    and all(isinstance(r, Mapping) and 'value' in r for r in value)
+  )
 
 
 def resolve(value: Any, name: str, *, what: str = 'option') -> Any:
@@ -84,22 +94,22 @@ def resolve(value: Any, name: str, *, what: str = 'option') -> Any:
     pattern = rule.get('filter')
     if pattern is None or re.search(pattern, name):
       return rule['value']
-  raise ValueError(f'no rule of {what} matches the tensor {name!r} and none '
-                   f'is a default (without filter): {value!r}')
+  raise ValueError(
+    f'no rule of {what} matches the tensor {name!r} and none '
+    f'is a default (without filter): {value!r}'
+  )
 
 
-def _leaf_options(options: Mapping[str, Any], name: str,
-                  keep: Sequence[int], num: int) -> dict[str, Any]:
+def _leaf_options(
+  options: Mapping[str, Any], name: str, keep: Sequence[int], num: int
+) -> dict[str, Any]:
   out = {}
   for key, value in options.items():
     value = resolve(value, name, what=key)
-    if (key in PER_EXPERT_OPTIONS and isinstance(value, (list, tuple))
-        and not _is_rules(value)):
+    if key in PER_EXPERT_OPTIONS and isinstance(value, (list, tuple)) and not _is_rules(value):
       if len(value) != num:
-        raise ValueError(f'{key} needs a scalar or one value per expert '
-                         f'({num}), got {value!r}')
-      value = [resolve(value[t], name, what=f'{key} of expert {t}')
-               for t in keep]
+        raise ValueError(f'{key} needs a scalar or one value per expert ({num}), got {value!r}')
+      value = [resolve(value[t], name, what=f'{key} of expert {t}') for t in keep]
     out[key] = value
   return out
 
@@ -116,12 +126,15 @@ def _check_specs(reference, reader, names, *, what, moment=False):
       raise ValueError(f'{what}: {e}') from e
     want = reference.spec(name)
     if tuple(got.shape) != tuple(want.shape):
-      raise ValueError(f'{what} at tensor {name!r} has shape '
-                       f'{tuple(got.shape)}, the reference has '
-                       f'{tuple(want.shape)}')
+      raise ValueError(
+        f'{what} at tensor {name!r} has shape '
+        f'{tuple(got.shape)}, the reference has '
+        f'{tuple(want.shape)}'
+      )
     if not moment and np.dtype(got.dtype) != np.dtype(want.dtype):
-      raise ValueError(f'{what} at tensor {name!r} has dtype {got.dtype}, the '
-                       f'reference has {want.dtype}')
+      raise ValueError(
+        f'{what} at tensor {name!r} has dtype {got.dtype}, the reference has {want.dtype}'
+      )
 
 
 def _batches(names, sizes, batch_bytes):
@@ -152,8 +165,7 @@ class _Plan:
 def _read_batch(plan: _Plan, batch: list[str], *, moments: bool):
   """{'base': {...}, 'experts': [{...}], 'moments': [{...}]} for a batch."""
   num = len(plan.experts)
-  wanted = [[n for n in batch if t in plan.experts_of.get(n, ())]
-            for t in range(num)]
+  wanted = [[n for n in batch if t in plan.experts_of.get(n, ())] for t in range(num)]
   out = {'base': {}, 'experts': [], 'moments': []}
   nbytes = 0
   if plan.base is not None:
@@ -181,8 +193,7 @@ def _moment(plan, values, t, name):
   return v
 
 
-def _stream(plan: _Plan, names, *, moments: bool, batch_bytes: int,
-            prefetch: bool):
+def _stream(plan: _Plan, names, *, moments: bool, batch_bytes: int, prefetch: bool):
   """Yields (batch, values, nbytes) with the next batch read ahead."""
   sizes = {}
   for n in names:
@@ -201,24 +212,23 @@ def _stream(plan: _Plan, names, *, moments: bool, batch_bytes: int,
       if pending is None:
         pending = pool.submit(_read_batch, plan, batch, moments=moments)
       values, nbytes = pending.result()
-      pending = (pool.submit(_read_batch, plan, batches[i + 1],
-                             moments=moments)
-                 if i + 1 < len(batches) else None)
+      pending = (
+        pool.submit(_read_batch, plan, batches[i + 1], moments=moments)
+        if i + 1 < len(batches)
+        else None
+      )
       yield batch, values, nbytes
 
 
 def _ffg_selectors(ffg: Mapping[str, Any], num: int):
-  kinds = [k for k in ('density', 'mass', 'threshold')
-           if ffg.get(k) is not None]
+  kinds = [k for k in ('density', 'mass', 'threshold') if ffg.get(k) is not None]
   if len(kinds) != 1:
-    raise ValueError('ffg needs exactly one of density, mass and threshold, '
-                     f'got {dict(ffg)!r}')
+    raise ValueError(f'ffg needs exactly one of density, mass and threshold, got {dict(ffg)!r}')
   kind = kinds[0]
   value = ffg[kind]
   values = list(value) if isinstance(value, (list, tuple)) else [value] * num
   if len(values) != num:
-    raise ValueError(f'ffg {kind} needs a scalar or one value per expert '
-                     f'({num}), got {value!r}')
+    raise ValueError(f'ffg {kind} needs a scalar or one value per expert ({num}), got {value!r}')
   return kind, values
 
 
@@ -226,19 +236,22 @@ def _each_saliency(plan, names, score, batch_bytes, prefetch, wanted, use):
   """One pass over the inputs: use(t, saliency) for every tensor of every
   expert t with wanted(t). Returns the bytes read."""
   nbytes = 0
-  for batch, got, size in _stream(plan, names, moments=score == 'fisher',
-                                  batch_bytes=batch_bytes, prefetch=prefetch):
+  for batch, got, size in _stream(
+    plan, names, moments=score == 'fisher', batch_bytes=batch_bytes, prefetch=prefetch
+  ):
     nbytes += size
     for name in batch:
       base = plan.place(name, got['base'][name])
       for t in plan.experts_of[name]:
         if not wanted(t):
           continue
-        moment = (_moment(plan, got, t, name) if score == 'fisher'
-                  else None)
-        use(t, _ffg.ffg_saliency(
-            base, plan.place(name, got['experts'][t][name]), moment,
-            score=score, name=name))
+        moment = _moment(plan, got, t, name) if score == 'fisher' else None
+        use(
+          t,
+          _ffg.ffg_saliency(
+            base, plan.place(name, got['experts'][t][name]), moment, score=score, name=name
+          ),
+        )
   return nbytes
 
 
@@ -246,53 +259,63 @@ def _sampled_cutoffs(plan, names, densities, score, batch_bytes, prefetch):
   """Per-expert cutoffs as `ffg_threshold(..., quantile='sampled')`: one
   pass, or None where a model is too small to sample (then exact)."""
   num = len(plan.experts)
-  specs = [[plan.experts[t].spec(n) for n in names if t in plan.experts_of[n]]
-           for t in range(num)]
+  specs = [[plan.experts[t].spec(n) for n in names if t in plan.experts_of[n]] for t in range(num)]
   strides = [_ffg.sample_stride(specs[t]) for t in range(num)]
   if not all(strides):
     return None
   parts = [[] for _ in range(num)]
   nbytes = _each_saliency(
-      plan, names, score, batch_bytes, prefetch, lambda t: True,
-      lambda t, s: parts[t].append(jnp.ravel(s)[::strides[t]]))
-  cutoffs = [float(_ffg.sampled_threshold(
-      parts[t], _ffg.sampled_rank(specs[t], float(densities[t]), strides[t])))
-             for t in range(num)]
+    plan,
+    names,
+    score,
+    batch_bytes,
+    prefetch,
+    lambda t: True,
+    lambda t, s: parts[t].append(jnp.ravel(s)[:: strides[t]]),
+  )
+  cutoffs = [
+    float(
+      _ffg.sampled_threshold(parts[t], _ffg.sampled_rank(specs[t], float(densities[t]), strides[t]))
+    )
+    for t in range(num)
+  ]
   return cutoffs, 1, nbytes
 
 
-def _global_cutoffs(plan, kind, values, score, batch_bytes, prefetch,
-                    quantile):
+def _global_cutoffs(plan, kind, values, score, batch_bytes, prefetch, quantile):
   """Per-expert global cutoffs, streamed (two passes unless trivial; one
   with quantile='sampled')."""
   num = len(plan.experts)
   names = [n for n in plan.names if n in plan.merged]
   if quantile == 'sampled' and kind == 'density':
-    sampled = _sampled_cutoffs(plan, names, values, score, batch_bytes,
-                               prefetch)
+    sampled = _sampled_cutoffs(plan, names, values, score, batch_bytes, prefetch)
     if sampled is not None:
       return sampled
   totals = [0] * num
   for name in plan.merged:
     for t in plan.experts_of[name]:
-      totals[t] += int(np.prod(plan.experts[t].spec(name).shape,
-                               dtype=np.int64))
-  cutoffs = [_stream_cutoff.StreamedCutoff(total=totals[t],
-                                           **{kind: values[t]})
-             for t in range(num)]
+      totals[t] += int(np.prod(plan.experts[t].spec(name).shape, dtype=np.int64))
+  cutoffs = [
+    _stream_cutoff.StreamedCutoff(total=totals[t], **{kind: values[t]}) for t in range(num)
+  ]
   passes, nbytes = 0, 0
   while not all(c.done for c in cutoffs):
     passes += 1
-    nbytes += _each_saliency(plan, names, score, batch_bytes, prefetch,
-                             lambda t: not cutoffs[t].done,
-                             lambda t, s: cutoffs[t].add(s))
+    nbytes += _each_saliency(
+      plan,
+      names,
+      score,
+      batch_bytes,
+      prefetch,
+      lambda t: not cutoffs[t].done,
+      lambda t, s: cutoffs[t].add(s),
+    )
     for c in cutoffs:
       c.end_pass()
   return [c.threshold for c in cutoffs], passes, nbytes
 
 
-def _leaf_masks(plan, name, base, experts, moments, ffg, kind, values,
-                cutoffs, keep):
+def _leaf_masks(name, base, experts, moments, ffg, kind, values, cutoffs, keep):
   """FFG masks of one tensor for the participating experts."""
   if ffg is None:
     return None
@@ -307,8 +330,7 @@ def _leaf_masks(plan, name, base, experts, moments, ffg, kind, values,
       selector = {'threshold': cutoffs[t]}
     else:
       selector = {kind: resolve(values[t], name, what=f'ffg {kind}')}
-    masks.append(_ffg.ffg_mask_leaf(base, experts[i], moment, score=score,
-                                    name=name, **selector))
+    masks.append(_ffg.ffg_mask_leaf(base, experts[i], moment, score=score, name=name, **selector))
   return masks
 
 
@@ -316,12 +338,10 @@ def _merge_leaf(plan, name, got, options, keep, ffg, kind, values, cutoffs):
   num = len(plan.experts)
   opts = _leaf_options(options, name, keep, num)
   method = plan.method
-  base = (plan.place(name, got['base'][name]) if plan.base is not None
-          else None)
+  base = plan.place(name, got['base'][name]) if plan.base is not None else None
   experts = [plan.place(name, got['experts'][t][name]) for t in keep]
   moments = None
-  if method in _NEEDS_MOMENTS or (ffg is not None and
-                                  ffg.get('score', 'fisher') == 'fisher'):
+  if method in _NEEDS_MOMENTS or (ffg is not None and ffg.get('score', 'fisher') == 'fisher'):
     moments = [_moment(plan, got, t, name) for t in keep]
   if method == 'linear':
     return _linear.linear_leaf(experts, name=name, **opts)
@@ -331,12 +351,10 @@ def _merge_leaf(plan, name, got, options, keep, ffg, kind, values, cutoffs):
     return _ties.ties_leaf(base, experts, name=name, **opts)
   if method == 'dare':
     key = opts.pop('key')
-    return _dare.dare_leaf(base, experts, key=_dare.leaf_key(key, name),
-                           name=name, **opts)
+    return _dare.dare_leaf(base, experts, key=_dare.leaf_key(key, name), name=name, **opts)
   if method == 'fisher':
     return _fisher_merge.fisher_leaf(experts, moments, name=name, **opts)
-  masks = _leaf_masks(plan, name, base, experts, moments, ffg, kind, values,
-                      cutoffs, keep)
+  masks = _leaf_masks(name, base, experts, moments, ffg, kind, values, cutoffs, keep)
   if method == 'ffg_graft':
     return _ffg.ffg_graft_leaf(base, experts[0], masks[0], name=name)
   return _ota.ota_leaf(base, experts, moments, masks=masks, name=name, **opts)
@@ -350,21 +368,25 @@ def _placer(sharding):
   return lambda name, x: jax.device_put(x, sharding(name, np.shape(x)))
 
 
-def merge_streaming(method: str, experts: Sequence[_sources.LeafReader],
-                    writer: Any, *,
-                    base: _sources.LeafReader | None = None,
-                    moments: Sequence[_sources.LeafReader] | None = None,
-                    options: Mapping[str, Any] | None = None,
-                    ffg: Mapping[str, Any] | None = None,
-                    rank1: bool = False,
-                    include: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None,
-                    expert_include: Sequence[Any] | None = None,
-                    expert_exclude: Sequence[Any] | None = None,
-                    sharding: Any = None, batch_bytes: int = 1 << 28,
-                    prefetch: bool = True,
-                    progress: Callable[[str], None] | None = None
-                    ) -> StreamResult:
+def merge_streaming(
+  method: str,
+  experts: Sequence[_sources.LeafReader],
+  writer: Any,
+  *,
+  base: _sources.LeafReader | None = None,
+  moments: Sequence[_sources.LeafReader] | None = None,
+  options: Mapping[str, Any] | None = None,
+  ffg: Mapping[str, Any] | None = None,
+  rank1: bool = False,
+  include: Sequence[str] | None = None,
+  exclude: Sequence[str] | None = None,
+  expert_include: Sequence[Any] | None = None,
+  expert_exclude: Sequence[Any] | None = None,
+  sharding: Any = None,
+  batch_bytes: int = 1 << 28,
+  prefetch: bool = True,
+  progress: Callable[[str], None] | None = None,
+) -> StreamResult:
   """Merges models tensor by tensor from readers into a writer.
 
   The result equals the in-memory operator on the same inputs (`linear`,
@@ -423,40 +445,38 @@ def merge_streaming(method: str, experts: Sequence[_sources.LeafReader],
   if method == 'ffg_graft' and num != 1:
     raise ValueError(f'ffg_graft grafts one expert, got {num}')
   if method == 'ffg_graft' and ffg is None:
-    raise ValueError('ffg_graft needs ffg= options (density, mass or '
-                     'threshold)')
+    raise ValueError('ffg_graft needs ffg= options (density, mass or threshold)')
   if ffg is not None and method not in ('ota', 'ffg_graft'):
     raise ValueError(f'ffg masks apply to ota and ffg_graft, not {method!r}')
   if ffg is not None and base is None:
     raise ValueError('FFG needs a base model reader (task vectors)')
   score = (ffg or {}).get('score', 'fisher')
-  needs_moments = method in _NEEDS_MOMENTS or (ffg is not None and
-                                               score == 'fisher')
+  needs_moments = method in _NEEDS_MOMENTS or (ffg is not None and score == 'fisher')
   if needs_moments and (moments is None or len(moments) != num):
-    raise ValueError(f'method {method!r} needs one second-moment reader per '
-                     f'expert ({num}), got '
-                     f'{None if moments is None else len(moments)}')
+    raise ValueError(
+      f'method {method!r} needs one second-moment reader per '
+      f'expert ({num}), got '
+      f'{None if moments is None else len(moments)}'
+    )
   options = dict(options or {})
   if method == 'dare' and 'key' not in options:
     raise ValueError("dare needs options['key'], a jax PRNG key")
   reference = base if base is not None else experts[0]
   names = reference.names
-  merged = [n for n in names
-            if (include is None or _matches(include, n))
-            and not _matches(exclude, n)]
-  for which, patterns in (('expert_include', expert_include),
-                          ('expert_exclude', expert_exclude)):
+  merged = [
+    n for n in names if (include is None or _matches(include, n)) and not _matches(exclude, n)
+  ]
+  for which, patterns in (('expert_include', expert_include), ('expert_exclude', expert_exclude)):
     if patterns is not None and len(patterns) != num:
-      raise ValueError(f'{which} needs one entry per expert ({num}), got '
-                       f'{len(patterns)}')
+      raise ValueError(f'{which} needs one entry per expert ({num}), got {len(patterns)}')
   experts_of = {}
   for name in merged:
     keep = tuple(
-        t for t in range(num)
-        if (expert_include is None or expert_include[t] is None
-            or _matches(expert_include[t], name))
-        and not (expert_exclude is not None and
-                 _matches(expert_exclude[t], name)))
+      t
+      for t in range(num)
+      if (expert_include is None or expert_include[t] is None or _matches(expert_include[t], name))
+      and not (expert_exclude is not None and _matches(expert_exclude[t], name))
+    )
     if keep:
       experts_of[name] = keep
   merged = [n for n in merged if n in experts_of]
@@ -466,12 +486,24 @@ def merge_streaming(method: str, experts: Sequence[_sources.LeafReader],
       mine = list(names)
     _check_specs(reference, reader, mine, what=f'expert {t}')
     if needs_moments:
-      _check_specs(reference, moments[t],
-                   [n for n in mine if t in experts_of.get(n, ())],
-                   what=f'second moments of expert {t}', moment=True)
-  plan = _Plan(method, tuple(names), frozenset(merged), experts_of, base,
-               experts, tuple(moments) if needs_moments else None,
-               bool(rank1), _placer(sharding))
+      _check_specs(
+        reference,
+        moments[t],
+        [n for n in mine if t in experts_of.get(n, ())],
+        what=f'second moments of expert {t}',
+        moment=True,
+      )
+  plan = _Plan(
+    method,
+    tuple(names),
+    frozenset(merged),
+    experts_of,
+    base,
+    experts,
+    tuple(moments) if needs_moments else None,
+    bool(rank1),
+    _placer(sharding),
+  )
 
   kind = values = cutoffs = None
   passes, nbytes = 0, 0
@@ -481,26 +513,31 @@ def merge_streaming(method: str, experts: Sequence[_sources.LeafReader],
     kind, values = _ffg_selectors(ffg, num)
     if kind != 'threshold' and ffg.get('scope', 'global') == 'global':
       cutoffs, passes, nbytes = _global_cutoffs(
-          plan, kind, values, score, batch_bytes, prefetch,
-          _options.choice(ffg.get('quantile', 'exact'), _ffg.QUANTILES,
-                          what='ffg quantile'))
+        plan,
+        kind,
+        values,
+        score,
+        batch_bytes,
+        prefetch,
+        _options.choice(ffg.get('quantile', 'exact'), _ffg.QUANTILES, what='ffg quantile'),
+      )
     elif kind == 'threshold':
       cutoffs = [float(resolve(v, '', what='ffg threshold')) for v in values]
 
   passes += 1
-  for batch, got, size in _stream(plan, list(names), moments=needs_moments,
-                                  batch_bytes=batch_bytes, prefetch=prefetch):
+  for batch, got, size in _stream(
+    plan, list(names), moments=needs_moments, batch_bytes=batch_bytes, prefetch=prefetch
+  ):
     nbytes += size
     for name in batch:
       if name in plan.merged:
-        out = _merge_leaf(plan, name, got, options, experts_of[name], ffg,
-                          kind, values, cutoffs)
+        out = _merge_leaf(plan, name, got, options, experts_of[name], ffg, kind, values, cutoffs)
       else:
         source = got['base'] if base is not None else got['experts'][0]
         out = source[name]
       writer.write(name, out)
       if progress is not None:
         progress(name)
-  return StreamResult(tuple(names), tuple(merged),
-                      None if cutoffs is None else tuple(cutoffs), passes,
-                      nbytes)
+  return StreamResult(
+    tuple(names), tuple(merged), None if cutoffs is None else tuple(cutoffs), passes, nbytes
+  )

@@ -41,8 +41,7 @@ def consensus_mean(taus: Sequence[Any], weights_T: Any):
     numerator = numerator + jnp.where(agree, w_tau, 0.0)
     denominator = denominator + jnp.where(agree, weights_T[t], 0.0)
   nonzero = denominator != 0
-  return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0),
-                   0.0)
+  return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1.0), 0.0)
 
 
 @jax.jit
@@ -58,13 +57,22 @@ def _ties_kernel(base, experts, kept_T, weights_T, scale):
 
 
 def _options_for(num, density, weights, scale):
-  return (_options.density(density, num),
-          _options.per_expert(weights, num, what='weights'),
-          _options.finite(scale, what='scale'))
+  return (
+    _options.density(density, num),
+    _options.per_expert(weights, num, what='weights'),
+    _options.finite(scale, what='scale'),
+  )
 
 
-def ties_leaf(base: Any, experts: Sequence[Any], *, density: Any,
-              weights: Any = None, scale: float = 1.0, name: str = 'leaf'):
+def ties_leaf(
+  base: Any,
+  experts: Sequence[Any],
+  *,
+  density: Any,
+  weights: Any = None,
+  scale: float = 1.0,
+  name: str = 'leaf',
+):
   """`ties` on one tensor."""
   _tree.check_leaf_group(base, experts, name=name)
   d, w, scale = _options_for(len(experts), density, weights, scale)
@@ -72,8 +80,9 @@ def ties_leaf(base: Any, experts: Sequence[Any], *, density: Any,
   return _ties_kernel(base, tuple(experts), kept, w, scale)
 
 
-def ties(base: Any, experts: Sequence[Any], *, density: Any,
-         weights: Any = None, scale: float = 1.0) -> Any:
+def ties(
+  base: Any, experts: Sequence[Any], *, density: Any, weights: Any = None, scale: float = 1.0
+) -> Any:
   """TIES merge (Yadav et al. 2023) of the experts' task vectors.
 
   Per tensor and expert, tau_t = theta_t - theta0 is trimmed to its
@@ -99,6 +108,9 @@ def ties(base: Any, experts: Sequence[Any], *, density: Any,
   """
   gathered = _tree.gather(base, experts)
   d, w, scale = _options_for(gathered.num_experts, density, weights, scale)
-  return gathered.reference.unflatten([
+  return gathered.reference.unflatten(
+    [
       _ties_kernel(b, leaves, _topk.num_kept(d, int(b.size)), w, scale)
-      for b, leaves in zip(gathered.base, gathered.experts)])
+      for b, leaves in zip(gathered.base, gathered.experts)
+    ]
+  )

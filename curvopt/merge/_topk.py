@@ -34,8 +34,7 @@ def num_kept(density: Any, n: int) -> Any:
     k = jnp.round(density.astype(jnp.float32) * n).astype(jnp.int32)
     return jnp.minimum(jnp.where(density > 0, jnp.maximum(k, 1), 0), n)
   d = np.asarray(density, np.float64)
-  k = np.vectorize(lambda x: 0 if x == 0 else min(n, max(1, round(x * n))),
-                   otypes=[np.int64])(d)
+  k = np.vectorize(lambda x: 0 if x == 0 else min(n, max(1, round(x * n))), otypes=[np.int64])(d)
   return k.astype(np.int32)
 
 

@@ -21,6 +21,7 @@ from curvopt.merge._paths import path_str
 @dataclasses.dataclass(frozen=True)
 class Flat:
   """A flattened tree: leaf names in flattening order, leaves, and treedef."""
+
   names: tuple[str, ...]
   leaves: tuple[Any, ...]
   treedef: Any
@@ -36,13 +37,13 @@ def flatten(tree: Any, *, what: str, moments: bool = False) -> Flat:
   names = tuple(path_str(p) for p, _ in pairs)
   if len(set(names)) != len(names):
     dup = sorted({n for n in names if names.count(n) > 1})
-    raise ValueError(f'{what} has several leaves named {dup}; leaf names must '
-                     'be unique')
+    raise ValueError(f'{what} has several leaves named {dup}; leaf names must be unique')
   return Flat(names, tuple(leaf for _, leaf in pairs), treedef)
 
 
-def align(reference: Flat, tree: Any, *, what: str, missing: str = 'leaf',
-          moments: bool = False) -> tuple[Any, ...]:
+def align(
+  reference: Flat, tree: Any, *, what: str, missing: str = 'leaf', moments: bool = False
+) -> tuple[Any, ...]:
   """Leaves of `tree` in the order of `reference`'s leaf names.
 
   Trees are matched by key path, not by treedef, so a dict and a FrozenDict
@@ -65,46 +66,53 @@ def align(reference: Flat, tree: Any, *, what: str, missing: str = 'leaf',
   table = dict(zip(flat.names, flat.leaves))
   for name in reference.names:
     if name not in table:
-      raise ValueError(f'{what} has no {missing} for the leaf {name!r} '
-                       f'(tree structures differ); it has {len(table)} leaves, '
-                       f'the reference {len(reference.names)}')
+      raise ValueError(
+        f'{what} has no {missing} for the leaf {name!r} '
+        f'(tree structures differ); it has {len(table)} leaves, '
+        f'the reference {len(reference.names)}'
+      )
   extra = sorted(set(table) - set(reference.names))
   if extra:
-    raise ValueError(f'{what} has a leaf {extra[0]!r} that the reference tree '
-                     f'lacks (tree structures differ); extra leaves: {extra}')
+    raise ValueError(
+      f'{what} has a leaf {extra[0]!r} that the reference tree '
+      f'lacks (tree structures differ); extra leaves: {extra}'
+    )
   return tuple(table[name] for name in reference.names)
 
 
 def check_count(experts: Sequence[Any], *, what: str = 'experts') -> None:
   if isinstance(experts, (str, bytes)) or not isinstance(experts, Sequence):
-    raise TypeError(f'{what} must be a sequence (list or tuple) of pytrees, '
-                    f'got {type(experts).__name__}')
+    raise TypeError(
+      f'{what} must be a sequence (list or tuple) of pytrees, got {type(experts).__name__}'
+    )
   if len(experts) < 1:
-    raise ValueError(f'at least one expert is needed, got {len(experts)} '
-                     f'{what}')
+    raise ValueError(f'at least one expert is needed, got {len(experts)} {what}')
 
 
 def check_floating(leaf: Any, *, name: str, what: str) -> None:
   dtype = getattr(leaf, 'dtype', None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f'{what} at leaf {name!r} must be a floating array, got '
-                    f'{type(leaf).__name__} of dtype {dtype}')
+    raise TypeError(
+      f'{what} at leaf {name!r} must be a floating array, got '
+      f'{type(leaf).__name__} of dtype {dtype}'
+    )
 
 
-def check_like(reference: Any, leaf: Any, *, name: str, what: str,
-               reference_what: str) -> None:
+def check_like(reference: Any, leaf: Any, *, name: str, what: str, reference_what: str) -> None:
   """`leaf` must have the shape and dtype of `reference`."""
   check_floating(leaf, name=name, what=what)
   if tuple(leaf.shape) != tuple(reference.shape):
-    raise ValueError(f'{what} at leaf {name!r} has shape {tuple(leaf.shape)}, '
-                     f'{reference_what} has {tuple(reference.shape)}')
+    raise ValueError(
+      f'{what} at leaf {name!r} has shape {tuple(leaf.shape)}, '
+      f'{reference_what} has {tuple(reference.shape)}'
+    )
   if jnp.dtype(leaf.dtype) != jnp.dtype(reference.dtype):
-    raise ValueError(f'{what} at leaf {name!r} has dtype {leaf.dtype}, '
-                     f'{reference_what} has {reference.dtype}')
+    raise ValueError(
+      f'{what} at leaf {name!r} has dtype {leaf.dtype}, {reference_what} has {reference.dtype}'
+    )
 
 
-def check_moment(moment: Any, shape: tuple[int, ...], *, name: str,
-                 what: str) -> None:
+def check_moment(moment: Any, shape: tuple[int, ...], *, name: str, what: str) -> None:
   """`moment` is a floating array of `shape` or `Rank1` factors of it."""
   if moment is None:
     raise ValueError(f'{what} is missing for the leaf {name!r}')
@@ -113,17 +121,18 @@ def check_moment(moment: Any, shape: tuple[int, ...], *, name: str,
     return
   check_floating(moment, name=name, what=what)
   if tuple(moment.shape) != tuple(shape):
-    raise ValueError(f'{what} at leaf {name!r} has shape '
-                     f'{tuple(moment.shape)}, the weight has {tuple(shape)}')
+    raise ValueError(
+      f'{what} at leaf {name!r} has shape {tuple(moment.shape)}, the weight has {tuple(shape)}'
+    )
 
 
-def check_mask(mask: Any, shape: tuple[int, ...], *, name: str,
-               what: str) -> None:
+def check_mask(mask: Any, shape: tuple[int, ...], *, name: str, what: str) -> None:
   if mask is None or not hasattr(mask, 'shape'):
     raise ValueError(f'{what} is missing for the leaf {name!r}')
   if tuple(mask.shape) != tuple(shape):
-    raise ValueError(f'{what} at leaf {name!r} has shape {tuple(mask.shape)}, '
-                     f'the weight has {tuple(shape)}')
+    raise ValueError(
+      f'{what} at leaf {name!r} has shape {tuple(mask.shape)}, the weight has {tuple(shape)}'
+    )
 
 
 class ValueChecks:
@@ -137,8 +146,9 @@ class ValueChecks:
   def __init__(self):
     self._pending: list[tuple[Any, Callable[[int], str], Any]] = []
 
-  def add(self, ok: Any, message: Callable[[int], str],
-          recheck: Callable[[], Any] | None = None) -> None:
+  def add(
+    self, ok: Any, message: Callable[[int], str], recheck: Callable[[], Any] | None = None
+  ) -> None:
     """`ok`: bool array; `message(i)`: the error for its i-th False entry.
 
     `recheck`: where `ok` is only a screen (False may be a false alarm), a
@@ -166,7 +176,7 @@ def moment_ok(moment: Any):
   CPU), and both propagate NaN.
   """
   ok = jnp.asarray(True)
-  for part in (moment if _rank1.is_rank1(moment) else (moment,)):
+  for part in moment if _rank1.is_rank1(moment) else (moment,):
     part = jnp.asarray(part)
     if part.size:
       ok &= (jnp.min(part) >= 0) & (jnp.max(part) < jnp.inf)
@@ -192,9 +202,11 @@ def finite_screen(out: Any, ok: Any):
 
 def moment_message(name: str, what: str) -> Callable[[int], str]:
   """Error text for a second moment with negative or non-finite entries."""
-  return lambda t: (f'{what} of expert {t} at leaf {name!r} has negative or '
-                    'non-finite entries; second moments must be finite and '
-                    '>= 0')
+  return lambda t: (
+    f'{what} of expert {t} at leaf {name!r} has negative or '
+    'non-finite entries; second moments must be finite and '
+    '>= 0'
+  )
 
 
 def check_leaf_group(base: Any, experts: Sequence[Any], *, name: str) -> Any:
@@ -207,16 +219,17 @@ def check_leaf_group(base: Any, experts: Sequence[Any], *, name: str) -> Any:
     check_floating(experts[0], name=name, what='expert 0')
     reference, reference_what = experts[0], 'expert 0'
   for t, expert in enumerate(experts):
-    check_like(reference, expert, name=name, what=f'expert {t}',
-               reference_what=reference_what)
+    check_like(reference, expert, name=name, what=f'expert {t}', reference_what=reference_what)
   return reference
 
 
-def check_moment_group(moments: Sequence[Any], num: int, shape: tuple[int, ...],
-                       *, name: str, what: str) -> None:
+def check_moment_group(
+  moments: Sequence[Any], num: int, shape: tuple[int, ...], *, name: str, what: str
+) -> None:
   if isinstance(moments, (str, bytes)) or not isinstance(moments, Sequence):
-    raise TypeError(f'{what} must be a sequence with one entry per expert, got '
-                    f'{type(moments).__name__}')
+    raise TypeError(
+      f'{what} must be a sequence with one entry per expert, got {type(moments).__name__}'
+    )
   if len(moments) != num:
     raise ValueError(f'{what} has {len(moments)} entries for {num} experts')
   for t, moment in enumerate(moments):
@@ -226,6 +239,7 @@ def check_moment_group(moments: Sequence[Any], num: int, shape: tuple[int, ...],
 @dataclasses.dataclass(frozen=True)
 class Gathered:
   """Trees lined up by leaf: `experts[i][t]` is expert t's i-th leaf."""
+
   reference: Flat
   base: tuple[Any, ...] | None
   experts: tuple[tuple[Any, ...], ...]
@@ -252,23 +266,21 @@ def gather(base: Any, experts: Sequence[Any]) -> Gathered:
     reference = flatten(experts[0], what='expert 0')
     reference_what = 'expert 0'
   for name, ref_leaf in zip(reference.names, reference.leaves):
-    check_floating(ref_leaf, name=name,
-                   what='base' if base is not None else 'expert 0')
+    check_floating(ref_leaf, name=name, what='base' if base is not None else 'expert 0')
   per_expert = []
   for t, expert in enumerate(experts):
     what = f'expert {t}'
     leaves = align(reference, expert, what=what)
     for name, ref_leaf, leaf in zip(reference.names, reference.leaves, leaves):
-      check_like(ref_leaf, leaf, name=name, what=what,
-                 reference_what=reference_what)
+      check_like(ref_leaf, leaf, name=name, what=what, reference_what=reference_what)
     per_expert.append(leaves)
   by_leaf = tuple(zip(*per_expert)) if reference.names else ()
-  return Gathered(reference, reference.leaves if base is not None else None,
-                  by_leaf, len(experts))
+  return Gathered(reference, reference.leaves if base is not None else None, by_leaf, len(experts))
 
 
-def gather_moments(gathered: Gathered, moments: Sequence[Any], *,
-                   what: str) -> tuple[tuple[Any, ...], ...]:
+def gather_moments(
+  gathered: Gathered, moments: Sequence[Any], *, what: str
+) -> tuple[tuple[Any, ...], ...]:
   """Second-moment trees (arrays or `Rank1` leaves) lined up by leaf.
 
   Raises:
@@ -277,19 +289,19 @@ def gather_moments(gathered: Gathered, moments: Sequence[Any], *,
   """
   num = gathered.num_experts
   if isinstance(moments, (str, bytes)) or not isinstance(moments, Sequence):
-    raise TypeError(f'{what} must be a sequence with one tree per expert, got '
-                    f'{type(moments).__name__}')
+    raise TypeError(
+      f'{what} must be a sequence with one tree per expert, got {type(moments).__name__}'
+    )
   if len(moments) != num:
     raise ValueError(f'{what} has {len(moments)} trees for {num} experts')
   per_expert = []
   for t, tree in enumerate(moments):
     if tree is None:
       raise ValueError(f'{what} of expert {t} is missing (None)')
-    leaves = align(gathered.reference, tree, what=f'{what} of expert {t}',
-                   missing='second moment', moments=True)
-    for name, weight, moment in zip(gathered.names, gathered.reference.leaves,
-                                    leaves):
-      check_moment(moment, tuple(weight.shape), name=name,
-                   what=f'{what} of expert {t}')
+    leaves = align(
+      gathered.reference, tree, what=f'{what} of expert {t}', missing='second moment', moments=True
+    )
+    for name, weight, moment in zip(gathered.names, gathered.reference.leaves, leaves):
+      check_moment(moment, tuple(weight.shape), name=name, what=f'{what} of expert {t}')
     per_expert.append(leaves)
   return tuple(zip(*per_expert)) if gathered.names else ()

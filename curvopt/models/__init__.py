@@ -8,9 +8,9 @@ position embeddings (RoPE, arXiv 2104.09864) and SwiGLU feed-forward layers
 from curvopt.models._attention import causal_padding_mask
 from curvopt.models._attention import dot_product_attention
 from curvopt.models._cache import init_cache
+from curvopt.models._config import PRESET_NAMES
 from curvopt.models._config import DecoderConfig
 from curvopt.models._config import model_config
-from curvopt.models._config import PRESET_NAMES
 from curvopt.models._decoder import Decoder
 from curvopt.models._params import count_params
 from curvopt.models._params import output_head
@@ -18,15 +18,15 @@ from curvopt.models._policy import decode_fn_for
 from curvopt.models._rope import positions_from_mask
 
 __all__ = (
-    'DecoderConfig',
-    'Decoder',
-    'PRESET_NAMES',
-    'causal_padding_mask',
-    'count_params',
-    'decode_fn_for',
-    'dot_product_attention',
-    'init_cache',
-    'model_config',
-    'output_head',
-    'positions_from_mask',
+  'DecoderConfig',
+  'Decoder',
+  'PRESET_NAMES',
+  'causal_padding_mask',
+  'count_params',
+  'decode_fn_for',
+  'dot_product_attention',
+  'init_cache',
+  'model_config',
+  'output_head',
+  'positions_from_mask',
 )

@@ -12,9 +12,9 @@ from curvopt.models import _rope
 from curvopt.models import _sharding
 
 
-def causal_padding_mask(key_valid_BxS: jax.Array,
-                        query_offset: jax.Array | int,
-                        num_queries: int) -> jax.Array:
+def causal_padding_mask(
+  key_valid_BxS: jax.Array, query_offset: jax.Array | int, num_queries: int
+) -> jax.Array:
   """Boolean [B, T, S] mask: which key slot each query slot may attend to.
 
   Query i sits at slot ``query_offset + i``; key j at slot j. A query sees the
@@ -38,13 +38,13 @@ def causal_padding_mask(key_valid_BxS: jax.Array,
 
 
 def dot_product_attention(
-    query_BxTxNxH: jax.Array,
-    key_BxSxKxH: jax.Array,
-    value_BxSxKxH: jax.Array,
-    *,
-    mask_BxTxS: Optional[jax.Array] = None,
-    is_causal: bool = False,
-    implementation: Optional[str] = None,
+  query_BxTxNxH: jax.Array,
+  key_BxSxKxH: jax.Array,
+  value_BxSxKxH: jax.Array,
+  *,
+  mask_BxTxS: Optional[jax.Array] = None,
+  is_causal: bool = False,
+  implementation: Optional[str] = None,
 ) -> jax.Array:
   """Softmax attention of N query heads over K | N key/value heads.
 
@@ -64,8 +64,13 @@ def dot_product_attention(
   """
   mask = None if mask_BxTxS is None else mask_BxTxS.astype(bool)[:, None]
   return jax.nn.dot_product_attention(
-      query_BxTxNxH, key_BxSxKxH, value_BxSxKxH, mask=mask,
-      is_causal=is_causal, implementation=implementation)
+    query_BxTxNxH,
+    key_BxSxKxH,
+    value_BxSxKxH,
+    mask=mask,
+    is_causal=is_causal,
+    implementation=implementation,
+  )
 
 
 class Attention(nn.Module):
@@ -75,13 +80,19 @@ class Attention(nn.Module):
   ``cache`` collection (``cached_key`` / ``cached_value``, [B, L, K, H]) at
   ``cache_index`` and the queries attend over all L slots under ``mask``.
   """
+
   cfg: _config.DecoderConfig
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, cos_BxTxF: jax.Array,
-               sin_BxTxF: jax.Array, mask_BxTxS: Optional[jax.Array],
-               cache_index: Optional[jax.Array]) -> jax.Array:
+  def __call__(
+    self,
+    x_BxTxD: jax.Array,
+    cos_BxTxF: jax.Array,
+    sin_BxTxF: jax.Array,
+    mask_BxTxS: Optional[jax.Array],
+    cache_index: Optional[jax.Array],
+  ) -> jax.Array:
     cfg = self.cfg
     batch, length, _ = x_BxTxD.shape
     num_heads, num_kv, head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -91,35 +102,36 @@ class Attention(nn.Module):
     k = _layers.dense(num_kv * head_dim, cfg, std=std, name='k')(x_BxTxD)
     v = _layers.dense(num_kv * head_dim, cfg, std=std, name='v')(x_BxTxD)
     q_BxTxNxH = _rope.apply_rope(
-        q.reshape(batch, length, num_heads, head_dim), cos_BxTxF, sin_BxTxF)
-    k_BxTxKxH = _rope.apply_rope(
-        k.reshape(batch, length, num_kv, head_dim), cos_BxTxF, sin_BxTxF)
+      q.reshape(batch, length, num_heads, head_dim), cos_BxTxF, sin_BxTxF
+    )
+    k_BxTxKxH = _rope.apply_rope(k.reshape(batch, length, num_kv, head_dim), cos_BxTxF, sin_BxTxF)
     v_BxTxKxH = v.reshape(batch, length, num_kv, head_dim)
 
     if self.decode:
       # At init time the input length sets the cache length (see init_cache).
-      cached_key = self.variable('cache', 'cached_key', jnp.zeros,
-                                 k_BxTxKxH.shape, k_BxTxKxH.dtype)
-      cached_value = self.variable('cache', 'cached_value', jnp.zeros,
-                                   v_BxTxKxH.shape, v_BxTxKxH.dtype)
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, k_BxTxKxH.shape, k_BxTxKxH.dtype)
+      cached_value = self.variable(
+        'cache', 'cached_value', jnp.zeros, v_BxTxKxH.shape, v_BxTxKxH.dtype
+      )
       start = (0, cache_index, 0, 0)
       # The cache follows the batch layout of the activations (see _sharding).
       cached_key.value = jax.lax.dynamic_update_slice(
-          _sharding.like(cached_key.value, k_BxTxKxH),
-          k_BxTxKxH.astype(cached_key.value.dtype), start)
+        _sharding.like(cached_key.value, k_BxTxKxH), k_BxTxKxH.astype(cached_key.value.dtype), start
+      )
       cached_value.value = jax.lax.dynamic_update_slice(
-          _sharding.like(cached_value.value, v_BxTxKxH),
-          v_BxTxKxH.astype(cached_value.value.dtype), start)
+        _sharding.like(cached_value.value, v_BxTxKxH),
+        v_BxTxKxH.astype(cached_value.value.dtype),
+        start,
+      )
       out_BxTxNxH = dot_product_attention(
-          q_BxTxNxH, cached_key.value, cached_value.value,
-          mask_BxTxS=mask_BxTxS)
+        q_BxTxNxH, cached_key.value, cached_value.value, mask_BxTxS=mask_BxTxS
+      )
     elif mask_BxTxS is None:
       out_BxTxNxH = dot_product_attention(
-          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True,
-          implementation=cfg.attention_impl)
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True, implementation=cfg.attention_impl
+      )
     else:
-      out_BxTxNxH = dot_product_attention(
-          q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS=mask_BxTxS)
+      out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS=mask_BxTxS)
 
     out_BxTxNH = out_BxTxNxH.reshape(batch, length, num_heads * head_dim)
     return _layers.dense(cfg.d_model, cfg, std=out_std, name='o')(out_BxTxNH)

@@ -10,8 +10,7 @@ import numpy as np
 from curvopt.models import _decoder
 
 
-def init_cache(model: _decoder.Decoder, batch_size: int,
-               max_len: Optional[int] = None) -> Any:
+def init_cache(model: _decoder.Decoder, batch_size: int, max_len: Optional[int] = None) -> Any:
   """A zero KV cache (the flax ``cache`` collection) for ``decode=True`` calls.
 
   Args:
@@ -33,9 +32,7 @@ def init_cache(model: _decoder.Decoder, batch_size: int,
     if value <= 0:
       raise ValueError(f'init_cache {name} must be positive, got {value}')
   if max_len > cfg.max_len:
-    raise ValueError(
-        f'init_cache max_len={max_len} exceeds DecoderConfig.max_len='
-        f'{cfg.max_len}')
+    raise ValueError(f'init_cache max_len={max_len} exceeds DecoderConfig.max_len={cfg.max_len}')
   tokens = jax.ShapeDtypeStruct((int(batch_size), int(max_len)), jnp.int32)
   init = functools.partial(model.init, decode=True)
   shapes = jax.eval_shape(init, jax.random.key(0), tokens)['cache']

@@ -36,6 +36,7 @@ class DecoderConfig:
       (None lets JAX choose, 'xla', or 'cudnn' for cuDNN flash attention on
       GPUs with bf16/fp16 compute). Masked and decoding calls always use XLA.
   """
+
   vocab_size: int
   d_model: int
   n_layers: int
@@ -52,8 +53,7 @@ class DecoderConfig:
   attention_impl: Optional[str] = None
 
   def __post_init__(self):
-    for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads',
-                 'd_ff', 'max_len'):
+    for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'max_len'):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f'DecoderConfig.{name} must be an int, got {value!r}')
@@ -71,26 +71,27 @@ class DecoderConfig:
         raise TypeError(f'DecoderConfig.{name} must be a bool, got {value!r}')
     if self.d_model % self.n_heads:
       raise ValueError(
-          f'DecoderConfig.d_model={self.d_model} is not a multiple of '
-          f'n_heads={self.n_heads}')
+        f'DecoderConfig.d_model={self.d_model} is not a multiple of n_heads={self.n_heads}'
+      )
     if self.n_heads % self.n_kv_heads:
       raise ValueError(
-          f'DecoderConfig.n_heads={self.n_heads} is not a multiple of '
-          f'n_kv_heads={self.n_kv_heads}')
+        f'DecoderConfig.n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}'
+      )
     if self.head_dim % 2:
       raise ValueError(
-          f'DecoderConfig head dimension d_model // n_heads = {self.head_dim} '
-          f'(d_model={self.d_model}, n_heads={self.n_heads}) must be even for '
-          'RoPE')
+        f'DecoderConfig head dimension d_model // n_heads = {self.head_dim} '
+        f'(d_model={self.d_model}, n_heads={self.n_heads}) must be even for '
+        'RoPE'
+      )
     # Stored as canonical names so that the config stays hashable and prints
     # the same whichever spelling ('bf16' is not one; jnp.bfloat16 is) came in.
     for name in ('dtype', 'param_dtype'):
-      object.__setattr__(self, name,
-                         _float_dtype_name(name, getattr(self, name)))
+      object.__setattr__(self, name, _float_dtype_name(name, getattr(self, name)))
     if self.attention_impl not in _ATTENTION_IMPLS:
       raise ValueError(
-          f'DecoderConfig.attention_impl must be one of {_ATTENTION_IMPLS}, '
-          f'got {self.attention_impl!r}')
+        f'DecoderConfig.attention_impl must be one of {_ATTENTION_IMPLS}, '
+        f'got {self.attention_impl!r}'
+      )
 
   @property
   def head_dim(self) -> int:
@@ -109,11 +110,9 @@ def _float_dtype_name(field: str, value: Any) -> str:
   try:
     dtype = jnp.dtype(value)
   except TypeError as e:
-    raise ValueError(
-        f'DecoderConfig.{field} is not a dtype: {value!r}') from e
+    raise ValueError(f'DecoderConfig.{field} is not a dtype: {value!r}') from e
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(
-        f'DecoderConfig.{field} must be a floating dtype, got {value!r}')
+    raise ValueError(f'DecoderConfig.{field} must be a floating dtype, got {value!r}')
   return dtype.name
 
 
@@ -121,12 +120,15 @@ def _float_dtype_name(field: str, value: Any) -> str:
 # gpt2s: GPT-2 small shapes; d_ff 2048 gives the SwiGLU MLP (3 matrices) the
 # parameter count of GPT-2's 4 * d_model two-matrix MLP, ~124M in total.
 _PRESETS = {
-    'tiny': dict(vocab_size=384, d_model=128, n_layers=4, n_heads=4,
-                 n_kv_heads=4, d_ff=384, max_len=512),
-    'small': dict(vocab_size=384, d_model=256, n_layers=12, n_heads=8,
-                  n_kv_heads=8, d_ff=768, max_len=1024),
-    'gpt2s': dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12,
-                  n_kv_heads=12, d_ff=2048, max_len=1024),
+  'tiny': dict(
+    vocab_size=384, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=384, max_len=512
+  ),
+  'small': dict(
+    vocab_size=384, d_model=256, n_layers=12, n_heads=8, n_kv_heads=8, d_ff=768, max_len=1024
+  ),
+  'gpt2s': dict(
+    vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048, max_len=1024
+  ),
 }
 
 PRESET_NAMES = tuple(_PRESETS)
@@ -144,14 +146,14 @@ def model_config(name: str, **overrides: Any) -> DecoderConfig:
     ValueError: unknown preset name or field, or an invalid resulting config.
   """
   if name not in _PRESETS:
-    raise ValueError(
-        f'unknown model config {name!r}; valid names: {list(PRESET_NAMES)}')
+    raise ValueError(f'unknown model config {name!r}; valid names: {list(PRESET_NAMES)}')
   fields = {f.name for f in dataclasses.fields(DecoderConfig)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(
-        f'unknown DecoderConfig field(s) {unknown} for model config {name!r}; '
-        f'valid fields: {sorted(fields)}')
+      f'unknown DecoderConfig field(s) {unknown} for model config {name!r}; '
+      f'valid fields: {sorted(fields)}'
+    )
   kwargs = dict(_PRESETS[name])
   if 'n_heads' in overrides and 'n_kv_heads' not in overrides:
     kwargs['n_kv_heads'] = overrides['n_heads']

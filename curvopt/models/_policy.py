@@ -16,17 +16,28 @@ class _DecoderDecodeFn:
   hashing decode functions, so the compiled sampler (which takes decode_fn as
   a static argument) is reused across calls of `decode_fn_for`.
   """
+
   model: _decoder.Decoder
 
-  def __call__(self, params: Any, cache: Any, tokens: jax.Array,
-               positions: jax.Array,
-               attention_mask: jax.Array) -> tuple[jax.Array, Any]:
+  def __call__(
+    self,
+    params: Any,
+    cache: Any,
+    tokens: jax.Array,
+    positions: jax.Array,
+    attention_mask: jax.Array,
+  ) -> tuple[jax.Array, Any]:
     # Also accept the {'params': ...} variables dict that model.init returns.
     if isinstance(params, dict) and set(params) == {'params'}:
       params = params['params']
     (logits, _), mutated = self.model.apply(
-        {'params': params, 'cache': cache}, tokens, positions=positions,
-        attention_mask=attention_mask, decode=True, mutable=['cache'])
+      {'params': params, 'cache': cache},
+      tokens,
+      positions=positions,
+      attention_mask=attention_mask,
+      decode=True,
+      mutable=['cache'],
+    )
     return logits, mutated['cache']
 
 
@@ -45,6 +56,7 @@ def decode_fn_for(model: _decoder.Decoder) -> _DecoderDecodeFn:
     A hashable callable (equal for equal models).
   """
   if not isinstance(model, _decoder.Decoder):
-    raise TypeError(f'decode_fn_for expects a curvopt.models.Decoder, got '
-                    f'{type(model).__name__}: {model!r}')
+    raise TypeError(
+      f'decode_fn_for expects a curvopt.models.Decoder, got {type(model).__name__}: {model!r}'
+    )
   return _DecoderDecodeFn(model)

@@ -4,21 +4,21 @@ import jax
 import jax.numpy as jnp
 
 
-def rope_angles(positions_BxT: jax.Array, head_dim: int,
-                theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_angles(
+  positions_BxT: jax.Array, head_dim: int, theta: float
+) -> tuple[jax.Array, jax.Array]:
   """(cos, sin) of the rotation angles, each float32 [B, T, head_dim // 2].
 
   Frequency i is ``theta ** (-2 i / head_dim)``; computed from the positions
   themselves (no table), so any position works, padded or offset.
   """
   exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
-  inv_freq = 1.0 / (theta ** exponents)
+  inv_freq = 1.0 / (theta**exponents)
   angles_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
   return jnp.cos(angles_BxTxF), jnp.sin(angles_BxTxF)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxF: jax.Array,
-               sin_BxTxF: jax.Array) -> jax.Array:
+def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxF: jax.Array, sin_BxTxF: jax.Array) -> jax.Array:
   """Rotates pairs (x[i], x[i + H/2]) by the angles (float32 math).
 
   Returns the rotated array in the input dtype.

@@ -16,8 +16,7 @@ from jax.sharding import PartitionSpec as P
 def _explicit_sharding(x: jax.Array) -> NamedSharding | None:
   """x's sharding when its type names mesh axes (explicit), else None."""
   sharding = jax.typeof(x).sharding
-  if isinstance(sharding, NamedSharding) and any(
-      entry is not None for entry in sharding.spec):
+  if isinstance(sharding, NamedSharding) and any(entry is not None for entry in sharding.spec):
     return sharding
   return None
 

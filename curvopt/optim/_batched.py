@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from curvopt.optim import _newton_schulz
 from curvopt.optim import _sharding
 
+
 def svd_polar(x: jax.Array) -> jax.Array:
   """The exact polar factor U V^T of each matrix in x [..., m, n] (slow).
 
@@ -28,9 +29,9 @@ def svd_polar(x: jax.Array) -> jax.Array:
 
 
 def orthogonalize_many(
-    matrices: Sequence[jax.Array],
-    *,
-    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
+  matrices: Sequence[jax.Array],
+  *,
+  newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
 ) -> list[jax.Array]:
   """Polar factors of many [batch, m, n] stacks, one call per oriented shape.
 
@@ -51,9 +52,9 @@ def orthogonalize_many(
 
 
 def nuclear_norms_many(
-    matrices: Sequence[jax.Array],
-    *,
-    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
+  matrices: Sequence[jax.Array],
+  *,
+  newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
 ) -> list[jax.Array]:
   """<X, polar(X)> per [batch, m, n] stack: its nuclear norm, summed over batch.
 
@@ -116,9 +117,10 @@ def _inner_products(x: jax.Array, y: jax.Array) -> jax.Array:
   # reduction's fusion and runs its matmuls ~5x slower (GPT-2-small shapes:
   # the update took 67 s instead of 23 s); a static slice in between stops it.
   half = max(x.shape[-1] // 2, 1)
-  return sum(jnp.sum(x[..., cols].astype(jnp.float32)
-                     * y[..., cols].astype(jnp.float32), axis=(-2, -1))
-             for cols in (slice(None, half), slice(half, None)))
+  return sum(
+    jnp.sum(x[..., cols].astype(jnp.float32) * y[..., cols].astype(jnp.float32), axis=(-2, -1))
+    for cols in (slice(None, half), slice(half, None))
+  )
 
 
 def _run_per_stack(stacks, spec, run, ns_sharding, *, reduced):
@@ -144,24 +146,20 @@ def _run_per_stack(stacks, spec, run, ns_sharding, *, reduced):
     return _split(y, sizes)
 
   if ns_sharding == 'replicated':
-    x = concat([_sharding.relayout(s, (None, None, None), mesh)
-                for s in stacks])
-    return [_sharding.relayout(part, out_spec, mesh)
-            for part in _split(run(x), sizes)]
+    x = concat([_sharding.relayout(s, (None, None, None), mesh) for s in stacks])
+    return [_sharding.relayout(part, out_spec, mesh) for part in _split(run(x), sizes)]
 
   # 'batch': every device orthogonalizes total / mesh.size matrices.
   x = concat(stacks)
   total = x.shape[0]
   padded = -(-total // mesh.size) * mesh.size
   if padded != total:
-    x = jnp.concatenate(
-        [x, jnp.zeros((padded - total,) + x.shape[1:], x.dtype)], axis=0)
+    x = jnp.concatenate([x, jnp.zeros((padded - total,) + x.shape[1:], x.dtype)], axis=0)
   x = _sharding.relayout(x, (tuple(mesh.axis_names), None, None), mesh)
   y = run(x)
   # One all-gather of the results; re-slicing them to `spec` is local.
   y = _sharding.relayout(y, (None,) * y.ndim, mesh)[:total]
-  return [_sharding.relayout(part, out_spec, mesh)
-          for part in _split(y, sizes)]
+  return [_sharding.relayout(part, out_spec, mesh) for part in _split(y, sizes)]
 
 
 def _split(y: jax.Array, sizes: list[int]) -> list[jax.Array]:

@@ -25,18 +25,19 @@ from curvopt.optim import _paths
 
 class ScaleByDmuonState(NamedTuple):
   """State of `scale_by_dmuon`."""
+
   count: jax.Array  # int32 scalar
   mu: Any  # momentum, like the params
 
 
 def scale_by_dmuon(
-    *,
-    beta: float = 0.95,
-    nesterov: bool = True,
-    consistent_rms: float | None = 0.2,
-    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
-    mu_dtype: Any = None,
-    weight_dimension_numbers: _matrix.DimSpec = None,
+  *,
+  beta: float = 0.95,
+  nesterov: bool = True,
+  consistent_rms: float | None = 0.2,
+  newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
+  mu_dtype: Any = None,
+  weight_dimension_numbers: _matrix.DimSpec = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Orthogonalized momentum for matrix leaves (every leaf it is given).
 
@@ -64,13 +65,12 @@ def scale_by_dmuon(
     # Resolves every leaf's matrix view now, so a bad leaf fails at init.
     flat = _paths.leaves_with_paths(params)
     paths = [p for p, _ in flat]
-    dims = _matrix.resolve_dimension_numbers(params, weight_dimension_numbers,
-                                             paths)
+    dims = _matrix.resolve_dimension_numbers(params, weight_dimension_numbers, paths)
     for (path, x), d in zip(flat, dims):
       _matrix.matrix_view(x.shape, d, path=_paths.path_str(path))
     return ScaleByDmuonState(
-        count=jnp.zeros([], jnp.int32),
-        mu=optax.tree.zeros_like(params, dtype=mu_dtype))
+      count=jnp.zeros([], jnp.int32), mu=optax.tree.zeros_like(params, dtype=mu_dtype)
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -78,33 +78,35 @@ def scale_by_dmuon(
     count_inc = optax.safe_increment(state.count)
     if nesterov:
       mu_hat = jax.tree.map(
-          lambda m, g: beta * m + (1 - beta) * g,
-          optax.tree.bias_correction(
-              mu, beta, optax.safe_increment(count_inc)),
-          optax.tree.bias_correction(updates, beta, count_inc))
+        lambda m, g: beta * m + (1 - beta) * g,
+        optax.tree.bias_correction(mu, beta, optax.safe_increment(count_inc)),
+        optax.tree.bias_correction(updates, beta, count_inc),
+      )
     else:
       mu_hat = optax.tree.bias_correction(mu, beta, count_inc)
     out = orthogonalized_updates(
-        mu_hat, weight_dimension_numbers=weight_dimension_numbers,
-        newton_schulz=newton_schulz, consistent_rms=consistent_rms)
+      mu_hat,
+      weight_dimension_numbers=weight_dimension_numbers,
+      newton_schulz=newton_schulz,
+      consistent_rms=consistent_rms,
+    )
     mu = optax.tree.cast(mu, mu_dtype)
     return out, ScaleByDmuonState(count=count_inc, mu=mu)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def orthogonalized_updates(tree, *, weight_dimension_numbers, newton_schulz,
-                           consistent_rms):
+def orthogonalized_updates(tree, *, weight_dimension_numbers, newton_schulz, consistent_rms):
   """Scaled polar factors of every leaf of `tree` (batched by shape)."""
   flat = _paths.leaves_with_paths(tree)
   paths = [p for p, _ in flat]
-  dims = _matrix.resolve_dimension_numbers(tree, weight_dimension_numbers,
-                                           paths)
-  views = [_matrix.matrix_view(x.shape, d, path=_paths.path_str(p))
-           for (p, x), d in zip(flat, dims)]
+  dims = _matrix.resolve_dimension_numbers(tree, weight_dimension_numbers, paths)
+  views = [
+    _matrix.matrix_view(x.shape, d, path=_paths.path_str(p)) for (p, x), d in zip(flat, dims)
+  ]
   polars = _batched.orthogonalize_many(
-      [v.to_matrices(x) for v, (_, x) in zip(views, flat)],
-      newton_schulz=newton_schulz)
+    [v.to_matrices(x) for v, (_, x) in zip(views, flat)], newton_schulz=newton_schulz
+  )
   leaves = []
   for view, o, (_, x) in zip(views, polars, flat):
     if consistent_rms is None:
@@ -116,18 +118,18 @@ def orthogonalized_updates(tree, *, weight_dimension_numbers, newton_schulz,
 
 
 def dmuon(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    beta: float = 0.95,
-    nesterov: bool = True,
-    consistent_rms: float | None = 0.2,
-    weight_decay: float = 0.1,
-    weight_decay_mask: Any = None,
-    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
-    mu_dtype: Any = None,
-    weight_dimension_numbers: _matrix.DimSpec = None,
-    param_labels: _groups.LabelSpec = None,
-    others: optax.GradientTransformation | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  beta: float = 0.95,
+  nesterov: bool = True,
+  consistent_rms: float | None = 0.2,
+  weight_decay: float = 0.1,
+  weight_decay_mask: Any = None,
+  newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
+  mu_dtype: Any = None,
+  weight_dimension_numbers: _matrix.DimSpec = None,
+  param_labels: _groups.LabelSpec = None,
+  others: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The D-Muon baseline: `scale_by_dmuon` on hidden leaves, AdamW elsewhere.
 
@@ -158,13 +160,10 @@ def dmuon(
     An optax.GradientTransformationExtraArgs.
   """
   if others is None:
-    others = optax.adamw(learning_rate, b2=0.95, weight_decay=weight_decay,
-                         mu_dtype=mu_dtype)
+    others = optax.adamw(learning_rate, b2=0.95, weight_decay=weight_decay, mu_dtype=mu_dtype)
   elif not isinstance(others, optax.GradientTransformation):
-    raise TypeError('others must be an optax.GradientTransformation or None, '
-                    f'got {others!r}')
-  rename = {_groups.HIDDEN: 'dmuon', _groups.EMBED_HEAD: 'adam',
-            _groups.VECTOR: 'adam'}
+    raise TypeError(f'others must be an optax.GradientTransformation or None, got {others!r}')
+  rename = {_groups.HIDDEN: 'dmuon', _groups.EMBED_HEAD: 'adam', _groups.VECTOR: 'adam'}
 
   def partition_labels(params):
     return _groups.label_tree(params, param_labels, rename=rename)
@@ -172,16 +171,20 @@ def dmuon(
   # The partition keys ('dmuon', 'adam') name the optimizer state in
   # checkpoints: they stay as they are whatever `others` is.
   return optax.partition(
-      transforms={
-          'dmuon': optax.chain(
-              scale_by_dmuon(
-                  beta=beta, nesterov=nesterov, consistent_rms=consistent_rms,
-                  newton_schulz=newton_schulz, mu_dtype=mu_dtype,
-                  weight_dimension_numbers=weight_dimension_numbers),
-              optax.add_decayed_weights(weight_decay, weight_decay_mask),
-              optax.scale_by_learning_rate(learning_rate),
-          ),
-          'adam': others,
-      },
-      param_labels=partition_labels,
+    transforms={
+      'dmuon': optax.chain(
+        scale_by_dmuon(
+          beta=beta,
+          nesterov=nesterov,
+          consistent_rms=consistent_rms,
+          newton_schulz=newton_schulz,
+          mu_dtype=mu_dtype,
+          weight_dimension_numbers=weight_dimension_numbers,
+        ),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+      ),
+      'adam': others,
+    },
+    param_labels=partition_labels,
   )

@@ -19,9 +19,9 @@ LabelSpec = Union[None, Any, Callable[[Any], Any]]
 
 
 def param_groups(
-    params: Any,
-    *,
-    embed_head_names: Sequence[str] = DEFAULT_EMBED_HEAD_NAMES,
+  params: Any,
+  *,
+  embed_head_names: Sequence[str] = DEFAULT_EMBED_HEAD_NAMES,
 ) -> Any:
   """Labels every leaf of `params` 'hidden', 'embed_head' or 'vector'.
 
@@ -50,10 +50,10 @@ def param_groups(
 
 
 def resolve_labels(
-    params: Any,
-    param_labels: LabelSpec,
-    *,
-    valid: Sequence[str] = GROUPS,
+  params: Any,
+  param_labels: LabelSpec,
+  *,
+  valid: Sequence[str] = GROUPS,
 ) -> list[tuple[_paths.KeyPath, str]]:
   """(key path, label) for every leaf of `params`, checked against `valid`.
 
@@ -82,14 +82,19 @@ def resolve_labels(
   for path, value in zip(paths, values):
     if not isinstance(value, str) or value not in valid:
       raise ValueError(
-          f'unknown parameter group label {value!r} for the leaf '
-          f'{_paths.path_str(path)!r}; valid labels are {sorted(valid)}')
+        f'unknown parameter group label {value!r} for the leaf '
+        f'{_paths.path_str(path)!r}; valid labels are {sorted(valid)}'
+      )
   return list(zip(paths, values))
 
 
-def label_tree(params: Any, param_labels: LabelSpec,
-               *, valid: Sequence[str] = GROUPS,
-               rename: Mapping[str, str] | None = None) -> Any:
+def label_tree(
+  params: Any,
+  param_labels: LabelSpec,
+  *,
+  valid: Sequence[str] = GROUPS,
+  rename: Mapping[str, str] | None = None,
+) -> Any:
   """A checked label tree with the structure of `params` (labels renamed)."""
   resolved = resolve_labels(params, param_labels, valid=valid)
   rename = rename or {}

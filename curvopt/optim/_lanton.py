@@ -40,9 +40,9 @@ from curvopt.optim import _paths
 NOISE_OPTIONS = ('previous', 'independent')
 VECTOR_OPTIONS = ('adamw', 'bias_rms')
 DEFAULT_GROUP_LMOS = {
-    _groups.HIDDEN: 'spectral',
-    _groups.EMBED_HEAD: 'sign',
-    _groups.VECTOR: 'bias_rms',
+  _groups.HIDDEN: 'spectral',
+  _groups.EMBED_HEAD: 'sign',
+  _groups.VECTOR: 'bias_rms',
 }
 
 
@@ -54,6 +54,7 @@ class ScaleByLantonState(NamedTuple):
   rather than a scalar per leaf, so that an update launches a few kernels for
   them instead of several per leaf.
   """
+
   count: jax.Array  # steps taken (int32 scalar)
   momentum: Any  # B, like the params
   prev_grad: Any  # G_{t-1} (noise='previous'); () for noise='independent'
@@ -70,23 +71,23 @@ class _Leaf(NamedTuple):
 
 
 def scale_by_lanton(
-    *,
-    b1: float = 0.95,
-    b2: float = 0.95,
-    nesterov: bool = False,
-    noise: str = 'previous',
-    mapping: str | _mapping.Mapping = 'mean_ratio',
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    group_lmos: Mapping[str, str | _lmo.LMO] | None = None,
-    group_lr_scales: Mapping[str, float] | None = None,
-    param_labels: _groups.LabelSpec = None,
-    weight_dimension_numbers: _matrix.DimSpec = None,
-    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
-    noise_ns_steps: int | None = None,
-    noise_every: int | None = None,
-    mu_dtype: Any = None,
-    noise_buffer_dtype: Any = None,
+  *,
+  b1: float = 0.95,
+  b2: float = 0.95,
+  nesterov: bool = False,
+  noise: str = 'previous',
+  mapping: str | _mapping.Mapping = 'mean_ratio',
+  weight_decay: float = 0.0,
+  weight_decay_mask: Any = None,
+  group_lmos: Mapping[str, str | _lmo.LMO] | None = None,
+  group_lr_scales: Mapping[str, float] | None = None,
+  param_labels: _groups.LabelSpec = None,
+  weight_dimension_numbers: _matrix.DimSpec = None,
+  newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
+  noise_ns_steps: int | None = None,
+  noise_every: int | None = None,
+  mu_dtype: Any = None,
+  noise_buffer_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The LANTON direction, scaled per layer by its group's noise mapping.
 
@@ -140,36 +141,40 @@ def scale_by_lanton(
     raise ValueError(f'unknown noise option {noise!r}; valid: {NOISE_OPTIONS}')
   if noise_every is None:
     noise_every = 1
-  if (not isinstance(noise_every, int) or isinstance(noise_every, bool)
-      or noise_every < 1):
-    raise ValueError(f'noise_every must be a Python int >= 1 (None: 1), got '
-                     f'{noise_every!r}; under optax.inject_hyperparams list '
-                     'it in static_args')
+  if not isinstance(noise_every, int) or isinstance(noise_every, bool) or noise_every < 1:
+    raise ValueError(
+      f'noise_every must be a Python int >= 1 (None: 1), got '
+      f'{noise_every!r}; under optax.inject_hyperparams list '
+      'it in static_args'
+    )
   map_fn = _mapping.as_mapping(mapping)
   _newton_schulz.check_options(newton_schulz)
   lmos = _resolve_lmos(group_lmos, newton_schulz)
   lr_scales = dict(group_lr_scales or {})
   unknown = set(lr_scales) - set(_groups.GROUPS)
   if unknown:
-    raise ValueError(f'group_lr_scales has unknown groups {sorted(unknown)}; '
-                     f'valid: {list(_groups.GROUPS)}')
+    raise ValueError(
+      f'group_lr_scales has unknown groups {sorted(unknown)}; valid: {list(_groups.GROUPS)}'
+    )
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype is not None else None
-  noise_buffer_dtype = (jnp.dtype(noise_buffer_dtype)
-                        if noise_buffer_dtype is not None else None)
+  noise_buffer_dtype = jnp.dtype(noise_buffer_dtype) if noise_buffer_dtype is not None else None
 
   def plan(tree) -> list[_Leaf]:
     labeled = _groups.resolve_labels(tree, param_labels)
     leaves = [x for _, x in _paths.leaves_with_paths(tree)]
     matrix_paths = [p for (p, g) in labeled if lmos[g].matrix]
-    dims = dict(zip(matrix_paths, _matrix.resolve_dimension_numbers(
-        tree, weight_dimension_numbers, matrix_paths)))
+    dims = dict(
+      zip(
+        matrix_paths,
+        _matrix.resolve_dimension_numbers(tree, weight_dimension_numbers, matrix_paths),
+      )
+    )
     out = []
     for (path, group), x in zip(labeled, leaves):
       lmo = lmos[group]
       view = None
       if lmo.matrix:
-        view = _matrix.matrix_view(x.shape, dims[path],
-                                   path=_paths.path_str(path))
+        view = _matrix.matrix_view(x.shape, dims[path], path=_paths.path_str(path))
       out.append(_Leaf(path, group, lmo, view))
     return out
 
@@ -177,17 +182,17 @@ def scale_by_lanton(
     plan(params)  # Checks labels and ranks early, naming the leaf.
     num = len(jax.tree.leaves(params))
     return ScaleByLantonState(
-        count=jnp.zeros([], jnp.int32),
-        momentum=optax.tree.zeros_like(params, dtype=mu_dtype),
-        prev_grad=(optax.tree.zeros_like(params, dtype=noise_buffer_dtype)
-                   if noise == 'previous' else ()),
-        noise=jnp.zeros([num], jnp.float32),
-        noise_count=jnp.zeros([num], jnp.int32),
-        lr_scale=jnp.ones([num], jnp.float32),
+      count=jnp.zeros([], jnp.int32),
+      momentum=optax.tree.zeros_like(params, dtype=mu_dtype),
+      prev_grad=(
+        optax.tree.zeros_like(params, dtype=noise_buffer_dtype) if noise == 'previous' else ()
+      ),
+      noise=jnp.zeros([num], jnp.float32),
+      noise_count=jnp.zeros([num], jnp.int32),
+      lr_scale=jnp.ones([num], jnp.float32),
     )
 
-  def update_fn(updates, state, params=None, *, noise_grads=None,
-                **extra_args):
+  def update_fn(updates, state, params=None, *, noise_grads=None, **extra_args):
     del extra_args
     leaves = plan(updates)
     if not leaves:  # Every leaf is masked out (e.g. all on AdamW).
@@ -198,42 +203,48 @@ def scale_by_lanton(
     grads = flat(updates)
     if noise == 'independent':
       if noise_grads is None:
-        raise ValueError("noise='independent' needs update(..., "
-                         'noise_grads=<gradient of an independent minibatch>)')
+        raise ValueError(
+          "noise='independent' needs update(..., "
+          'noise_grads=<gradient of an independent minibatch>)'
+        )
       tilde = _paths.lookup_by_path(noise_grads, paths, what='noise_grads')
       has_prev = jnp.array(True)
     else:
       if noise_grads is not None:
-        raise ValueError("noise_grads was given but noise='previous'; use "
-                         "noise='independent' to pass G~ explicitly")
+        raise ValueError(
+          "noise_grads was given but noise='previous'; use "
+          "noise='independent' to pass G~ explicitly"
+        )
       tilde = flat(state.prev_grad)
       has_prev = state.count > 0
-    decay = _weight_decay_terms(updates, params, paths, weight_decay,
-                                weight_decay_mask)
+    decay = _weight_decay_terms(updates, params, paths, weight_decay, weight_decay_mask)
 
     finite = _all_finite(grads + (tilde if noise == 'independent' else []))
 
     momentum = [
-        ((1 - b1) * g + b1 * b).astype(b.dtype)
-        for g, b in zip(grads, flat(state.momentum))]
+      ((1 - b1) * g + b1 * b).astype(b.dtype) for g, b in zip(grads, flat(state.momentum))
+    ]
     if nesterov:
       ahead = [b1 * b + (1 - b1) * g for g, b in zip(grads, momentum)]
     else:
       ahead = momentum
     directions, duals, sampled = _directions_and_duals(
-        leaves, ahead, grads, tilde, state.count,
-        noise_ns_steps=noise_ns_steps, noise_every=noise_every,
-        ns_sharding=newton_schulz.sharding)
+      leaves,
+      ahead,
+      grads,
+      tilde,
+      state.count,
+      noise_ns_steps=noise_ns_steps,
+      noise_every=noise_every,
+      ns_sharding=newton_schulz.sharding,
+    )
 
-    square = jnp.square(jnp.stack([jnp.asarray(d, jnp.float32)
-                                   for d in duals]))
+    square = jnp.square(jnp.stack([jnp.asarray(d, jnp.float32) for d in duals]))
     # A finite but huge sample can overflow the square: skip it too.
     take = has_prev & jnp.stack(sampled) & jnp.isfinite(square)
-    noise_new = jnp.where(take, b2 * state.noise + (1 - b2) * square,
-                          state.noise)
+    noise_new = jnp.where(take, b2 * state.noise + (1 - b2) * square, state.noise)
     count_new = state.noise_count + take.astype(jnp.int32)
-    scales = _group_scales(leaves, noise_new, count_new, b2, map_fn,
-                           lr_scales)
+    scales = _group_scales(leaves, noise_new, count_new, b2, map_fn, lr_scales)
     out = []
     for i, (g, d, wd_x) in enumerate(zip(grads, directions, decay)):
       step = -d if wd_x is None else wd_x - d
@@ -243,18 +254,23 @@ def scale_by_lanton(
       return [jnp.where(finite, a, b) for a, b in zip(new, old)]
 
     new_state = ScaleByLantonState(
-        count=optax.safe_increment(state.count),
-        momentum=jax.tree.unflatten(
-            treedef, keep(momentum, flat(state.momentum))),
-        prev_grad=(jax.tree.unflatten(treedef, keep(
-            [g.astype(p.dtype) for g, p in zip(grads, flat(state.prev_grad))],
-            flat(state.prev_grad))) if noise == 'previous' else ()),
-        noise=jnp.where(finite, noise_new, state.noise),
-        noise_count=jnp.where(finite, count_new, state.noise_count),
-        lr_scale=jnp.where(finite, scales, state.lr_scale),
+      count=optax.safe_increment(state.count),
+      momentum=jax.tree.unflatten(treedef, keep(momentum, flat(state.momentum))),
+      prev_grad=(
+        jax.tree.unflatten(
+          treedef,
+          keep(
+            [g.astype(p.dtype) for g, p in zip(grads, flat(state.prev_grad))], flat(state.prev_grad)
+          ),
+        )
+        if noise == 'previous'
+        else ()
+      ),
+      noise=jnp.where(finite, noise_new, state.noise),
+      noise_count=jnp.where(finite, count_new, state.noise_count),
+      lr_scale=jnp.where(finite, scales, state.lr_scale),
     )
-    new_state = new_state._replace(
-        count=jnp.where(finite, new_state.count, state.count))
+    new_state = new_state._replace(count=jnp.where(finite, new_state.count, state.count))
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -268,8 +284,7 @@ def _all_finite(arrays: list[jax.Array]) -> jax.Array:
   jnp.all(jnp.isfinite(x)) took three on XLA CPU (a bool mask, a partial and
   a final reduction).
   """
-  total = sum(jnp.sum(x * jnp.zeros([], x.dtype), dtype=jnp.float32)
-              for x in arrays)
+  total = sum(jnp.sum(x * jnp.zeros([], x.dtype), dtype=jnp.float32) for x in arrays)
   return jnp.isfinite(total)
 
 
@@ -279,8 +294,9 @@ def _resolve_lmos(group_lmos, newton_schulz) -> dict[str, _lmo.LMO]:
   if group_lmos is not None:
     unknown = set(group_lmos) - set(_groups.GROUPS)
     if unknown:
-      raise ValueError(f'group_lmos has unknown groups {sorted(unknown)}; '
-                       f'valid: {list(_groups.GROUPS)}')
+      raise ValueError(
+        f'group_lmos has unknown groups {sorted(unknown)}; valid: {list(_groups.GROUPS)}'
+      )
     spec.update(group_lmos)
   out = {}
   for group, value in spec.items():
@@ -297,8 +313,7 @@ def _weight_decay_terms(updates, params, paths, weight_decay, mask):
   if static_zero:
     return [None] * len(paths)
   if params is None:
-    raise ValueError('weight decay needs the params: call update(grads, '
-                     'state, params)')
+    raise ValueError('weight decay needs the params: call update(grads, state, params)')
   xs = _paths.lookup_by_path(params, paths, what='params')
   if mask is None:
     decayed = [True] * len(paths)
@@ -308,8 +323,7 @@ def _weight_decay_terms(updates, params, paths, weight_decay, mask):
   return [weight_decay * x if m else None for x, m in zip(xs, decayed)]
 
 
-def _bucket_of(leaves: list[_Leaf], spectral: list[int], k: int
-               ) -> dict[int, int]:
+def _bucket_of(leaves: list[_Leaf], spectral: list[int], k: int) -> dict[int, int]:
   """Round-robin buckets: a 1/k share of every oriented shape per bucket."""
   seen = collections.Counter()
   bucket = {}
@@ -328,8 +342,7 @@ def _polars(leaves, items, *, steps_override, ns_sharding, nuclear=False):
   The stacks are laid out by the optimizer's `ns_sharding`, whatever the
   LMO's own.
   """
-  many = (_batched.nuclear_norms_many if nuclear
-          else _batched.orthogonalize_many)
+  many = _batched.nuclear_norms_many if nuclear else _batched.orthogonalize_many
   by_options = collections.defaultdict(list)
   for pos, (i, _) in enumerate(items):
     by_options[id(leaves[i].lmo)].append(pos)
@@ -350,17 +363,20 @@ def _noise_sample(g, t):
   return g.astype(jnp.float32) - t.astype(jnp.float32)
 
 
-def _directions_and_duals(leaves, ahead, grads, tilde, count, *,
-                          noise_ns_steps, noise_every, ns_sharding):
+def _directions_and_duals(
+  leaves, ahead, grads, tilde, count, *, noise_ns_steps, noise_every, ns_sharding
+):
   """LMO directions O, dual norms of the noise samples, and which are fresh."""
   n = len(leaves)
   directions: list[Any] = [None] * n
   duals: list[Any] = [None] * n
   sampled: list[Any] = [jnp.array(True)] * n
-  spectral = [i for i, leaf in enumerate(leaves)
-              if leaf.lmo.name == 'spectral' and isinstance(
-                  leaf.lmo.options.get('newton_schulz'),
-                  _newton_schulz.NewtonSchulz)]
+  spectral = [
+    i
+    for i, leaf in enumerate(leaves)
+    if leaf.lmo.name == 'spectral'
+    and isinstance(leaf.lmo.options.get('newton_schulz'), _newton_schulz.NewtonSchulz)
+  ]
 
   for i, leaf in enumerate(leaves):
     if i in spectral:
@@ -371,7 +387,8 @@ def _directions_and_duals(leaves, ahead, grads, tilde, count, *,
       duals[i] = leaf.lmo.dual_norm(sample)
     else:
       directions[i] = leaf.view.from_matrices(
-          leaf.lmo.direction(leaf.view.to_matrices(ahead[i])), like=ahead[i])
+        leaf.lmo.direction(leaf.view.to_matrices(ahead[i])), like=ahead[i]
+      )
       duals[i] = leaf.lmo.dual_norm(leaf.view.to_matrices(sample))
 
   if not spectral:
@@ -380,12 +397,17 @@ def _directions_and_duals(leaves, ahead, grads, tilde, count, *,
   b_mats = [(i, leaves[i].view.to_matrices(ahead[i])) for i in spectral]
   # Separate calls for momenta and noise samples: stacking both into one
   # call measured ~15% slower on CPU (twice the working set per matmul).
-  b_polars = _polars(leaves, b_mats, steps_override=None,
-                     ns_sharding=ns_sharding)
+  b_polars = _polars(leaves, b_mats, steps_override=None, ns_sharding=ns_sharding)
   noise_duals, fresh = _round_robin_duals(
-      leaves, spectral, [grads[i] for i in spectral],
-      [tilde[i] for i in spectral], count, noise_ns_steps=noise_ns_steps,
-      noise_every=noise_every, ns_sharding=ns_sharding)
+    leaves,
+    spectral,
+    [grads[i] for i in spectral],
+    [tilde[i] for i in spectral],
+    count,
+    noise_ns_steps=noise_ns_steps,
+    noise_every=noise_every,
+    ns_sharding=ns_sharding,
+  )
 
   for j, i in enumerate(spectral):
     view = leaves[i].view
@@ -396,8 +418,9 @@ def _directions_and_duals(leaves, ahead, grads, tilde, count, *,
   return directions, duals, sampled
 
 
-def _round_robin_duals(leaves, spectral, grads, tilde, count, *,
-                       noise_ns_steps, noise_every, ns_sharding):
+def _round_robin_duals(
+  leaves, spectral, grads, tilde, count, *, noise_ns_steps, noise_every, ns_sharding
+):
   """Nuclear norms of one round-robin bucket of noise samples per step.
 
   The samples are formed inside each branch, so a step only computes its
@@ -410,21 +433,26 @@ def _round_robin_duals(leaves, spectral, grads, tilde, count, *,
 
     def run(operands):
       gs, ts = operands
-      mats = [(spectral[j], leaves[spectral[j]].view.to_matrices(
-          _noise_sample(gs[j], ts[j]))) for j in members]
-      norms = _polars(leaves, mats, steps_override=noise_ns_steps,
-                      ns_sharding=ns_sharding, nuclear=True)
+      mats = [
+        (spectral[j], leaves[spectral[j]].view.to_matrices(_noise_sample(gs[j], ts[j])))
+        for j in members
+      ]
+      norms = _polars(
+        leaves, mats, steps_override=noise_ns_steps, ns_sharding=ns_sharding, nuclear=True
+      )
       values = [jnp.zeros([], jnp.float32)] * len(spectral)
       for j, norm in zip(members, norms):
         values[j] = norm
       hit = [jnp.array(j in members) for j in range(len(spectral))]
       return values, hit
+
     return run
 
   if noise_every == 1:
     return branch(0)((grads, tilde))
-  return jax.lax.switch(count % noise_every,
-                        [branch(b) for b in range(noise_every)], (grads, tilde))
+  return jax.lax.switch(
+    count % noise_every, [branch(b) for b in range(noise_every)], (grads, tilde)
+  )
 
 
 def _group_scales(leaves, noise, counts, b2, map_fn, lr_scales):
@@ -440,36 +468,37 @@ def _group_scales(leaves, noise, counts, b2, map_fn, lr_scales):
     h_hat = jnp.where(n > 0, h / correction, 0.0)
     s = jnp.asarray(map_fn(h_hat), jnp.float32)
     if s.shape != h_hat.shape:
-      raise ValueError(f'the learning-rate mapping returned shape {s.shape} '
-                       f'for the {len(idx)} leaves of group {group!r}; it '
-                       f'must return one scale per leaf {h_hat.shape}')
+      raise ValueError(
+        f'the learning-rate mapping returned shape {s.shape} '
+        f'for the {len(idx)} leaves of group {group!r}; it '
+        f'must return one scale per leaf {h_hat.shape}'
+      )
     ready = jnp.all(n > 0)
-    scales = scales.at[idx].set(jnp.where(ready, s, 1.0)
-                                * lr_scales.get(group, 1.0))
+    scales = scales.at[idx].set(jnp.where(ready, s, 1.0) * lr_scales.get(group, 1.0))
   return scales
 
 
 def lanton(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    b1: float = 0.95,
-    b2: float = 0.95,
-    nesterov: bool = False,
-    noise: str = 'previous',
-    mapping: str | _mapping.Mapping = 'mean_ratio',
-    weight_decay: float = 0.1,
-    weight_decay_mask: Any = None,
-    hidden_lmo: str | _lmo.LMO = 'spectral',
-    embed_head_lmo: str | _lmo.LMO = 'sign',
-    vector: str | optax.GradientTransformation = 'adamw',
-    group_lr_scales: Mapping[str, float] | None = None,
-    param_labels: _groups.LabelSpec = None,
-    weight_dimension_numbers: _matrix.DimSpec = None,
-    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
-    noise_ns_steps: int | None = None,
-    noise_every: int | None = None,
-    mu_dtype: Any = None,
-    noise_buffer_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  b1: float = 0.95,
+  b2: float = 0.95,
+  nesterov: bool = False,
+  noise: str = 'previous',
+  mapping: str | _mapping.Mapping = 'mean_ratio',
+  weight_decay: float = 0.1,
+  weight_decay_mask: Any = None,
+  hidden_lmo: str | _lmo.LMO = 'spectral',
+  embed_head_lmo: str | _lmo.LMO = 'sign',
+  vector: str | optax.GradientTransformation = 'adamw',
+  group_lr_scales: Mapping[str, float] | None = None,
+  param_labels: _groups.LabelSpec = None,
+  weight_dimension_numbers: _matrix.DimSpec = None,
+  newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(),
+  noise_ns_steps: int | None = None,
+  noise_every: int | None = None,
+  mu_dtype: Any = None,
+  noise_buffer_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """LANTON: `scale_by_lanton` times the learning rate; AdamW for vectors.
 
@@ -516,46 +545,63 @@ def lanton(
   """
   if isinstance(vector, str):
     if vector not in VECTOR_OPTIONS:
-      raise ValueError(f'unknown vector option {vector!r}; valid: '
-                       f'{VECTOR_OPTIONS} or an optax.GradientTransformation')
+      raise ValueError(
+        f'unknown vector option {vector!r}; valid: '
+        f'{VECTOR_OPTIONS} or an optax.GradientTransformation'
+      )
   elif not isinstance(vector, optax.GradientTransformation):
-    raise TypeError('vector must be a name or an optax.GradientTransformation'
-                    f', got {vector!r}')
+    raise TypeError(f'vector must be a name or an optax.GradientTransformation, got {vector!r}')
   on_lanton = isinstance(vector, str) and vector == 'bias_rms'
   if not on_lanton and _groups.VECTOR in (group_lr_scales or {}):
-    given = (f'vector={vector!r}' if isinstance(vector, str)
-             else 'a vector transformation')
-    raise ValueError("group_lr_scales['vector'] scales vector leaves on "
-                     f"LANTON (vector='bias_rms'); with {given} their rate is "
-                     "that transformation's own")
-  rename = {_groups.HIDDEN: 'lanton', _groups.EMBED_HEAD: 'lanton',
-            _groups.VECTOR: 'lanton' if on_lanton else 'adam'}
+    given = f'vector={vector!r}' if isinstance(vector, str) else 'a vector transformation'
+    raise ValueError(
+      "group_lr_scales['vector'] scales vector leaves on "
+      f"LANTON (vector='bias_rms'); with {given} their rate is "
+      "that transformation's own"
+    )
+  rename = {
+    _groups.HIDDEN: 'lanton',
+    _groups.EMBED_HEAD: 'lanton',
+    _groups.VECTOR: 'lanton' if on_lanton else 'adam',
+  }
 
   def partition_labels(params):
     return _groups.label_tree(params, param_labels, rename=rename)
 
   core = scale_by_lanton(
-      b1=b1, b2=b2, nesterov=nesterov, noise=noise, mapping=mapping,
-      weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-      group_lmos={_groups.HIDDEN: hidden_lmo,
-                  _groups.EMBED_HEAD: embed_head_lmo,
-                  _groups.VECTOR: 'bias_rms'},
-      group_lr_scales=group_lr_scales, param_labels=param_labels,
-      weight_dimension_numbers=weight_dimension_numbers,
-      newton_schulz=newton_schulz, noise_ns_steps=noise_ns_steps,
-      noise_every=noise_every, mu_dtype=mu_dtype,
-      noise_buffer_dtype=noise_buffer_dtype)
+    b1=b1,
+    b2=b2,
+    nesterov=nesterov,
+    noise=noise,
+    mapping=mapping,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    group_lmos={
+      _groups.HIDDEN: hidden_lmo,
+      _groups.EMBED_HEAD: embed_head_lmo,
+      _groups.VECTOR: 'bias_rms',
+    },
+    group_lr_scales=group_lr_scales,
+    param_labels=param_labels,
+    weight_dimension_numbers=weight_dimension_numbers,
+    newton_schulz=newton_schulz,
+    noise_ns_steps=noise_ns_steps,
+    noise_every=noise_every,
+    mu_dtype=mu_dtype,
+    noise_buffer_dtype=noise_buffer_dtype,
+  )
   transforms = {
-      'lanton': optax.chain(core,
-                            optax.scale_by_learning_rate(learning_rate)),
+    'lanton': optax.chain(core, optax.scale_by_learning_rate(learning_rate)),
   }
   # The partition keys ('lanton', 'adam') name the optimizer state in
   # checkpoints: they stay as they are whatever `vector` is.
   if not on_lanton:
-    transforms['adam'] = vector if not isinstance(vector, str) else optax.adamw(
-        learning_rate, b2=0.95, weight_decay=weight_decay, mu_dtype=mu_dtype)
-  return optax.partition(transforms, partition_labels,
-                         mask_compatible_extra_args=True)
+    transforms['adam'] = (
+      vector
+      if not isinstance(vector, str)
+      else optax.adamw(learning_rate, b2=0.95, weight_decay=weight_decay, mu_dtype=mu_dtype)
+    )
+  return optax.partition(transforms, partition_labels, mask_compatible_extra_args=True)
 
 
 def _find_states(tree: Any) -> list[ScaleByLantonState]:
@@ -581,12 +627,12 @@ def lanton_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
   """
   states = _find_states(opt_state)
   if not states:
-    raise ValueError('no ScaleByLantonState found in the optimizer state '
-                     f'(of type {type(opt_state).__name__})')
+    raise ValueError(
+      f'no ScaleByLantonState found in the optimizer state (of type {type(opt_state).__name__})'
+    )
   out: dict[str, dict[str, jax.Array]] = {'h': {}, 'lr_scale': {}}
   for state in states:
     for i, (path, _) in enumerate(_paths.leaves_with_paths(state.momentum)):
       out['h'][_paths.path_str(path)] = state.noise[i]
       out['lr_scale'][_paths.path_str(path)] = state.lr_scale[i]
   return out
-

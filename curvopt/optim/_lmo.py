@@ -38,6 +38,7 @@ from curvopt.optim import _newton_schulz
 
 class LMO(NamedTuple):
   """A linear minimization oracle: pure functions of one array."""
+
   name: str
   direction: Callable[[jax.Array], jax.Array]
   dual_norm: Callable[[jax.Array], jax.Array]
@@ -47,8 +48,7 @@ class LMO(NamedTuple):
 
 def _check_matrix(name: str, x: jax.Array) -> None:
   if x.ndim < 2:
-    raise ValueError(f'the {name} LMO needs a matrix [..., d_in, d_out], got '
-                     f'shape {x.shape}')
+    raise ValueError(f'the {name} LMO needs a matrix [..., d_in, d_out], got shape {x.shape}')
 
 
 def spectral_scale(d_in: int, d_out: int) -> float:
@@ -60,14 +60,14 @@ def polar_factor(x: jax.Array, ns: _newton_schulz.NewtonSchulz) -> jax.Array:
   """polar(x) for x [..., m, n], by Newton-Schulz or by SVD."""
   if ns.polar == 'svd':
     return _batched.svd_polar(x)
-  return _newton_schulz.newton_schulz(x, steps=ns.steps, coeffs=ns.coeffs,
-                                      dtype=ns.dtype, eps=ns.eps)
+  return _newton_schulz.newton_schulz(
+    x, steps=ns.steps, coeffs=ns.coeffs, dtype=ns.dtype, eps=ns.eps
+  )
 
 
 def spectral(
-    *,
-    newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(
-        dtype='float32'),
+  *,
+  newton_schulz: _newton_schulz.NewtonSchulz = _newton_schulz.NewtonSchulz(dtype='float32'),
 ) -> LMO:
   """The RMS->RMS operator-norm LMO (Muon's geometry).
 
@@ -92,8 +92,7 @@ def spectral(
     o = polar_fn(d).astype(jnp.float32)
     return scale * jnp.sum(d.astype(jnp.float32) * o)
 
-  return LMO('spectral', direction, dual_norm, True,
-             {'newton_schulz': newton_schulz})
+  return LMO('spectral', direction, dual_norm, True, {'newton_schulz': newton_schulz})
 
 
 def sign() -> LMO:
@@ -115,13 +114,12 @@ def colnorm(*, eps: float = 1e-8) -> LMO:
     _check_matrix('colnorm', b)
     d_out = b.shape[-1]
     norms = jnp.linalg.norm(b, axis=-1, keepdims=True)
-    return -(d_out ** 0.5) * b / (norms + eps)
+    return -(d_out**0.5) * b / (norms + eps)
 
   def dual_norm(d):
     _check_matrix('colnorm', d)
     d_out = d.shape[-1]
-    return d_out ** 0.5 * jnp.sum(
-        jnp.linalg.norm(d.astype(jnp.float32), axis=-1))
+    return d_out**0.5 * jnp.sum(jnp.linalg.norm(d.astype(jnp.float32), axis=-1))
 
   return LMO('colnorm', direction, dual_norm, True, {'eps': eps})
 
@@ -133,13 +131,12 @@ def rownorm(*, eps: float = 1e-8) -> LMO:
     _check_matrix('rownorm', b)
     d_in = b.shape[-2]
     norms = jnp.linalg.norm(b, axis=-2, keepdims=True)
-    return -b / ((d_in ** 0.5) * norms + eps)
+    return -b / ((d_in**0.5) * norms + eps)
 
   def dual_norm(d):
     _check_matrix('rownorm', d)
     d_in = d.shape[-2]
-    return jnp.sum(jnp.linalg.norm(d.astype(jnp.float32), axis=-2)) / (
-        d_in ** 0.5)
+    return jnp.sum(jnp.linalg.norm(d.astype(jnp.float32), axis=-2)) / (d_in**0.5)
 
   return LMO('rownorm', direction, dual_norm, True, {'eps': eps})
 
@@ -153,17 +150,17 @@ def bias_rms(*, eps: float = 1e-8) -> LMO:
 
   def dual_norm(d):
     d = d.astype(jnp.float32)
-    return (d.size ** 0.5) * jnp.sqrt(jnp.sum(jnp.square(d)))
+    return (d.size**0.5) * jnp.sqrt(jnp.sum(jnp.square(d)))
 
   return LMO('bias_rms', direction, dual_norm, False, {'eps': eps})
 
 
 _FACTORIES: dict[str, Callable[..., LMO]] = {
-    'spectral': spectral,
-    'sign': sign,
-    'colnorm': colnorm,
-    'rownorm': rownorm,
-    'bias_rms': bias_rms,
+  'spectral': spectral,
+  'sign': sign,
+  'colnorm': colnorm,
+  'rownorm': rownorm,
+  'bias_rms': bias_rms,
 }
 LMO_NAMES = tuple(_FACTORIES)
 

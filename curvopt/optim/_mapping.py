@@ -29,13 +29,14 @@ def min_ratio(*, eps: float = 1e-12) -> Mapping:
   Returns:
     A mapping.
   """
+
   def mapping(h):
     return jnp.sqrt((jnp.min(h) + eps) / (h + eps))
+
   return mapping
 
 
-def mean_ratio(*, eps: float = 1e-12, s_min: float = 0.1,
-               s_max: float = 3.0) -> Mapping:
+def mean_ratio(*, eps: float = 1e-12, s_min: float = 0.1, s_max: float = 3.0) -> Mapping:
   """s_l = clip(sqrt((mean_j H_j + eps) / (H_l + eps)), s_min, s_max).
 
   Quieter-than-average layers get more than the scheduled rate (up to s_max),
@@ -50,8 +51,10 @@ def mean_ratio(*, eps: float = 1e-12, s_min: float = 0.1,
   """
   if not s_min <= s_max:
     raise ValueError(f'need s_min <= s_max, got {s_min} > {s_max}')
+
   def mapping(h):
     return jnp.clip(jnp.sqrt((jnp.mean(h) + eps) / (h + eps)), s_min, s_max)
+
   return mapping
 
 
@@ -63,8 +66,10 @@ def as_mapping(spec: Union[str, Mapping]) -> Mapping:
   """A mapping from a name ('min_ratio', 'mean_ratio') or a callable."""
   if isinstance(spec, str):
     if spec not in _NAMED:
-      raise ValueError(f'unknown learning-rate mapping {spec!r}; valid: '
-                       f'{list(MAPPING_NAMES)} or a callable h_N -> s_N')
+      raise ValueError(
+        f'unknown learning-rate mapping {spec!r}; valid: '
+        f'{list(MAPPING_NAMES)} or a callable h_N -> s_N'
+      )
     return _NAMED[spec]()
   if callable(spec):
     return spec

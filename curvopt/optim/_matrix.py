@@ -48,16 +48,19 @@ def default_dimension_numbers(shape: tuple[int, ...]) -> MuonDimensionNumbers:
     raise ValueError(f'a matrix view needs rank >= 2, got shape {shape}')
   if ndim == 2:
     return MuonDimensionNumbers(reduction_axis=(0,), output_axis=(1,))
+
   def imbalance(k):
-    return abs(math.log(math.prod(shape[:k]) or 1)
-               - math.log(math.prod(shape[k:]) or 1))
+    return abs(math.log(math.prod(shape[:k]) or 1) - math.log(math.prod(shape[k:]) or 1))
+
   split = min(range(1, ndim), key=imbalance)
-  return MuonDimensionNumbers(reduction_axis=tuple(range(split)),
-                              output_axis=tuple(range(split, ndim)))
+  return MuonDimensionNumbers(
+    reduction_axis=tuple(range(split)), output_axis=tuple(range(split, ndim))
+  )
 
 
 class MatrixView(NamedTuple):
   """How one leaf maps to a [batch, d_in, d_out] stack of matrices."""
+
   shape: tuple[int, ...]
   transpose: tuple[int, ...]  # batch axes, then reduction, then output axes
   flat_shape: tuple[int, int, int]  # (batch, d_in, d_out)
@@ -76,7 +79,7 @@ class MatrixView(NamedTuple):
   def _groups(self) -> tuple[tuple[int, ...], ...]:
     """Leaf axes that form the batch, d_in and d_out axes of the view."""
     b, r = self.batch_rank, self.in_rank
-    return (self.transpose[:b], self.transpose[b:b + r], self.transpose[b + r:])
+    return (self.transpose[:b], self.transpose[b : b + r], self.transpose[b + r :])
 
   def to_matrices(self, x: jax.Array) -> jax.Array:
     """x [*shape] -> [batch, d_in, d_out]."""
@@ -93,11 +96,11 @@ class MatrixView(NamedTuple):
       x = _sharding.relayout(x, tuple(spec), mesh)
     out_spec = tuple(spec[g[0]] if g else None for g in self._groups)
     x = x.transpose(self.transpose)
-    return jnp.reshape(x, self.flat_shape, out_sharding=NamedSharding(
-        mesh, PartitionSpec(*out_spec)))
+    return jnp.reshape(
+      x, self.flat_shape, out_sharding=NamedSharding(mesh, PartitionSpec(*out_spec))
+    )
 
-  def from_matrices(self, m: jax.Array, like: jax.Array | None = None
-                    ) -> jax.Array:
+  def from_matrices(self, m: jax.Array, like: jax.Array | None = None) -> jax.Array:
     """[batch, d_in, d_out] -> [*shape], laid out like `like` if given."""
     unflat = tuple(self.shape[a] for a in self.transpose)
     inverse = tuple(int(a) for a in np.argsort(self.transpose))
@@ -109,18 +112,19 @@ class MatrixView(NamedTuple):
       unflat_spec = []
       for g, s in zip(self._groups, m_spec):
         unflat_spec += [s] + [None] * (len(g) - 1) if g else []
-      y = jnp.reshape(m, unflat, out_sharding=NamedSharding(
-          mesh, PartitionSpec(*unflat_spec))).transpose(inverse)
+      y = jnp.reshape(
+        m, unflat, out_sharding=NamedSharding(mesh, PartitionSpec(*unflat_spec))
+      ).transpose(inverse)
     if like is not None:
       like_mesh = _sharding.mesh_of(like)
-      if (like_mesh is not None
-          and _sharding.spec_of(y) != _sharding.spec_of(like)):
+      if like_mesh is not None and _sharding.spec_of(y) != _sharding.spec_of(like):
         y = _sharding.relayout(y, _sharding.spec_of(like), like_mesh)
     return y
 
 
-def matrix_view(shape: tuple[int, ...], dims: MuonDimensionNumbers | None,
-                *, path: str = '') -> MatrixView:
+def matrix_view(
+  shape: tuple[int, ...], dims: MuonDimensionNumbers | None, *, path: str = ''
+) -> MatrixView:
   """The [batch, d_in, d_out] view of a leaf of `shape` under `dims`.
 
   Args:
@@ -138,9 +142,11 @@ def matrix_view(shape: tuple[int, ...], dims: MuonDimensionNumbers | None,
   where = f' for the leaf {path!r}' if path else ''
   ndim = len(shape)
   if ndim < 2:
-    raise ValueError(f'unsupported rank {ndim} (shape {shape}){where}: a '
-                     'matrix LMO needs rank >= 2; label the leaf "vector" '
-                     'or give it another LMO')
+    raise ValueError(
+      f'unsupported rank {ndim} (shape {shape}){where}: a '
+      'matrix LMO needs rank >= 2; label the leaf "vector" '
+      'or give it another LMO'
+    )
   if dims is None:
     dims = default_dimension_numbers(shape)
   red = dims.reduction_axis
@@ -149,24 +155,24 @@ def matrix_view(shape: tuple[int, ...], dims: MuonDimensionNumbers | None,
   out = (out,) if isinstance(out, int) else tuple(out)
   for ax in red + out:
     if not -ndim <= ax < ndim:
-      raise ValueError(f'axis {ax} out of range for shape {shape}{where} '
-                       f'({dims})')
+      raise ValueError(f'axis {ax} out of range for shape {shape}{where} ({dims})')
   red = tuple(a % ndim for a in red)
   out = tuple(a % ndim for a in out)
-  if not red or not out or set(red) & set(out) or len(set(red + out)) != len(
-      red + out):
-    raise ValueError(f'reduction and output axes must be non-empty and '
-                     f'disjoint, got {dims} for shape {shape}{where}')
+  if not red or not out or set(red) & set(out) or len(set(red + out)) != len(red + out):
+    raise ValueError(
+      f'reduction and output axes must be non-empty and '
+      f'disjoint, got {dims} for shape {shape}{where}'
+    )
   batch = tuple(a for a in range(ndim) if a not in red + out)
-  flat = (math.prod(shape[a] for a in batch),
-          math.prod(shape[a] for a in red),
-          math.prod(shape[a] for a in out))
-  return MatrixView(tuple(shape), batch + red + out, flat, len(batch),
-                    len(red))
+  flat = (
+    math.prod(shape[a] for a in batch),
+    math.prod(shape[a] for a in red),
+    math.prod(shape[a] for a in out),
+  )
+  return MatrixView(tuple(shape), batch + red + out, flat, len(batch), len(red))
 
 
-def resolve_dimension_numbers(params: Any, spec: DimSpec,
-                              paths: list[_paths.KeyPath]) -> list[Any]:
+def resolve_dimension_numbers(params: Any, spec: DimSpec, paths: list[_paths.KeyPath]) -> list[Any]:
   """Dimension numbers (or None = default rule) for the leaves at `paths`.
 
   Args:
@@ -184,13 +190,14 @@ def resolve_dimension_numbers(params: Any, spec: DimSpec,
   if _is_dims(spec):
     return [spec] * len(paths)
   tree = spec(params) if callable(spec) else spec
-  table = dict(_paths.leaves_with_paths(
-      tree, is_leaf=lambda x: x is None or _is_dims(x)))
+  table = dict(_paths.leaves_with_paths(tree, is_leaf=lambda x: x is None or _is_dims(x)))
   out = []
   for path in paths:
     value = table.get(path)
     if value is not None and not _is_dims(value):
-      raise ValueError(f'dimension numbers for {_paths.path_str(path)!r} must '
-                       f'be MuonDimensionNumbers or None, got {value!r}')
+      raise ValueError(
+        f'dimension numbers for {_paths.path_str(path)!r} must '
+        f'be MuonDimensionNumbers or None, got {value!r}'
+      )
     out.append(value)
   return out

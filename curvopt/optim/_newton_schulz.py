@@ -30,6 +30,7 @@ class NewtonSchulz(NamedTuple):
       matrices: 'batch', 'replicated' or 'none' (see `orthogonalize_many`);
       ignored without a mesh and by the LMO's own `direction` and `dual_norm`.
   """
+
   steps: int = 5
   coeffs: Coeffs = DEFAULT_NS_COEFFS
   dtype: Any = 'auto'
@@ -56,15 +57,16 @@ def check_options(ns: Any) -> NewtonSchulz:
   # A traced integer is accepted: LANTON's noise_ns_steps is one under
   # optax.inject_hyperparams.
   integral = isinstance(ns.steps, numbers.Integral) or (
-      isinstance(ns.steps, jax.Array)
-      and jnp.issubdtype(ns.steps.dtype, jnp.integer))
+    isinstance(ns.steps, jax.Array) and jnp.issubdtype(ns.steps.dtype, jnp.integer)
+  )
   if not integral or isinstance(ns.steps, bool):
     raise TypeError(f'NewtonSchulz steps must be an int, got {ns.steps!r}')
   if ns.polar not in POLARS:
     raise ValueError(f'unknown polar {ns.polar!r}; valid: {POLARS}')
   if ns.sharding not in _sharding.NS_SHARDINGS:
-    raise ValueError(f'unknown Newton-Schulz sharding {ns.sharding!r}; valid: '
-                     f'{_sharding.NS_SHARDINGS}')
+    raise ValueError(
+      f'unknown Newton-Schulz sharding {ns.sharding!r}; valid: {_sharding.NS_SHARDINGS}'
+    )
   resolve_ns_dtype(ns.dtype)
   coeff_schedule(ns.coeffs, ns.steps)
   return ns
@@ -81,23 +83,23 @@ def resolve_ns_dtype(dtype: Any) -> jnp.dtype:
   """
   if isinstance(dtype, str):
     if dtype not in NS_DTYPES:
-      raise ValueError(f'unknown Newton-Schulz dtype {dtype!r}; valid: '
-                       f'{NS_DTYPES} or a floating dtype')
+      raise ValueError(
+        f'unknown Newton-Schulz dtype {dtype!r}; valid: {NS_DTYPES} or a floating dtype'
+      )
     if dtype == 'auto':
-      return jnp.dtype(jnp.float32 if jax.default_backend() == 'cpu'
-                       else jnp.bfloat16)
+      return jnp.dtype(jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16)
   try:
     resolved = jnp.dtype(dtype)
   except TypeError as e:
     raise ValueError(f'unknown Newton-Schulz dtype {dtype!r}') from e
   if not jnp.issubdtype(resolved, jnp.floating):
-    raise ValueError(f'the Newton-Schulz dtype must be a floating dtype, got '
-                     f'{dtype!r}')
+    raise ValueError(f'the Newton-Schulz dtype must be a floating dtype, got {dtype!r}')
   return resolved
 
 
 class DynamicSchedule(NamedTuple):
   """One (a, b, c) triple for a traced number of steps (a fori_loop)."""
+
   coeffs: tuple[Any, Any, Any]
   steps: Any
 
@@ -127,8 +129,9 @@ def coeff_schedule(coeffs: Coeffs, steps: Any) -> Schedule:
     steps = int(steps)
   except jax.errors.ConcretizationTypeError:
     if not _is_triple(coeffs):
-      raise ValueError('per-step coefficients need a static number of steps, '
-                       f'got a traced one; coeffs {coeffs!r}') from None
+      raise ValueError(
+        f'per-step coefficients need a static number of steps, got a traced one; coeffs {coeffs!r}'
+      ) from None
     return DynamicSchedule(tuple(coeffs), steps)
   if steps < 0:
     raise ValueError(f'Newton-Schulz steps must be >= 0, got {steps}')
@@ -139,18 +142,19 @@ def coeff_schedule(coeffs: Coeffs, steps: Any) -> Schedule:
   except TypeError:  # e.g. a pair of numbers: not one triple, not triples
     rows = None
   if rows is None or any(len(r) != 3 for r in rows) or len(rows) != steps:
-    raise ValueError('coeffs must be one (a, b, c) triple or one triple per '
-                     f'step ({steps} steps), got {coeffs!r}')
+    raise ValueError(
+      f'coeffs must be one (a, b, c) triple or one triple per step ({steps} steps), got {coeffs!r}'
+    )
   return rows
 
 
 def newton_schulz(
-    x: jax.Array,
-    *,
-    steps: int = 5,
-    coeffs: Coeffs = DEFAULT_NS_COEFFS,
-    dtype: Any = jnp.float32,
-    eps: float = 1e-8,
+  x: jax.Array,
+  *,
+  steps: int = 5,
+  coeffs: Coeffs = DEFAULT_NS_COEFFS,
+  dtype: Any = jnp.float32,
+  eps: float = 1e-8,
 ) -> jax.Array:
   """Approximates the polar factor U V^T of each matrix in `x`.
 
@@ -198,8 +202,7 @@ def _step(y: jax.Array, a: Any, b: Any, c: Any) -> jax.Array:
   return a * y + poly @ y
 
 
-def iterate(x: jax.Array, schedule: Schedule, ns_dtype: jnp.dtype,
-            eps: Any) -> jax.Array:
+def iterate(x: jax.Array, schedule: Schedule, ns_dtype: jnp.dtype, eps: Any) -> jax.Array:
   """The iteration on x [..., m, n] as is (no layout handling)."""
   transposed = x.shape[-2] > x.shape[-1]
   if transposed:
@@ -209,8 +212,7 @@ def iterate(x: jax.Array, schedule: Schedule, ns_dtype: jnp.dtype,
   y = (x32 / (norm + eps)).astype(ns_dtype)
   if isinstance(schedule, DynamicSchedule):
     a, b, c = (jnp.asarray(v).astype(ns_dtype) for v in schedule.coeffs)
-    y = jax.lax.fori_loop(0, schedule.steps,
-                          lambda _, y: _step(y, a, b, c), y)
+    y = jax.lax.fori_loop(0, schedule.steps, lambda _, y: _step(y, a, b, c), y)
   else:
     for a, b, c in schedule:
       y = _step(y, a, b, c)

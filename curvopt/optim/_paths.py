@@ -17,8 +17,9 @@ def path_names(path: KeyPath) -> tuple[str, ...]:
   return tuple(path_str((key,)) for key in path)
 
 
-def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None
-                      ) -> list[tuple[KeyPath, Any]]:
+def leaves_with_paths(
+  tree: Any, is_leaf: Callable[[Any], bool] | None = None
+) -> list[tuple[KeyPath, Any]]:
   """Flattens `tree` into (key path, leaf) pairs.
 
   Empty nodes (e.g. optax's `MaskedNode`) have no leaves and so no entry: a
@@ -27,8 +28,9 @@ def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None
   return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
 
 
-def lookup_by_path(tree: Any, paths: list[KeyPath], *, what: str,
-                   is_leaf: Callable[[Any], bool] | None = None) -> list[Any]:
+def lookup_by_path(
+  tree: Any, paths: list[KeyPath], *, what: str, is_leaf: Callable[[Any], bool] | None = None
+) -> list[Any]:
   """Values of `tree` at `paths`, for a tree that may be a masked one.
 
   Args:
@@ -48,7 +50,9 @@ def lookup_by_path(tree: Any, paths: list[KeyPath], *, what: str,
   out = []
   for path in paths:
     if path not in table:
-      raise ValueError(f'{what} has no entry for the leaf {path_str(path)!r}; '
-                       f'its leaves are {sorted(path_str(p) for p in table)}')
+      raise ValueError(
+        f'{what} has no entry for the leaf {path_str(path)!r}; '
+        f'its leaves are {sorted(path_str(p) for p in table)}'
+      )
     out.append(table[path])
   return out

@@ -7,7 +7,9 @@ they need no mesh argument: unsharded arrays pass through untouched.
 from typing import Any
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 # How stacks of same-shape matrices are laid out for Newton-Schulz.
 NS_SHARDINGS = ('batch', 'replicated', 'none')

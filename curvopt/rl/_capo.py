@@ -24,9 +24,8 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 from jax.sharding import PartitionSpec
+import numpy as np
 
 from curvopt.rl import _sharding
 
@@ -41,6 +40,7 @@ class CapoShadow(NamedTuple):
     nu: [V, H] float32 second moments (V).
     count: int32 scalar, the number of shadow updates so far (s).
   """
+
   mu: jax.Array
   nu: jax.Array
   count: jax.Array
@@ -55,9 +55,11 @@ def capo_shadow_init(vocab_size: int, hidden_size: int) -> CapoShadow:
       raise ValueError(f'{name} must be >= 1, got {value}')
   # Two buffers, not one shared: callers donate the state to jit'd steps.
   shape = (vocab_size, hidden_size)
-  return CapoShadow(mu=jnp.zeros(shape, jnp.float32),
-                    nu=jnp.zeros(shape, jnp.float32),
-                    count=jnp.zeros((), jnp.int32))
+  return CapoShadow(
+    mu=jnp.zeros(shape, jnp.float32),
+    nu=jnp.zeros(shape, jnp.float32),
+    count=jnp.zeros((), jnp.int32),
+  )
 
 
 def _check_int_option(name, value):
@@ -67,19 +69,18 @@ def _check_int_option(name, value):
 
 def _check_tokens(hidden, head, actions, top_k, chunk_size):
   """Validates the inputs every CAPO function takes; returns jnp arrays."""
-  hidden, head, actions = (jnp.asarray(hidden), jnp.asarray(head),
-                           jnp.asarray(actions))
+  hidden, head, actions = (jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(actions))
   if hidden.ndim != 3:
     raise ValueError(f'hidden must be [B, T, H], got shape {hidden.shape}')
   batch, length, width = hidden.shape
   if head.ndim != 2 or head.shape[1] != width:
     raise ValueError(
-        f'head must be [V, H] = [vocab, {width}] (rows = vocabulary ids; '
-        f'pass the transpose of an [H, V] kernel), got shape {head.shape}')
+      f'head must be [V, H] = [vocab, {width}] (rows = vocabulary ids; '
+      f'pass the transpose of an [H, V] kernel), got shape {head.shape}'
+    )
   vocab = head.shape[0]
   if actions.shape != (batch, length):
-    raise ValueError(f'actions must be [B, T] = {(batch, length)}, got shape '
-                     f'{actions.shape}')
+    raise ValueError(f'actions must be [B, T] = {(batch, length)}, got shape {actions.shape}')
   if not jnp.issubdtype(actions.dtype, jnp.integer):
     raise TypeError(f'actions must be integer ids, got dtype {actions.dtype}')
   _check_int_option('top_k', top_k)
@@ -91,38 +92,38 @@ def _check_tokens(hidden, head, actions, top_k, chunk_size):
   return hidden, head, actions
 
 
-def _check_inputs(hidden, head, actions, advantages, shadow, top_k,
-                  chunk_size, token_set, mask=None):
+def _check_inputs(
+  hidden, head, actions, advantages, shadow, top_k, chunk_size, token_set, mask=None
+):
   """Validates the stats' / shadow update's inputs; returns jnp arrays."""
-  hidden, head, actions = _check_tokens(hidden, head, actions, top_k,
-                                        chunk_size)
+  hidden, head, actions = _check_tokens(hidden, head, actions, top_k, chunk_size)
   batch, length, width = hidden.shape
   vocab = head.shape[0]
   advantages = jnp.asarray(advantages)
   if advantages.shape != (batch,):
-    raise ValueError(f'advantages must be [B] = {(batch,)}, got shape '
-                     f'{advantages.shape}')
+    raise ValueError(f'advantages must be [B] = {(batch,)}, got shape {advantages.shape}')
   if mask is not None:
     mask = jnp.asarray(mask)
     if mask.shape != (batch, length):
-      raise ValueError(f'mask must be [B, T] = {(batch, length)}, got shape '
-                       f'{mask.shape}')
+      raise ValueError(f'mask must be [B, T] = {(batch, length)}, got shape {mask.shape}')
   if token_set is not None:
     token_set = jnp.asarray(token_set)
     if token_set.shape != (batch, length, top_k):
-      raise ValueError(f'token_set must be [B, T, top_k] = '
-                       f'{(batch, length, top_k)} (capo_token_set with the '
-                       f'same top_k), got shape {token_set.shape}')
+      raise ValueError(
+        f'token_set must be [B, T, top_k] = '
+        f'{(batch, length, top_k)} (capo_token_set with the '
+        f'same top_k), got shape {token_set.shape}'
+      )
     if not jnp.issubdtype(token_set.dtype, jnp.integer):
-      raise TypeError('token_set must be integer ids, got dtype '
-                      f'{token_set.dtype}')
+      raise TypeError(f'token_set must be integer ids, got dtype {token_set.dtype}')
   if not isinstance(shadow, CapoShadow):
     raise TypeError(f'shadow must be a CapoShadow, got {type(shadow).__name__}')
   for name in ('mu', 'nu'):
     leaf = getattr(shadow, name)
     if leaf.shape != (vocab, width):
-      raise ValueError(f'shadow.{name} has shape {leaf.shape}, expected the '
-                       f"head's [V, H] = {(vocab, width)}")
+      raise ValueError(
+        f"shadow.{name} has shape {leaf.shape}, expected the head's [V, H] = {(vocab, width)}"
+      )
   return hidden, head, actions, advantages, mask, token_set
 
 
@@ -151,16 +152,14 @@ def _chunk_plan(batch: int, length: int, chunk_size: int) -> tuple[int, int]:
 def _chunks(batch, length, chunk_size, *arrays):
   """Each [B, T, ...] array (or None) as [n, C, ...] chunks of tokens."""
   steps, positions = _chunk_plan(batch, length, chunk_size)
-  return tuple(None if x is None else _chunked(x, steps, batch, positions)
-               for x in arrays)
+  return tuple(None if x is None else _chunked(x, steps, batch, positions) for x in arrays)
 
 
 def _chunk_ids(h_CxH, a_C, ids_CxK, head_VxH, top_k):
   """S of each token of a chunk: the given token set's, or computed."""
   if ids_CxK is not None:
     return ids_CxK.astype(jnp.int32)
-  return jax.vmap(_top_k_ids, in_axes=(0, None, 0, None))(h_CxH, head_VxH,
-                                                          a_C, top_k)
+  return jax.vmap(_top_k_ids, in_axes=(0, None, 0, None))(h_CxH, head_VxH, a_C, top_k)
 
 
 def _top_k_ids(h_H, head_VxH, action, top_k):
@@ -208,12 +207,12 @@ def _token_stats(h_H, action, adv, ids_K, lr, head_VxH, shadow, b1, b2, eps):
 
 
 def capo_token_set(
-    hidden: jax.Array,
-    head: jax.Array,
-    actions: jax.Array,
-    *,
-    top_k: int = 50,
-    chunk_size: int = 256,
+  hidden: jax.Array,
+  head: jax.Array,
+  actions: jax.Array,
+  *,
+  top_k: int = 50,
+  chunk_size: int = 256,
 ) -> jax.Array:
   """Each token's set S: the top_k ids of head @ h, the action forced in.
 
@@ -233,42 +232,40 @@ def capo_token_set(
     int32 [B, T, K]: ids in descending order of their logits, except that an
     action outside the top K takes the last place.
   """
-  hidden, head, actions = _check_tokens(hidden, head, actions, top_k,
-                                        chunk_size)
+  hidden, head, actions = _check_tokens(hidden, head, actions, top_k, chunk_size)
   batch, length, _ = hidden.shape
   if length == 0:
     return jnp.zeros((batch, 0, top_k), jnp.int32)
   spec_BxT = _sharding.spec_of(hidden)[:2]
   return _sharding.call_with_auto_axes(
-      functools.partial(_token_set_chunked, top_k=top_k,
-                        chunk_size=chunk_size),
-      (hidden, head, actions), lambda: PartitionSpec(*spec_BxT, None))
+    functools.partial(_token_set_chunked, top_k=top_k, chunk_size=chunk_size),
+    (hidden, head, actions),
+    lambda: PartitionSpec(*spec_BxT, None),
+  )
 
 
 def _token_set_chunked(hidden, head, actions, *, top_k, chunk_size):
   batch, length, _ = hidden.shape
   head_VxH = head.astype(jnp.float32)
-  xs = _chunks(batch, length, chunk_size, hidden.astype(jnp.float32),
-               actions.astype(jnp.int32))
-  ids = jax.lax.map(
-      lambda chunk: _chunk_ids(*chunk, None, head_VxH, top_k), xs)
+  xs = _chunks(batch, length, chunk_size, hidden.astype(jnp.float32), actions.astype(jnp.int32))
+  ids = jax.lax.map(lambda chunk: _chunk_ids(*chunk, None, head_VxH, top_k), xs)
   return _unchunked(ids, batch, length)
 
 
 def capo_token_stats(
-    hidden: jax.Array,
-    head: jax.Array,
-    actions: jax.Array,
-    advantages: jax.Array,
-    shadow: CapoShadow,
-    lr: jax.Array,
-    *,
-    top_k: int = 50,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    chunk_size: int = 256,
-    token_set: Optional[jax.Array] = None,
+  hidden: jax.Array,
+  head: jax.Array,
+  actions: jax.Array,
+  advantages: jax.Array,
+  shadow: CapoShadow,
+  lr: jax.Array,
+  *,
+  top_k: int = 50,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  chunk_size: int = 256,
+  token_set: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
   """CAPO's predicted objective change m_H and policy change m_F per token.
 
@@ -304,53 +301,62 @@ def capo_token_stats(
     (m_H, m_F): float32 [B, T] each.
   """
   hidden, head, actions, advantages, _, token_set = _check_inputs(
-      hidden, head, actions, advantages, shadow, top_k, chunk_size,
-      token_set)
+    hidden, head, actions, advantages, shadow, top_k, chunk_size, token_set
+  )
   batch, length, _ = hidden.shape
   if length == 0:
     empty = jnp.zeros((batch, 0), jnp.float32)
     return empty, empty
   spec_BxT = _sharding.spec_of(hidden)[:2]
   return _sharding.call_with_auto_axes(
-      functools.partial(_token_stats_chunked, top_k=top_k, b1=b1, b2=b2,
-                        eps=eps, chunk_size=chunk_size),
-      (hidden, head, actions, advantages, shadow, jnp.asarray(lr), token_set),
-      lambda: (PartitionSpec(*spec_BxT),) * 2)
+    functools.partial(
+      _token_stats_chunked, top_k=top_k, b1=b1, b2=b2, eps=eps, chunk_size=chunk_size
+    ),
+    (hidden, head, actions, advantages, shadow, jnp.asarray(lr), token_set),
+    lambda: (PartitionSpec(*spec_BxT),) * 2,
+  )
 
 
-def _token_stats_chunked(hidden, head, actions, advantages, shadow, lr,
-                         token_set, *, top_k, b1, b2, eps, chunk_size):
+def _token_stats_chunked(
+  hidden, head, actions, advantages, shadow, lr, token_set, *, top_k, b1, b2, eps, chunk_size
+):
   """capo_token_stats after validation: lax.map over chunks of tokens."""
   batch, length, _ = hidden.shape
   head_VxH = head.astype(jnp.float32)
-  shadow = CapoShadow(jnp.asarray(shadow.mu, jnp.float32),
-                      jnp.asarray(shadow.nu, jnp.float32),
-                      jnp.asarray(shadow.count, jnp.int32))
+  shadow = CapoShadow(
+    jnp.asarray(shadow.mu, jnp.float32),
+    jnp.asarray(shadow.nu, jnp.float32),
+    jnp.asarray(shadow.count, jnp.int32),
+  )
   lr = jnp.asarray(lr, jnp.float32)
-  adv_BxT = jnp.broadcast_to(advantages.astype(jnp.float32)[:, None],
-                             (batch, length))
-  xs = _chunks(batch, length, chunk_size, hidden.astype(jnp.float32),
-               actions.astype(jnp.int32), adv_BxT, token_set)
-  per_token = jax.vmap(
-      _token_stats, in_axes=(0, 0, 0, 0, None, None, None, None, None, None))
+  adv_BxT = jnp.broadcast_to(advantages.astype(jnp.float32)[:, None], (batch, length))
+  xs = _chunks(
+    batch,
+    length,
+    chunk_size,
+    hidden.astype(jnp.float32),
+    actions.astype(jnp.int32),
+    adv_BxT,
+    token_set,
+  )
+  per_token = jax.vmap(_token_stats, in_axes=(0, 0, 0, 0, None, None, None, None, None, None))
 
   def chunk_fn(chunk):
     h_CxH, a_C, adv_C, ids_CxK = chunk
     ids_CxK = _chunk_ids(h_CxH, a_C, ids_CxK, head_VxH, top_k)
-    return per_token(h_CxH, a_C, adv_C, ids_CxK, lr, head_VxH, shadow, b1, b2,
-                     eps)
+    return per_token(h_CxH, a_C, adv_C, ids_CxK, lr, head_VxH, shadow, b1, b2, eps)
 
   m_h, m_f = jax.lax.map(chunk_fn, xs)
   return _unchunked(m_h, batch, length), _unchunked(m_f, batch, length)
 
 
 def capo_mask(
-    m_H: jax.Array,  # pylint: disable=invalid-name
-    m_F: jax.Array,  # pylint: disable=invalid-name
-    *,
-    tau_H: float = 0.01,  # pylint: disable=invalid-name
-    tau_F: float = 1e-4,  # pylint: disable=invalid-name
-    symmetric: bool = True,
+  m_H: jax.Array,  # pylint: disable=invalid-name
+  m_F: jax.Array,  # pylint: disable=invalid-name
+  *,
+  tau_H: float = 0.01,  # pylint: disable=invalid-name
+  tau_F: float = 1e-4,  # pylint: disable=invalid-name
+  symmetric: bool = True,
 ) -> jax.Array:
   """Which tokens CAPO keeps: a bool array of the shape of m_H.
 
@@ -373,8 +379,7 @@ def capo_mask(
     raise ValueError(f'tau_H and tau_F must be > 0, got {tau_H}, {tau_F}')
   m_H, m_F = jnp.asarray(m_H), jnp.asarray(m_F)  # pylint: disable=invalid-name
   if m_H.shape != m_F.shape:
-    raise ValueError(f'm_H and m_F must have the same shape, got {m_H.shape} '
-                     f'and {m_F.shape}')
+    raise ValueError(f'm_H and m_F must have the same shape, got {m_H.shape} and {m_F.shape}')
   lower = (m_H > -tau_H) if symmetric else (m_H >= 0)
   return lower & (m_H < tau_H) & (m_F < tau_F)
 
@@ -386,19 +391,19 @@ def _token_coefficients(h_H, action, adv, keep, ids_K, head_VxH):
 
 
 def capo_shadow_update(
-    shadow: CapoShadow,
-    hidden: jax.Array,
-    head: jax.Array,
-    actions: jax.Array,
-    advantages: jax.Array,
-    mask: jax.Array,
-    *,
-    top_k: int = 50,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    chunk_size: int = 256,
-    axis_name: Optional[str] = None,
-    token_set: Optional[jax.Array] = None,
+  shadow: CapoShadow,
+  hidden: jax.Array,
+  head: jax.Array,
+  actions: jax.Array,
+  advantages: jax.Array,
+  mask: jax.Array,
+  *,
+  top_k: int = 50,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  chunk_size: int = 256,
+  axis_name: Optional[str] = None,
+  token_set: Optional[jax.Array] = None,
 ) -> CapoShadow:
   """Advances the shadow Adam state by the batch's kept token gradients.
 
@@ -433,27 +438,26 @@ def capo_shadow_update(
     The new CapoShadow.
   """
   hidden, head, actions, advantages, mask, token_set = _check_inputs(
-      hidden, head, actions, advantages, shadow, top_k, chunk_size,
-      token_set, mask)
+    hidden, head, actions, advantages, shadow, top_k, chunk_size, token_set, mask
+  )
   mu = jnp.asarray(shadow.mu, jnp.float32)
   nu = jnp.asarray(shadow.nu, jnp.float32)
   spec_VxH = _sharding.spec_of(mu)
   sum_VxH, count_V = _sharding.call_with_auto_axes(
-      functools.partial(_row_sums, top_k=top_k, chunk_size=chunk_size),
-      (hidden, head, actions, advantages, mask, token_set),
-      lambda: (PartitionSpec(*spec_VxH), PartitionSpec(spec_VxH[0])))
+    functools.partial(_row_sums, top_k=top_k, chunk_size=chunk_size),
+    (hidden, head, actions, advantages, mask, token_set),
+    lambda: (PartitionSpec(*spec_VxH), PartitionSpec(spec_VxH[0])),
+  )
   if axis_name is not None:
     sum_VxH, count_V = jax.lax.psum((sum_VxH, count_V), axis_name)
   seen_Vx1 = (count_V > 0)[:, None]
   g_bar = sum_VxH / jnp.maximum(count_V, 1.0)[:, None]
   mu = jnp.where(seen_Vx1, b1 * mu + (1.0 - b1) * g_bar, mu)
   nu = jnp.where(seen_Vx1, b2 * nu + (1.0 - b2) * g_bar**2, nu)
-  return CapoShadow(mu=mu, nu=nu,
-                    count=jnp.asarray(shadow.count, jnp.int32) + 1)
+  return CapoShadow(mu=mu, nu=nu, count=jnp.asarray(shadow.count, jnp.int32) + 1)
 
 
-def _row_sums(hidden, head, actions, advantages, mask, token_set, *, top_k,
-              chunk_size):
+def _row_sums(hidden, head, actions, advantages, mask, token_set, *, top_k, chunk_size):
   """Per vocabulary row: the sum of the kept tokens' g rows, and their count.
 
   A scan over chunks of tokens scatter-adds each chunk's [C, K, H] rows into
@@ -466,11 +470,18 @@ def _row_sums(hidden, head, actions, advantages, mask, token_set, *, top_k,
   if not length:
     return sum_VxH, count_V
   head_VxH = head.astype(jnp.float32)
-  adv_BxT = jnp.broadcast_to(advantages.astype(jnp.float32)[:, None],
-                             (batch, length))
+  adv_BxT = jnp.broadcast_to(advantages.astype(jnp.float32)[:, None], (batch, length))
   keep_BxT = (mask != 0).astype(jnp.float32)
-  xs = _chunks(batch, length, chunk_size, hidden.astype(jnp.float32),
-               actions.astype(jnp.int32), adv_BxT, keep_BxT, token_set)
+  xs = _chunks(
+    batch,
+    length,
+    chunk_size,
+    hidden.astype(jnp.float32),
+    actions.astype(jnp.int32),
+    adv_BxT,
+    keep_BxT,
+    token_set,
+  )
   coefficients = jax.vmap(_token_coefficients, in_axes=(0, 0, 0, 0, 0, None))
 
   def accumulate(carry, chunk):
@@ -485,7 +496,6 @@ def _row_sums(hidden, head, actions, advantages, mask, token_set, *, top_k,
     count_V = count_V.at[flat_ids].add(keep_CxK.reshape(-1))
     return (sum_VxH, count_V), None
 
-  carry = _sharding.like_varying((sum_VxH, count_V), hidden, head, actions,
-                                 advantages, mask)
+  carry = _sharding.like_varying((sum_VxH, count_V), hidden, head, actions, advantages, mask)
   (sum_VxH, count_V), _ = jax.lax.scan(accumulate, carry, xs)
   return sum_VxH, count_V

@@ -1,8 +1,7 @@
 """Logging summaries of the CAPO mask: masked fraction and stat quantiles."""
 
-from typing import Sequence
-
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,12 +11,12 @@ from curvopt.rl import _sharding
 
 
 def capo_metrics(
-    m_H: jax.Array,  # pylint: disable=invalid-name
-    m_F: jax.Array,  # pylint: disable=invalid-name
-    keep: jax.Array,
-    mask: jax.Array,
-    *,
-    quantiles: Sequence[float] = (0.5, 0.9, 0.99),
+  m_H: jax.Array,  # pylint: disable=invalid-name
+  m_F: jax.Array,  # pylint: disable=invalid-name
+  keep: jax.Array,
+  mask: jax.Array,
+  *,
+  quantiles: Sequence[float] = (0.5, 0.9, 0.99),
 ) -> dict[str, jax.Array]:
   """Masked fraction and quantiles of m_H, |m_H| and m_F over valid tokens.
 
@@ -38,22 +37,23 @@ def capo_metrics(
     raise ValueError(f'quantiles must lie in [0, 1], got {quantiles}')
   shapes = {jnp.shape(x) for x in (m_H, m_F, keep, mask)}
   if len(shapes) != 1:
-    raise ValueError(
-        f'm_H, m_F, keep and mask must share a shape, got {shapes}')
-  names = ['capo/masked_frac'] + [f'capo/{name}_q{level:g}' for name in ('m_H', 'abs_m_H', 'm_F')
-                                   for level in quantiles]
+    raise ValueError(f'm_H, m_F, keep and mask must share a shape, got {shapes}')
+  names = ['capo/masked_frac'] + [
+    f'capo/{name}_q{level:g}' for name in ('m_H', 'abs_m_H', 'm_F') for level in quantiles
+  ]
   # Quantiles sort the flattened tokens: under explicit mesh axes XLA places the sort itself.
   return _sharding.call_with_auto_axes(
-      functools.partial(_metrics, quantiles=quantiles), (m_H, m_F, keep, mask),
-      lambda: {name: PartitionSpec() for name in names})
+    functools.partial(_metrics, quantiles=quantiles),
+    (m_H, m_F, keep, mask),
+    lambda: {name: PartitionSpec() for name in names},
+  )
 
 
 def _metrics(m_H, m_F, keep, mask, *, quantiles):  # pylint: disable=invalid-name
   valid = jnp.asarray(mask) != 0
   num_valid = jnp.sum(valid.astype(jnp.float32))
   masked = valid & ~jnp.asarray(keep, bool)
-  out = {'capo/masked_frac':
-             jnp.sum(masked.astype(jnp.float32)) / jnp.maximum(num_valid, 1.0)}
+  out = {'capo/masked_frac': jnp.sum(masked.astype(jnp.float32)) / jnp.maximum(num_valid, 1.0)}
   levels = jnp.asarray(quantiles, jnp.float32)
   for name, stat in (('m_H', m_H), ('abs_m_H', jnp.abs(m_H)), ('m_F', m_F)):
     values = jnp.where(valid, jnp.asarray(stat, jnp.float32), jnp.nan)

@@ -10,8 +10,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-AGG_MODES = ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum',
-             'seq-mean-token-sum-norm')
+AGG_MODES = ('token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum', 'seq-mean-token-sum-norm')
 KL_MODES = ('k1', 'k2', 'k3')
 
 
@@ -20,8 +19,7 @@ def _check_2d(name: str, value, shape: Optional[tuple[int, int]]):
   if value.ndim != 2:
     raise ValueError(f'{name} must be [B, T], got shape {value.shape}')
   if shape is not None and value.shape != shape:
-    raise ValueError(f'{name} has shape {value.shape}, expected {shape} '
-                     '(the shape of logp)')
+    raise ValueError(f'{name} has shape {value.shape}, expected {shape} (the shape of logp)')
   return value
 
 
@@ -48,11 +46,11 @@ def kl_per_token(logp: jax.Array, ref_logp: jax.Array, kl: str) -> jax.Array:
 
 
 def aggregate_tokens(
-    per_token: jax.Array,
-    mask: jax.Array,
-    *,
-    agg: str = 'seq-mean-token-mean',
-    max_len: Optional[int] = None,
+  per_token: jax.Array,
+  mask: jax.Array,
+  *,
+  agg: str = 'seq-mean-token-mean',
+  max_len: Optional[int] = None,
 ) -> jax.Array:
   """Reduces a [B, T] per-token loss to a scalar over the valid tokens.
 
@@ -91,20 +89,20 @@ def aggregate_tokens(
 
 
 def policy_loss(
-    logp: jax.Array,
-    old_logp: jax.Array,
-    advantages: jax.Array,
-    mask: jax.Array,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-    agg: str = 'seq-mean-token-mean',
-    max_len: Optional[int] = None,
-    beta: float = 0.0,
-    ref_logp: Optional[jax.Array] = None,
-    kl: str = 'k3',
-    entropy: Optional[jax.Array] = None,
+  logp: jax.Array,
+  old_logp: jax.Array,
+  advantages: jax.Array,
+  mask: jax.Array,
+  *,
+  eps_low: float = 0.2,
+  eps_high: float = 0.2,
+  dual_clip: Optional[float] = None,
+  agg: str = 'seq-mean-token-mean',
+  max_len: Optional[int] = None,
+  beta: float = 0.0,
+  ref_logp: Optional[jax.Array] = None,
+  kl: str = 'k3',
+  entropy: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The clipped surrogate policy-gradient loss of GRPO, DAPO and Dr.GRPO.
 
@@ -147,15 +145,13 @@ def policy_loss(
   mask = _check_2d('mask', mask, shape)
   advantages = jnp.asarray(advantages)
   if advantages.shape != shape[:1]:
-    raise ValueError(f'advantages must be [B] = {shape[:1]}, got shape '
-                     f'{advantages.shape}')
+    raise ValueError(f'advantages must be [B] = {shape[:1]}, got shape {advantages.shape}')
   if agg not in AGG_MODES:
     raise ValueError(f'unknown aggregation {agg!r}; valid: {AGG_MODES}')
   if kl not in KL_MODES:
     raise ValueError(f'unknown kl estimator {kl!r}; valid: {KL_MODES}')
   if eps_low < 0 or eps_high < 0:
-    raise ValueError(f'eps_low and eps_high must be >= 0, got {eps_low}, '
-                     f'{eps_high}')
+    raise ValueError(f'eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}')
   if dual_clip is not None and not dual_clip > 1:
     raise ValueError(f'dual_clip must be > 1 (or None), got {dual_clip}')
   if max_len is not None and not max_len > 0:
@@ -168,9 +164,12 @@ def policy_loss(
     entropy = _check_2d('entropy', entropy, shape)
 
   valid = mask != 0
+
   # Double where: masked positions become 0 before any exp, so their values
   # and gradients stay finite whatever the caller left there.
-  zero = lambda x: jnp.where(valid, x.astype(jnp.float32), 0.0)
+  def zero(x):
+    return jnp.where(valid, x.astype(jnp.float32), 0.0)
+
   logp = zero(logp)
   old_logp = jax.lax.stop_gradient(zero(old_logp))
   adv_Bx1 = jax.lax.stop_gradient(advantages.astype(jnp.float32))[:, None]
@@ -201,11 +200,12 @@ def policy_loss(
 
   num_tokens = jnp.sum(valid.astype(jnp.float32))
   denominator = jnp.maximum(num_tokens, 1.0)
-  token_mean = lambda x: jnp.sum(
-      jnp.where(valid, x.astype(jnp.float32), 0.0)) / denominator
+
+  def token_mean(x):
+    return jnp.sum(jnp.where(valid, x.astype(jnp.float32), 0.0)) / denominator
+
   metrics = {
-      k: jax.lax.stop_gradient(v if k == 'pg_loss' else token_mean(v))
-      for k, v in metrics.items()
+    k: jax.lax.stop_gradient(v if k == 'pg_loss' else token_mean(v)) for k, v in metrics.items()
   }
   metrics['num_tokens'] = num_tokens
   return loss, metrics

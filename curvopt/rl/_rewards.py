@@ -35,7 +35,7 @@ def extract_answer(text: str) -> Optional[str]:
   cut = text.rfind(_MARKER)
   if cut < 0:
     return None
-  answer = text[cut + len(_MARKER):].split('\n', 1)[0].strip()
+  answer = text[cut + len(_MARKER) :].split('\n', 1)[0].strip()
   return answer or None
 
 
@@ -72,24 +72,23 @@ def _answer_matches(completion: Any, answer: Any) -> bool:
 
 def _check_lengths(prompts: Any, completions: Any, answers: Any) -> int:
   lengths = {}
-  for name, value in (('prompts', prompts), ('completions', completions),
-                      ('answers', answers)):
+  for name, value in (('prompts', prompts), ('completions', completions), ('answers', answers)):
     if isinstance(value, (str, bytes)):
-      raise TypeError(f'{name} must be a sequence of strings, got a single '
-                      f'{type(value).__name__}: {value[:50]!r}')
+      raise TypeError(
+        f'{name} must be a sequence of strings, got a single {type(value).__name__}: {value[:50]!r}'
+      )
     try:
       lengths[name] = len(value)
     except TypeError as e:
-      raise TypeError(f'{name} must be a sequence, got '
-                      f'{type(value).__name__}') from e
+      raise TypeError(f'{name} must be a sequence, got {type(value).__name__}') from e
   if len(set(lengths.values())) > 1:
-    raise ValueError(f'prompts, completions and answers must have the same '
-                     f'length, got {lengths}')
+    raise ValueError(f'prompts, completions and answers must have the same length, got {lengths}')
   return lengths['completions']
 
 
-def exact_match_reward(prompts: Sequence[str], completions: Sequence[str],
-                       answers: Sequence[str]) -> np.ndarray:
+def exact_match_reward(
+  prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str]
+) -> np.ndarray:
   """1.0 where a completion's final answer equals the reference, else 0.0.
 
   The prediction is `extract_answer(completion)`, the reference
@@ -112,12 +111,12 @@ def exact_match_reward(prompts: Sequence[str], completions: Sequence[str],
   """
   n = _check_lengths(prompts, completions, answers)
   return np.fromiter(
-      (float(_answer_matches(c, a)) for c, a in zip(completions, answers)),
-      dtype=np.float32, count=n)
+    (float(_answer_matches(c, a)) for c, a in zip(completions, answers)), dtype=np.float32, count=n
+  )
 
 
 _REWARD_FNS = {
-    'exact_match': exact_match_reward,
+  'exact_match': exact_match_reward,
 }
 
 REWARD_NAMES = tuple(sorted(_REWARD_FNS))
@@ -126,13 +125,11 @@ REWARD_NAMES = tuple(sorted(_REWARD_FNS))
 def reward_fn(name: str) -> RewardFn:
   """The reward function registered as `name` (see REWARD_NAMES)."""
   if name not in _REWARD_FNS:
-    raise ValueError(f'unknown reward function {name!r}; valid: '
-                     f'{list(REWARD_NAMES)}')
+    raise ValueError(f'unknown reward function {name!r}; valid: {list(REWARD_NAMES)}')
   return _REWARD_FNS[name]
 
 
-def combine_rewards(fns: Sequence[RewardFn],
-                    weights: Optional[Sequence[float]] = None) -> RewardFn:
+def combine_rewards(fns: Sequence[RewardFn], weights: Optional[Sequence[float]] = None) -> RewardFn:
   """The weighted sum of reward functions, as one reward function.
 
   Args:
@@ -154,32 +151,33 @@ def combine_rewards(fns: Sequence[RewardFn],
     weights = [1.0] * len(fns)
   weights = [float(w) for w in weights]
   if len(weights) != len(fns):
-    raise ValueError(f'got {len(weights)} weights for {len(fns)} reward '
-                     f'functions: {weights}')
+    raise ValueError(f'got {len(weights)} weights for {len(fns)} reward functions: {weights}')
   if not all(np.isfinite(w) for w in weights):
     raise ValueError(f'reward weights must be finite, got {weights}')
 
-  def combined(prompts: Sequence[str], completions: Sequence[str],
-               answers: Sequence[str]) -> np.ndarray:
+  def combined(
+    prompts: Sequence[str], completions: Sequence[str], answers: Sequence[str]
+  ) -> np.ndarray:
     n = _check_lengths(prompts, completions, answers)
     total = np.zeros(n, np.float32)
     for f, w in zip(fns, weights):
       name = getattr(f, '__name__', repr(f))
       values = np.asarray(f(prompts, completions, answers))
       if values.shape != (n,):
-        raise ValueError(f'reward function {name} returned shape '
-                         f'{values.shape}, expected ({n},)')
+        raise ValueError(f'reward function {name} returned shape {values.shape}, expected ({n},)')
       if values.dtype != np.bool_ and (
-          not np.issubdtype(values.dtype, np.number) or
-          np.issubdtype(values.dtype, np.complexfloating)):
-        raise ValueError(f'reward function {name} returned non-real dtype '
-                         f'{values.dtype}')
+        not np.issubdtype(values.dtype, np.number)
+        or np.issubdtype(values.dtype, np.complexfloating)
+      ):
+        raise ValueError(f'reward function {name} returned non-real dtype {values.dtype}')
       values = values.astype(np.float32)
       bad = np.flatnonzero(~np.isfinite(values))
       if bad.size:
-        raise ValueError(f'reward function {name} returned non-finite '
-                         f'rewards {values[bad[:5]].tolist()} at indices '
-                         f'{bad[:5].tolist()}')
+        raise ValueError(
+          f'reward function {name} returned non-finite '
+          f'rewards {values[bad[:5]].tolist()} at indices '
+          f'{bad[:5].tolist()}'
+        )
       total += np.float32(w) * values
     return total
 

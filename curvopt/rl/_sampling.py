@@ -11,15 +11,14 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec
+import numpy as np
 
 from curvopt.rl import _sharding
 
 # (params, cache, tokens [N, S], positions [N, S], attention_mask [N, S])
 #   -> (logits [N, S, V] float32, new_cache)
-DecodeFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array],
-                    tuple[jax.Array, Any]]
+DecodeFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
 class Samples(NamedTuple):
@@ -38,6 +37,7 @@ class Samples(NamedTuple):
       num_samples completions of one prompt are contiguous (the grouping
       `group_advantages` expects).
   """
+
   completions: jax.Array
   logp: jax.Array
   mask: jax.Array
@@ -54,16 +54,14 @@ def _check_int(name: str, value: Any, *, minimum: int) -> int:
 
 
 def _check_top_p(top_p: Any) -> float:
-  if isinstance(top_p, bool) or not isinstance(top_p, (int, float,
-                                                       np.floating)):
+  if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating)):
     raise TypeError(f'top_p must be a number, got {top_p!r}')
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f'top_p must be in (0, 1], got {top_p}')
   return float(top_p)
 
 
-def filter_logits(logits: jax.Array, *, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
+def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
   """Logits with -inf outside the top-k / nucleus set (last axis = vocab).
 
   Top-k keeps the logits >= the k-th largest (ties with it are kept too);
@@ -100,20 +98,20 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0,
 
 
 def sample(
-    decode_fn: DecodeFn,
-    params: Any,
-    cache: Any,
-    prompts: jax.Array,
-    prompt_mask: jax.Array,
-    key: jax.Array,
-    *,
-    max_new_tokens: int,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_id: int,
-    pad_id: int,
+  decode_fn: DecodeFn,
+  params: Any,
+  cache: Any,
+  prompts: jax.Array,
+  prompt_mask: jax.Array,
+  key: jax.Array,
+  *,
+  max_new_tokens: int,
+  num_samples: int = 1,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  eos_id: int,
+  pad_id: int,
 ) -> Samples:
   """Samples num_samples completions of every prompt with a KV cache.
 
@@ -164,8 +162,7 @@ def sample(
   top_p = _check_top_p(top_p)
   eos_id = _check_int('eos_id', eos_id, minimum=0)
   pad_id = _check_int('pad_id', pad_id, minimum=0)
-  if isinstance(temperature, bool) or not isinstance(
-      temperature, (int, float, np.floating)):
+  if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)):
     raise TypeError(f'temperature must be a number, got {temperature!r}')
   if not (np.isfinite(temperature) and temperature >= 0):
     raise ValueError(f'temperature must be finite and >= 0, got {temperature}')
@@ -179,49 +176,85 @@ def sample(
     raise TypeError(f'prompts must have an integer dtype, got {prompts.dtype}')
   if prompt_mask.shape != prompts.shape:
     raise ValueError(
-        f'prompt_mask must have the prompts\' shape {prompts.shape}, got '
-        f'{prompt_mask.shape}')
-  if not (prompt_mask.dtype == jnp.bool_ or
-          jnp.issubdtype(prompt_mask.dtype, jnp.integer)):
-    raise TypeError(
-        f'prompt_mask must be boolean or integer, got {prompt_mask.dtype}')
+      f"prompt_mask must have the prompts' shape {prompts.shape}, got {prompt_mask.shape}"
+    )
+  if not (prompt_mask.dtype == jnp.bool_ or jnp.issubdtype(prompt_mask.dtype, jnp.integer)):
+    raise TypeError(f'prompt_mask must be boolean or integer, got {prompt_mask.dtype}')
   return _sample_jit(
-      decode_fn, params, cache, prompts, prompt_mask, key,
-      max_new_tokens=max_new_tokens, num_samples=num_samples,
-      temperature=float(temperature), top_k=top_k, top_p=top_p,
-      eos_id=eos_id, pad_id=pad_id)
+    decode_fn,
+    params,
+    cache,
+    prompts,
+    prompt_mask,
+    key,
+    max_new_tokens=max_new_tokens,
+    num_samples=num_samples,
+    temperature=float(temperature),
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=eos_id,
+    pad_id=pad_id,
+  )
 
 
 @functools.partial(
-    jax.jit, static_argnums=0,
-    static_argnames=('max_new_tokens', 'num_samples', 'temperature', 'top_k',
-                     'top_p', 'eos_id', 'pad_id'))
+  jax.jit,
+  static_argnums=0,
+  static_argnames=(
+    'max_new_tokens',
+    'num_samples',
+    'temperature',
+    'top_k',
+    'top_p',
+    'eos_id',
+    'pad_id',
+  ),
+)
 def _sample_jit(decode_fn, params, cache, prompts, prompt_mask, key, **opts):
   row_spec = _sharding.spec_of(prompts)[0]
-  out_specs = lambda: Samples(
+
+  def out_specs():
+    return Samples(
       completions=PartitionSpec(row_spec, None),
-      logp=PartitionSpec(row_spec, None), mask=PartitionSpec(row_spec, None),
-      truncated=PartitionSpec(row_spec), prompt_index=PartitionSpec(row_spec))
+      logp=PartitionSpec(row_spec, None),
+      mask=PartitionSpec(row_spec, None),
+      truncated=PartitionSpec(row_spec),
+      prompt_index=PartitionSpec(row_spec),
+    )
+
   # Inside, explicit mesh axes are auto: the buffers, the repeat and the
   # column writes need no hand-written shardings, and XLA keeps the rows
   # where the prompts put them.
   return _sharding.call_with_auto_axes(
-      lambda *args: _sample(decode_fn, *args, **opts),
-      (params, cache, prompts, prompt_mask, key), out_specs)
+    lambda *args: _sample(decode_fn, *args, **opts),
+    (params, cache, prompts, prompt_mask, key),
+    out_specs,
+  )
 
 
-def _sample(decode_fn, params, cache, prompts, prompt_mask, key, *,
-            max_new_tokens, num_samples, temperature, top_k, top_p, eos_id,
-            pad_id):
+def _sample(
+  decode_fn,
+  params,
+  cache,
+  prompts,
+  prompt_mask,
+  key,
+  *,
+  max_new_tokens,
+  num_samples,
+  temperature,
+  top_k,
+  top_p,
+  eos_id,
+  pad_id,
+):
   """`sample` after validation."""
   batch, prompt_len = prompts.shape
   rows, steps = batch * num_samples, max_new_tokens
-  prompt_index_N = jnp.repeat(jnp.arange(batch, dtype=jnp.int32),
-                              num_samples)
+  prompt_index_N = jnp.repeat(jnp.arange(batch, dtype=jnp.int32), num_samples)
   tokens_NxP = jnp.repeat(prompts.astype(jnp.int32), num_samples, axis=0)
   mask_NxP = jnp.repeat(prompt_mask.astype(bool), num_samples, axis=0)
-  positions_NxP = jnp.maximum(
-      jnp.cumsum(mask_NxP.astype(jnp.int32), axis=1) - 1, 0)
+  positions_NxP = jnp.maximum(jnp.cumsum(mask_NxP.astype(jnp.int32), axis=1) - 1, 0)
   # The first completion token sits right after the last real prompt token.
   start_pos_N = jnp.sum(mask_NxP, axis=1, dtype=jnp.int32)
 
@@ -233,8 +266,9 @@ def _sample(decode_fn, params, cache, prompts, prompt_mask, key, *,
     else:
       scaled_NxV = logits_NxV / temperature
       kept_NxV = filter_logits(scaled_NxV, top_k=top_k, top_p=top_p)
-      token_N = jax.random.categorical(
-          jax.random.fold_in(key, step), kept_NxV, axis=-1).astype(jnp.int32)
+      token_N = jax.random.categorical(jax.random.fold_in(key, step), kept_NxV, axis=-1).astype(
+        jnp.int32
+      )
       logp_NxV = jax.nn.log_softmax(scaled_NxV, axis=-1)
     logp_N = jnp.take_along_axis(logp_NxV, token_N[:, None], axis=-1)[:, 0]
     return token_N, logp_N
@@ -254,10 +288,11 @@ def _sample(decode_fn, params, cache, prompts, prompt_mask, key, *,
 
   logits, cache = decode_fn(params, cache, tokens_NxP, positions_NxP, mask_NxP)
   state = dict(
-      tokens=jnp.full((rows, steps), pad_id, jnp.int32),
-      logp=jnp.zeros((rows, steps), jnp.float32),
-      mask=jnp.zeros((rows, steps), bool),
-      done=jnp.zeros((rows,), bool))
+    tokens=jnp.full((rows, steps), pad_id, jnp.int32),
+    logp=jnp.zeros((rows, steps), jnp.float32),
+    mask=jnp.zeros((rows, steps), bool),
+    done=jnp.zeros((rows,), bool),
+  )
   state = record(state, 0, logits[:, -1])
 
   def cond(carry):
@@ -269,12 +304,15 @@ def _sample(decode_fn, params, cache, prompts, prompt_mask, key, *,
     prev = step - 1
     fed_N = state['tokens'][:, prev]
     logits, cache = decode_fn(
-        params, cache, fed_N[:, None], (start_pos_N + prev)[:, None],
-        state['mask'][:, prev][:, None])
+      params, cache, fed_N[:, None], (start_pos_N + prev)[:, None], state['mask'][:, prev][:, None]
+    )
     return step + 1, record(state, step, logits[:, -1]), cache
 
   _, state, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, cache))
   return Samples(
-      completions=state['tokens'], logp=state['logp'],
-      mask=state['mask'].astype(jnp.float32), truncated=~state['done'],
-      prompt_index=prompt_index_N)
+    completions=state['tokens'],
+    logp=state['logp'],
+    mask=state['mask'].astype(jnp.float32),
+    truncated=~state['done'],
+    prompt_index=prompt_index_N,
+  )

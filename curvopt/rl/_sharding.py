@@ -11,7 +11,9 @@ mesh pass through untouched.
 from typing import Any, Callable, Optional
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 
 def mesh_of(x: Any) -> Optional[Any]:
@@ -33,14 +35,14 @@ def explicit_mesh(*arrays: Any) -> Optional[Any]:
   """The first mesh with explicit axes among the arrays' meshes, or None."""
   for x in jax.tree.leaves(arrays):
     mesh = mesh_of(x)
-    if mesh is not None and any(t == AxisType.Explicit
-                                for t in mesh.axis_types):
+    if mesh is not None and any(t == AxisType.Explicit for t in mesh.axis_types):
       return mesh
   return None
 
 
-def call_with_auto_axes(fn: Callable[..., Any], args: tuple[Any, ...],
-                        out_specs: Callable[[], Any]) -> Any:
+def call_with_auto_axes(
+  fn: Callable[..., Any], args: tuple[Any, ...], out_specs: Callable[[], Any]
+) -> Any:
   """fn(*args), with explicit mesh axes made auto inside `fn`.
 
   Args:
@@ -55,8 +57,9 @@ def call_with_auto_axes(fn: Callable[..., Any], args: tuple[Any, ...],
   mesh = explicit_mesh(*args)
   if mesh is None:
     return fn(*args)
-  out_sharding = jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs(),
-                              is_leaf=lambda s: isinstance(s, PartitionSpec))
+  out_sharding = jax.tree.map(
+    lambda s: NamedSharding(mesh, s), out_specs(), is_leaf=lambda s: isinstance(s, PartitionSpec)
+  )
   return jax.sharding.auto_axes(fn, out_sharding=out_sharding)(*args)
 
 

@@ -1,11 +1,11 @@
 """Studies: LM learning-rate sweeps, the RL regime study, the merging study, and their reports."""
 
+from curvopt.studies._merge_study import MergeStudy
 from curvopt.studies._merge_study import cosine_similarity
 from curvopt.studies._merge_study import layer_type
 from curvopt.studies._merge_study import mask_concentration
 from curvopt.studies._merge_study import mask_jaccard
 from curvopt.studies._merge_study import merge_study_report
-from curvopt.studies._merge_study import MergeStudy
 from curvopt.studies._merge_study import normalized_scores
 from curvopt.studies._merge_study import run_merge_study
 from curvopt.studies._report import curve
@@ -19,37 +19,37 @@ from curvopt.studies._rl_study import is_collapsed
 from curvopt.studies._rl_study import rl_study_report
 from curvopt.studies._rl_study import run_rl_study
 from curvopt.studies._rl_study import study_run_dir
+from curvopt.studies._sweep import SweepPoint
 from curvopt.studies._sweep import best_point
 from curvopt.studies._sweep import run_sweep
 from curvopt.studies._sweep import steps_to_reach
 from curvopt.studies._sweep import sweep_report
 from curvopt.studies._sweep import sweep_run_dir
-from curvopt.studies._sweep import SweepPoint
 
 __all__ = (
-    'MergeStudy',
-    'SweepPoint',
-    'best_point',
-    'cosine_similarity',
-    'curve',
-    'curves',
-    'is_collapsed',
-    'layer_type',
-    'markdown_table',
-    'mask_concentration',
-    'mask_jaccard',
-    'merge_study_report',
-    'normalized_scores',
-    'plot_curves',
-    'plot_heatmap',
-    'rl_study_report',
-    'run_merge_study',
-    'run_rl_study',
-    'run_summary',
-    'run_sweep',
-    'steps_to_reach',
-    'study_run_dir',
-    'sweep_report',
-    'sweep_run_dir',
-    'write_text',
+  'MergeStudy',
+  'SweepPoint',
+  'best_point',
+  'cosine_similarity',
+  'curve',
+  'curves',
+  'is_collapsed',
+  'layer_type',
+  'markdown_table',
+  'mask_concentration',
+  'mask_jaccard',
+  'merge_study_report',
+  'normalized_scores',
+  'plot_curves',
+  'plot_heatmap',
+  'rl_study_report',
+  'run_merge_study',
+  'run_rl_study',
+  'run_summary',
+  'run_sweep',
+  'steps_to_reach',
+  'study_run_dir',
+  'sweep_report',
+  'sweep_run_dir',
+  'write_text',
 )

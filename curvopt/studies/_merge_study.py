@@ -12,6 +12,7 @@ Resumable: training runs resume from their checkpoints (a finished one costs not
 each evaluated (model, task) accuracy is appended to <workdir>/evals.json as soon as it is
 measured, so a rerun only evaluates what is missing.
 """
+
 import dataclasses
 import itertools
 import json
@@ -62,12 +63,15 @@ def layer_type(name: str) -> str:
 
 def _named_leaves(tree: Any) -> dict[str, np.ndarray]:
   pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path):
-          np.asarray(leaf) for path, leaf in pairs}
+  return {
+    '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): np.asarray(leaf)
+    for path, leaf in pairs
+  }
 
 
-def normalized_scores(accuracy: Mapping[str, float],
-                      expert_accuracy: Mapping[str, float]) -> dict[str, float]:
+def normalized_scores(
+  accuracy: Mapping[str, float], expert_accuracy: Mapping[str, float]
+) -> dict[str, float]:
   """Each task's accuracy over its own expert's, plus their 'mean'.
 
   A task whose expert scores 0 has no normalized score (nan) and is left out of the mean;
@@ -115,14 +119,20 @@ def mask_concentration(mask: Any) -> dict[str, dict[str, float]]:
     kept[kind] += int(np.sum(leaf.astype(bool)))
     size[kind] += int(leaf.size)
   total = sum(kept.values())
-  return {t: {'share': kept[t] / total if total else math.nan,
-              'density': kept[t] / size[t] if size[t] else math.nan}
-          for t in LAYER_TYPES if size[t]}
+  return {
+    t: {
+      'share': kept[t] / total if total else math.nan,
+      'density': kept[t] / size[t] if size[t] else math.nan,
+    }
+    for t in LAYER_TYPES
+    if size[t]
+  }
 
 
 @dataclasses.dataclass
 class MergeStudy:
   """What the study measured (see `merge_study_report`)."""
+
   tasks: tuple[str, ...]
   accuracy: dict[str, dict[str, float]]  # model name -> task -> greedy exact match
   expert_accuracy: dict[str, float]  # task -> its own expert's accuracy on it
@@ -182,16 +192,21 @@ class _EvalCache:
       if saved.get('settings') == self._settings:
         self.values = saved['accuracy']
       else:
-        logging.warning('evaluation settings changed (%s -> %s): re-evaluating everything',
-                        saved.get('settings'), self._settings)
+        logging.warning(
+          'evaluation settings changed (%s -> %s): re-evaluating everything',
+          saved.get('settings'),
+          self._settings,
+        )
 
   def missing(self, model: str, tasks: Sequence[str]) -> list[str]:
     return [t for t in tasks if t not in self.values.get(model, {})]
 
   def put(self, model: str, task: str, value: float) -> None:
     self.values.setdefault(model, {})[task] = float(value)
-    _report.write_text(self._path, json.dumps(
-        {'settings': self._settings, 'accuracy': self.values}, indent=1, sort_keys=True))
+    _report.write_text(
+      self._path,
+      json.dumps({'settings': self._settings, 'accuracy': self.values}, indent=1, sort_keys=True),
+    )
 
 
 def _fmt(x: float) -> str:
@@ -211,12 +226,14 @@ def model_names(config: ml_collections.ConfigDict) -> dict[str, str]:
   for d in sorted(set(m.ffg_densities) | {m.ffg_density}):
     names[f'ota_ffg_d{_fmt(d)}'] = f'OTA+FFG, density {d:g}'
   names[f'ota_ffg_rank1_d{_fmt(m.ffg_density)}'] = (
-      f'OTA+FFG on rank-1 moments, density {m.ffg_density:g}')
+    f'OTA+FFG on rank-1 moments, density {m.ffg_density:g}'
+  )
   return names
 
 
-def run_merge_study(config: ml_collections.ConfigDict, workdir: str, *,
-                    train_fn: Callable = train.train_sft) -> MergeStudy:
+def run_merge_study(
+  config: ml_collections.ConfigDict, workdir: str, *, train_fn: Callable = train.train_sft
+) -> MergeStudy:
   """Trains (or resumes) the base and experts, merges them every way, evaluates, analyses."""
   tasks = tuple(config.tasks)
   if len(tasks) < 2:
@@ -233,16 +250,25 @@ def run_merge_study(config: ml_collections.ConfigDict, workdir: str, *,
 
   ecfg, m = config.eval, config.merge
   model = models.Decoder(train.model_config_from(config.base.model))
-  rollout = train.Rollout(model, data_lib.ByteTokenizer(),
-                             max_prompt_len=ecfg.max_prompt_len,
-                             max_new_tokens=ecfg.max_new_tokens)
+  rollout = train.Rollout(
+    model,
+    data_lib.ByteTokenizer(),
+    max_prompt_len=ecfg.max_prompt_len,
+    max_new_tokens=ecfg.max_new_tokens,
+  )
   examples = {}
   for t in tasks:
     source = data_lib.task_source(t, 'test', data_dir=data_dir)
-    examples[t] = source[:min(ecfg.num_prompts, len(source))]
-  cache = _EvalCache(os.path.join(workdir, _EVALS_FILE),
-                     {'num_prompts': ecfg.num_prompts, 'max_prompt_len': ecfg.max_prompt_len,
-                      'max_new_tokens': ecfg.max_new_tokens, 'merge': m.to_dict()})
+    examples[t] = source[: min(ecfg.num_prompts, len(source))]
+  cache = _EvalCache(
+    os.path.join(workdir, _EVALS_FILE),
+    {
+      'num_prompts': ecfg.num_prompts,
+      'max_prompt_len': ecfg.max_prompt_len,
+      'max_new_tokens': ecfg.max_new_tokens,
+      'merge': m.to_dict(),
+    },
+  )
 
   def evaluate(name: str, build: Callable[[], Any], on: Sequence[str]) -> None:
     todo = cache.missing(name, on)
@@ -264,34 +290,43 @@ def run_merge_study(config: ml_collections.ConfigDict, workdir: str, *,
     if (density, rank1) not in masks_cache:
       moments = [merge.rank1_compress(v) for v in nus] if rank1 else nus
       masks_cache[(density, rank1)] = [
-          merge.ffg_mask(base, e, v, density=density) for e, v in zip(experts, moments)]
+        merge.ffg_mask(base, e, v, density=density) for e, v in zip(experts, moments)
+      ]
     return masks_cache[(density, rank1)]
 
   ota_options = dict(power=m.ota_power, eps=m.ota_eps)
   builders: dict[str, Callable[[], Any]] = {
-      'linear': lambda: merge.linear(experts),
-      'fisher': lambda: merge.fisher(experts, nus),
-      'ota': lambda: merge.ota(base, experts, nus, **ota_options),
+    'linear': lambda: merge.linear(experts),
+    'fisher': lambda: merge.fisher(experts, nus),
+    'ota': lambda: merge.ota(base, experts, nus, **ota_options),
   }
   for s in m.ta_scales:
     builders[f'ta_s{_fmt(s)}'] = lambda s=s: merge.task_arithmetic(base, experts, scale=s)
   builders[f'ties_d{_fmt(m.ties_density)}'] = lambda: merge.ties(
-      base, experts, density=m.ties_density)
+    base, experts, density=m.ties_density
+  )
   builders[f'dare_ties_p{_fmt(m.dare_drop)}'] = lambda: merge.dare(
-      base, experts, drop=m.dare_drop, key=jax.random.key(m.seed), combine='ties')
+    base, experts, drop=m.dare_drop, key=jax.random.key(m.seed), combine='ties'
+  )
   for d in sorted(set(m.ffg_densities) | {m.ffg_density}):
     builders[f'ota_ffg_d{_fmt(d)}'] = lambda d=d: merge.ota(
-        base, experts, nus, masks=masks(d), **ota_options)
+      base, experts, nus, masks=masks(d), **ota_options
+    )
   builders[f'ota_ffg_rank1_d{_fmt(m.ffg_density)}'] = lambda: merge.ota(
-      base, experts, [merge.rank1_compress(v) for v in nus], masks=masks(m.ffg_density, True),
-      **ota_options)
+    base,
+    experts,
+    [merge.rank1_compress(v) for v in nus],
+    masks=masks(m.ffg_density, True),
+    **ota_options,
+  )
   for name in model_names(config):
     evaluate(name, builders[name], tasks)
   # A graft is one expert's localized task vector on the base: scored on its own task only.
   graft = f'ffg_graft_d{_fmt(m.ffg_density)}'
   for i, t in enumerate(tasks):
-    evaluate(f'{graft}/{t}',
-             lambda i=i: merge.ffg_graft(base, experts[i], masks(m.ffg_density)[i]), [t])
+    evaluate(
+      f'{graft}/{t}', lambda i=i: merge.ffg_graft(base, experts[i], masks(m.ffg_density)[i]), [t]
+    )
 
   acc = cache.values
   expert_accuracy = {t: acc[f'expert/{t}'][t] for t in tasks}
@@ -300,21 +335,33 @@ def run_merge_study(config: ml_collections.ConfigDict, workdir: str, *,
   normalized = {name: normalized_scores(a, expert_accuracy) for name, a in accuracy.items()}
 
   default_masks = masks(m.ffg_density)
-  base_description = ('base (multi-task warm-up)' if not config.get('base_from') else
-                      f'base (the run {os.path.basename(base_run.rstrip("/"))}, no warm-up)')
+  base_description = (
+    'base (multi-task warm-up)'
+    if not config.get('base_from')
+    else f'base (the run {os.path.basename(base_run.rstrip("/"))}, no warm-up)'
+  )
   pairs = list(itertools.combinations(range(len(tasks)), 2))
   return MergeStudy(
-      tasks=tasks, accuracy=accuracy, expert_accuracy=expert_accuracy, normalized=normalized,
-      concentration={t: mask_concentration(mk) for t, mk in zip(tasks, default_masks)},
-      mask_jaccard={(tasks[i], tasks[j]): mask_jaccard(default_masks[i], default_masks[j])
-                    for i, j in pairs},
-      nu_cosine={(tasks[i], tasks[j]): cosine_similarity(nus[i], nus[j]) for i, j in pairs},
-      options={'descriptions': {**model_names(config), 'base': base_description,
-                                graft: f'FFG graft of each expert alone, density '
-                                       f'{m.ffg_density:g} (one model per task)'},
-               'ffg_density': m.ffg_density, 'ffg_densities': sorted(
-                   set(m.ffg_densities) | {m.ffg_density}),
-               'ta_scales': list(m.ta_scales)})
+    tasks=tasks,
+    accuracy=accuracy,
+    expert_accuracy=expert_accuracy,
+    normalized=normalized,
+    concentration={t: mask_concentration(mk) for t, mk in zip(tasks, default_masks)},
+    mask_jaccard={
+      (tasks[i], tasks[j]): mask_jaccard(default_masks[i], default_masks[j]) for i, j in pairs
+    },
+    nu_cosine={(tasks[i], tasks[j]): cosine_similarity(nus[i], nus[j]) for i, j in pairs},
+    options={
+      'descriptions': {
+        **model_names(config),
+        'base': base_description,
+        graft: f'FFG graft of each expert alone, density {m.ffg_density:g} (one model per task)',
+      },
+      'ffg_density': m.ffg_density,
+      'ffg_densities': sorted(set(m.ffg_densities) | {m.ffg_density}),
+      'ta_scales': list(m.ta_scales),
+    },
+  )
 
 
 def _is_baseline(name: str) -> bool:
@@ -339,19 +386,43 @@ def merge_study_report(study: MergeStudy, workdir: str) -> str:
   opts = study.options
   desc = opts['descriptions']
   d0 = _fmt(opts['ffg_density'])
-  main = ['base', 'linear', *[f'ta_s{_fmt(s)}' for s in opts['ta_scales']],
-          *[n for n in study.accuracy if n.startswith(('ties', 'dare_ties'))], 'fisher',
-          f'ffg_graft_d{d0}', 'ota', f'ota_ffg_d{d0}', f'ota_ffg_rank1_d{d0}']
+  main = [
+    'base',
+    'linear',
+    *[f'ta_s{_fmt(s)}' for s in opts['ta_scales']],
+    *[n for n in study.accuracy if n.startswith(('ties', 'dare_ties'))],
+    'fisher',
+    f'ffg_graft_d{d0}',
+    'ota',
+    f'ota_ffg_d{d0}',
+    f'ota_ffg_rank1_d{d0}',
+  ]
   parts = []
-  parts.append('Expert accuracy on its own task (the normalizer): ' + ', '.join(
-      f'{t} {study.expert_accuracy[t]:.3f}' for t in tasks) + '.')
-  rows = [[n, *[study.normalized[n][t] for t in tasks], study.normalized[n]['mean'],
-           float(np.mean([study.accuracy[n][t] for t in tasks]))] for n in main]
-  parts.append('Normalized score (accuracy / own expert\'s accuracy) per capability, their '
-               'mean, and the mean raw accuracy:\n\n' + _report.markdown_table(
-                   ['model', *tasks, 'mean normalized', 'mean raw acc'], rows))
-  parts.append('Raw greedy exact-match accuracy:\n\n' + _report.markdown_table(
-      ['model', *tasks], [[n, *[study.accuracy[n][t] for t in tasks]] for n in main]))
+  parts.append(
+    'Expert accuracy on its own task (the normalizer): '
+    + ', '.join(f'{t} {study.expert_accuracy[t]:.3f}' for t in tasks)
+    + '.'
+  )
+  rows = [
+    [
+      n,
+      *[study.normalized[n][t] for t in tasks],
+      study.normalized[n]['mean'],
+      float(np.mean([study.accuracy[n][t] for t in tasks])),
+    ]
+    for n in main
+  ]
+  parts.append(
+    "Normalized score (accuracy / own expert's accuracy) per capability, their "
+    'mean, and the mean raw accuracy:\n\n'
+    + _report.markdown_table(['model', *tasks, 'mean normalized', 'mean raw acc'], rows)
+  )
+  parts.append(
+    'Raw greedy exact-match accuracy:\n\n'
+    + _report.markdown_table(
+      ['model', *tasks], [[n, *[study.accuracy[n][t] for t in tasks]] for n in main]
+    )
+  )
   parts.append('Models: ' + '; '.join(f'`{n}`: {desc[n]}' for n in main) + '.')
 
   baselines = {n: study.normalized[n]['mean'] for n in study.accuracy if _is_baseline(n)}
@@ -359,45 +430,71 @@ def merge_study_report(study: MergeStudy, workdir: str) -> str:
   ota_ffg = study.normalized[f'ota_ffg_d{d0}']['mean']
   rank1 = study.normalized[f'ota_ffg_rank1_d{d0}']['mean']
   parts.append(
-      f'Goal checks: OTA+FFG (density {d0}) mean normalized {ota_ffg:.4f} vs the best '
-      f'baseline `{best}` {baselines[best]:.4f}: '
-      f'**{"beats" if ota_ffg > baselines[best] else "does not beat"}** every baseline '
-      f'(margin {100 * (ota_ffg - baselines[best]):+.2f} points). Rank-1 moments '
-      f'{rank1:.4f} vs full {ota_ffg:.4f}: {100 * (rank1 - ota_ffg):+.2f} points '
-      f'(**{"within" if abs(rank1 - ota_ffg) <= 0.01 else "outside"}** 1 point).')
+    f'Goal checks: OTA+FFG (density {d0}) mean normalized {ota_ffg:.4f} vs the best '
+    f'baseline `{best}` {baselines[best]:.4f}: '
+    f'**{"beats" if ota_ffg > baselines[best] else "does not beat"}** every baseline '
+    f'(margin {100 * (ota_ffg - baselines[best]):+.2f} points). Rank-1 moments '
+    f'{rank1:.4f} vs full {ota_ffg:.4f}: {100 * (rank1 - ota_ffg):+.2f} points '
+    f'(**{"within" if abs(rank1 - ota_ffg) <= 0.01 else "outside"}** 1 point).'
+  )
 
   ta = {s: study.normalized[f'ta_s{_fmt(s)}']['mean'] for s in opts['ta_scales']}
   ffg = {d: study.normalized[f'ota_ffg_d{_fmt(d)}']['mean'] for d in opts['ffg_densities']}
-  parts.append('Task-arithmetic scale sweep (mean normalized):\n\n' + _report.markdown_table(
+  parts.append(
+    'Task-arithmetic scale sweep (mean normalized):\n\n'
+    + _report.markdown_table(
       ['scale', *tasks, 'mean'],
-      [[s, *[study.normalized[f'ta_s{_fmt(s)}'][t] for t in tasks], v] for s, v in ta.items()]))
-  parts.append('OTA+FFG density sweep (global FFG cutoff per expert):\n\n'
-               + _report.markdown_table(
-                   ['density', *tasks, 'mean'],
-                   [[d, *[study.normalized[f'ota_ffg_d{_fmt(d)}'][t] for t in tasks], v]
-                    for d, v in ffg.items()]))
+      [[s, *[study.normalized[f'ta_s{_fmt(s)}'][t] for t in tasks], v] for s, v in ta.items()],
+    )
+  )
+  parts.append(
+    'OTA+FFG density sweep (global FFG cutoff per expert):\n\n'
+    + _report.markdown_table(
+      ['density', *tasks, 'mean'],
+      [
+        [d, *[study.normalized[f'ota_ffg_d{_fmt(d)}'][t] for t in tasks], v] for d, v in ffg.items()
+      ],
+    )
+  )
   types = [t for t in LAYER_TYPES if any(t in c for c in study.concentration.values())]
   parts.append(
-      f'FFG mask concentration by layer type (density {d0}): share of the expert\'s kept '
-      'entries in each type, and in brackets the kept fraction of that type\'s entries:\n\n'
-      + _report.markdown_table(
-          ['expert', *types],
-          [[t, *[f'{c[k]["share"]:.3f} ({c[k]["density"]:.3f})' for k in types]]
-           for t, c in study.concentration.items()]))
-  parts.append('Curvature overlap between experts: Jaccard of the FFG masks (density '
-               f'{d0}) and cosine similarity of the Adam `nu` vectors:\n\n'
-               + _report.markdown_table(
-                   ['pair', 'mask Jaccard', 'nu cosine'],
-                   [[f'{a} / {b}', study.mask_jaccard[(a, b)], study.nu_cosine[(a, b)]]
-                    for a, b in study.mask_jaccard]))
+    f"FFG mask concentration by layer type (density {d0}): share of the expert's kept "
+    "entries in each type, and in brackets the kept fraction of that type's entries:\n\n"
+    + _report.markdown_table(
+      ['expert', *types],
+      [
+        [t, *[f'{c[k]["share"]:.3f} ({c[k]["density"]:.3f})' for k in types]]
+        for t, c in study.concentration.items()
+      ],
+    )
+  )
+  parts.append(
+    'Curvature overlap between experts: Jaccard of the FFG masks (density '
+    f'{d0}) and cosine similarity of the Adam `nu` vectors:\n\n'
+    + _report.markdown_table(
+      ['pair', 'mask Jaccard', 'nu cosine'],
+      [
+        [f'{a} / {b}', study.mask_jaccard[(a, b)], study.nu_cosine[(a, b)]]
+        for a, b in study.mask_jaccard
+      ],
+    )
+  )
 
-  bar = _bar_plot({n: study.normalized[n]['mean'] for n in main},
-                  os.path.join(workdir, 'merge_normalized.png'),
-                  title='mean normalized score per model', ylabel='accuracy / expert accuracy')
+  bar = _bar_plot(
+    {n: study.normalized[n]['mean'] for n in main},
+    os.path.join(workdir, 'merge_normalized.png'),
+    title='mean normalized score per model',
+    ylabel='accuracy / expert accuracy',
+  )
   sweep = _report.plot_curves(
-      {'task arithmetic (x = scale)': (list(ta), list(ta.values())),
-       'OTA+FFG (x = density)': (list(ffg), list(ffg.values()))},
-      os.path.join(workdir, 'merge_sweeps.png'), title='sweeps', xlabel='scale / density',
-      ylabel='mean normalized score')
+    {
+      'task arithmetic (x = scale)': (list(ta), list(ta.values())),
+      'OTA+FFG (x = density)': (list(ffg), list(ffg.values())),
+    },
+    os.path.join(workdir, 'merge_sweeps.png'),
+    title='sweeps',
+    xlabel='scale / density',
+    ylabel='mean normalized score',
+  )
   parts.append(f'![normalized]({os.path.basename(bar)})\n\n![sweeps]({os.path.basename(sweep)})')
   return '\n\n'.join(parts)

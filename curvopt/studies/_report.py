@@ -1,4 +1,5 @@
 """Report pieces for experiment write-ups: run summaries, markdown tables, PNG curves."""
+
 import math
 import os
 from typing import Mapping, Sequence
@@ -22,9 +23,12 @@ def run_summary(workdir: str) -> dict[str, float]:
     return values[-1] if values else math.nan
 
   rates = [r['tokens_per_s'] for r in records if 'tokens_per_s' in r]
-  return {'step': records[-1]['step'] if records else 0, 'train_loss': last('loss'),
-          'eval_loss': last('eval_loss'),
-          'tokens_per_s': float(np.mean(rates)) if rates else math.nan}
+  return {
+    'step': records[-1]['step'] if records else 0,
+    'train_loss': last('loss'),
+    'eval_loss': last('eval_loss'),
+    'tokens_per_s': float(np.mean(rates)) if rates else math.nan,
+  }
 
 
 def _series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
@@ -56,6 +60,7 @@ def write_text(path: str, text: str) -> str:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
   def fmt(x):
     return f'{x:.4g}' if isinstance(x, float) else str(x)
+
   lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
   lines += ['| ' + ' | '.join(fmt(x) for x in row) + ' |' for row in rows]
   return '\n'.join(lines)
@@ -63,8 +68,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def _pyplot():
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')  # files only, no display
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   return plt
 
 
@@ -76,8 +83,15 @@ def _save(fig, path: str) -> str:
   return path
 
 
-def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str, *,
-                title: str, xlabel: str, ylabel: str, logy: bool = False) -> str:
+def plot_curves(
+  curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+  path: str,
+  *,
+  title: str,
+  xlabel: str,
+  ylabel: str,
+  logy: bool = False,
+) -> str:
   """Writes one line per named (x, y) curve to a PNG at `path`; returns the path."""
   fig, ax = _pyplot().subplots(figsize=(6, 4), dpi=120)
   for name, (xs, ys) in curves.items():
@@ -90,8 +104,15 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
   return _save(fig, path)
 
 
-def plot_heatmap(rows: Mapping[str, Sequence[float]], columns: Sequence[int], path: str, *,
-                 title: str, xlabel: str, colorbar: str) -> str:
+def plot_heatmap(
+  rows: Mapping[str, Sequence[float]],
+  columns: Sequence[int],
+  path: str,
+  *,
+  title: str,
+  xlabel: str,
+  colorbar: str,
+) -> str:
   """Writes a named-rows x columns heatmap (e.g. per-layer values over steps) to a PNG."""
   names = list(rows)
   values = np.array([rows[n] for n in names], dtype=np.float64)

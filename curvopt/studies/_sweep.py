@@ -6,6 +6,7 @@ every learning rate of every entry with the first seed; stage two reruns each en
 Every run has its own directory, so an interrupted sweep resumes run by run (`train_lm` resumes a
 run from its checkpoints; a finished run is read back from its metrics and not rerun).
 """
+
 import dataclasses
 import math
 import os
@@ -22,6 +23,7 @@ from curvopt.studies import _report
 @dataclasses.dataclass(frozen=True)
 class SweepPoint:
   """One optimizer at one learning rate, with the eval-loss curve of each seed run."""
+
   optimizer: str
   learning_rate: float
   curves: Mapping[int, tuple[list[int], list[float]]]  # seed -> (steps, eval losses)
@@ -34,8 +36,9 @@ class SweepPoint:
   def mean_curve(self) -> tuple[list[int], list[float]]:
     """Mean eval loss over seeds at the eval steps every seed logged."""
     common = sorted(set.intersection(*(set(s) for s, _ in self.curves.values())))
-    means = [float(np.mean([dict(zip(s, v))[step] for s, v in self.curves.values()]))
-             for step in common]
+    means = [
+      float(np.mean([dict(zip(s, v))[step] for s, v in self.curves.values()])) for step in common
+    ]
     return common, means
 
 
@@ -43,8 +46,9 @@ def sweep_run_dir(workdir: str, optimizer: str, learning_rate: float, seed: int)
   return os.path.join(workdir, optimizer, f'lr{learning_rate:g}', f'seed{seed}')
 
 
-def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float, *,
-                   higher_is_better: bool = False) -> float:
+def steps_to_reach(
+  steps: Sequence[int], values: Sequence[float], target: float, *, higher_is_better: bool = False
+) -> float:
   """First step at which a curve reaches `target`, linearly interpolated between logged points.
 
   A loss reaches it from above (value <= target), an accuracy with `higher_is_better` from
@@ -60,10 +64,13 @@ def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float,
   return math.inf
 
 
-def run_sweep(base: ml_collections.ConfigDict, grid: ml_collections.ConfigDict,
-              seeds: Sequence[int], workdir: str,
-              train_fn: Callable[[ml_collections.ConfigDict, str], object] = train.train_lm,
-              ) -> dict[str, list[SweepPoint]]:
+def run_sweep(
+  base: ml_collections.ConfigDict,
+  grid: ml_collections.ConfigDict,
+  seeds: Sequence[int],
+  workdir: str,
+  train_fn: Callable[[ml_collections.ConfigDict, str], object] = train.train_lm,
+) -> dict[str, list[SweepPoint]]:
   """Runs the two-stage sweep; returns, per grid entry, its points in learning-rate order.
 
   `grid` maps a run name to optimizer overrides whose `learning_rate` is a list; the name is
@@ -102,10 +109,15 @@ def run_sweep(base: ml_collections.ConfigDict, grid: ml_collections.ConfigDict,
 
   # Breadth first: every learning rate of every entry, then one seed round at a time across the
   # entries, so a sweep stopped part-way has compared every entry on equal terms.
-  points = {name: [point(name, lr, {seeds[0]: run(name, lr, seeds[0])}) for lr in rates]
-            for name, (_, rates) in entries.items()}
-  best = {name: min((p for p in ps if p.curves), key=lambda p: _nan_last(p.final_losses[0]))
-          for name, ps in points.items() if any(p.curves for p in ps)}
+  points = {
+    name: [point(name, lr, {seeds[0]: run(name, lr, seeds[0])}) for lr in rates]
+    for name, (_, rates) in entries.items()
+  }
+  best = {
+    name: min((p for p in ps if p.curves), key=lambda p: _nan_last(p.final_losses[0]))
+    for name, ps in points.items()
+    if any(p.curves for p in ps)
+  }
   for seed in seeds[1:]:
     for name, p in best.items():
       curve = run(name, p.learning_rate, seed)
@@ -136,8 +148,9 @@ def sweep_report(results: Mapping[str, Sequence[SweepPoint]], anchor: str) -> st
   """Markdown: the sweep grid, each best point's mean and spread, and steps to the anchor's loss."""
   if anchor not in results:
     raise ValueError(f'anchor {anchor!r} is not a grid entry; entries: {sorted(results)}')
-  grid_rows = [[name, p.learning_rate, p.final_losses[0]]
-               for name, points in results.items() for p in points]
+  grid_rows = [
+    [name, p.learning_rate, p.final_losses[0]] for name, points in results.items() for p in points
+  ]
   anchor_best = best_point(results[anchor])
   anchor_steps, anchor_values = anchor_best.mean_curve
   target = anchor_values[-1]
@@ -146,14 +159,25 @@ def sweep_report(results: Mapping[str, Sequence[SweepPoint]], anchor: str) -> st
     p = best_point(points)
     losses = np.asarray(p.final_losses)
     reach = steps_to_reach(*p.mean_curve, target)
-    rows.append([name, p.learning_rate, len(losses), float(losses.mean()),
-                 float(losses.std(ddof=1)) if len(losses) > 1 else math.nan,
-                 float(losses.min()), float(losses.max()),
-                 'not reached' if math.isinf(reach) else round(reach / anchor_steps[-1], 3)])
-  return ('Stage 1, final eval loss of the first seed at every learning rate:\n\n'
-          + _report.markdown_table(['run', 'peak lr', 'final eval loss'], grid_rows)
-          + f'\n\nBest learning rate of each, over seeds (steps ratio: steps the mean eval curve '
-          f'needs to reach {anchor}\'s mean final eval loss {target:.4f}, over {anchor}\'s '
-          f'{anchor_steps[-1]} steps; interpolated between eval points):\n\n'
-          + _report.markdown_table(['run', 'peak lr', 'seeds', 'mean', 'std', 'min', 'max',
-                                    f'steps ratio vs {anchor}'], rows))
+    rows.append(
+      [
+        name,
+        p.learning_rate,
+        len(losses),
+        float(losses.mean()),
+        float(losses.std(ddof=1)) if len(losses) > 1 else math.nan,
+        float(losses.min()),
+        float(losses.max()),
+        'not reached' if math.isinf(reach) else round(reach / anchor_steps[-1], 3),
+      ]
+    )
+  return (
+    'Stage 1, final eval loss of the first seed at every learning rate:\n\n'
+    + _report.markdown_table(['run', 'peak lr', 'final eval loss'], grid_rows)
+    + f'\n\nBest learning rate of each, over seeds (steps ratio: steps the mean eval curve '
+    f"needs to reach {anchor}'s mean final eval loss {target:.4f}, over {anchor}'s "
+    f'{anchor_steps[-1]} steps; interpolated between eval points):\n\n'
+    + _report.markdown_table(
+      ['run', 'peak lr', 'seeds', 'mean', 'std', 'min', 'max', f'steps ratio vs {anchor}'], rows
+    )
+  )

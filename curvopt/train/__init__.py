@@ -1,7 +1,7 @@
 """Trainer plumbing: state, jit'd steps, sharding, checkpoints, metrics; LM, SFT and RL trainers."""
 
-from curvopt.train._checkpoint import abstract_like
 from curvopt.train._checkpoint import Checkpointer
+from curvopt.train._checkpoint import abstract_like
 from curvopt.train._configs import load_config
 from curvopt.train._distributed import define_distributed_flags
 from curvopt.train._distributed import initialize_distributed
@@ -12,21 +12,21 @@ from curvopt.train._metrics import MetricWriter
 from curvopt.train._metrics import Progress
 from curvopt.train._metrics import quiet_library_logs
 from curvopt.train._metrics import read_metrics
-from curvopt.train._optimizers import make_optimizer
 from curvopt.train._optimizers import OPTIMIZERS
+from curvopt.train._optimizers import make_optimizer
 from curvopt.train._rl import PromptStream
 from curvopt.train._rl import RLResult
 from curvopt.train._rl import train_rl
+from curvopt.train._rl_step import RLState
 from curvopt.train._rl_step import make_rl_step
 from curvopt.train._rl_step import rollout_batch
-from curvopt.train._rl_step import RLState
 from curvopt.train._rollout import Rollout
-from curvopt.train._schedules import make_schedule
 from curvopt.train._schedules import SCHEDULES
+from curvopt.train._schedules import make_schedule
 from curvopt.train._setup import model_config_from
 from curvopt.train._setup import resolve_dtype
-from curvopt.train._sft import restore_params
 from curvopt.train._sft import SftResult
+from curvopt.train._sft import restore_params
 from curvopt.train._sft import train_sft
 from curvopt.train._sharding import batch_sharding
 from curvopt.train._sharding import fsdp_shardings
@@ -40,42 +40,42 @@ from curvopt.train._step import make_init_state
 from curvopt.train._step import make_train_step
 
 __all__ = (
-    'Checkpointer',
-    'MetricWriter',
-    'NonFiniteError',
-    'OPTIMIZERS',
-    'Progress',
-    'PromptStream',
-    'RLResult',
-    'RLState',
-    'Rollout',
-    'RunResult',
-    'SCHEDULES',
-    'SftResult',
-    'TrainState',
-    'abstract_like',
-    'batch_sharding',
-    'define_distributed_flags',
-    'fsdp_shardings',
-    'fsdp_spec',
-    'initialize_distributed',
-    'lm_loss',
-    'load_config',
-    'make_eval_step',
-    'make_init_state',
-    'make_mesh',
-    'make_optimizer',
-    'make_rl_step',
-    'make_schedule',
-    'make_train_step',
-    'model_config_from',
-    'put_global_batch',
-    'quiet_library_logs',
-    'read_metrics',
-    'resolve_dtype',
-    'restore_params',
-    'rollout_batch',
-    'train_lm',
-    'train_rl',
-    'train_sft',
+  'Checkpointer',
+  'MetricWriter',
+  'NonFiniteError',
+  'OPTIMIZERS',
+  'Progress',
+  'PromptStream',
+  'RLResult',
+  'RLState',
+  'Rollout',
+  'RunResult',
+  'SCHEDULES',
+  'SftResult',
+  'TrainState',
+  'abstract_like',
+  'batch_sharding',
+  'define_distributed_flags',
+  'fsdp_shardings',
+  'fsdp_spec',
+  'initialize_distributed',
+  'lm_loss',
+  'load_config',
+  'make_eval_step',
+  'make_init_state',
+  'make_mesh',
+  'make_optimizer',
+  'make_rl_step',
+  'make_schedule',
+  'make_train_step',
+  'model_config_from',
+  'put_global_batch',
+  'quiet_library_logs',
+  'read_metrics',
+  'resolve_dtype',
+  'restore_params',
+  'rollout_batch',
+  'train_lm',
+  'train_rl',
+  'train_sft',
 )

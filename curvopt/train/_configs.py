@@ -1,4 +1,5 @@
 """Loading `get_config(arg)` config files by path, as ml_collections' --config flag does."""
+
 import importlib.util
 import os
 from typing import Optional

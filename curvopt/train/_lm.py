@@ -1,4 +1,5 @@
 """The language-model trainer behind experiments/train_lm.py."""
+
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
@@ -31,6 +32,7 @@ class RunResult:
 
 class LMSteps(NamedTuple):
   """The jit'd pieces of a next-token-prediction trainer, with the shardings they use."""
+
   init_state: Callable[[jax.Array], Any]
   rng: jax.Array
   state_shapes: Any
@@ -40,8 +42,9 @@ class LMSteps(NamedTuple):
   eval_step: Callable
 
 
-def make_lm_steps(model, optimizer: '_optimizers.Optimizer', tokenizer, mesh, *, seq_len: int,
-                  seed: int) -> LMSteps:
+def make_lm_steps(
+  model, optimizer: '_optimizers.Optimizer', tokenizer, mesh, *, seq_len: int, seed: int
+) -> LMSteps:
   """Train and eval steps jit'd once with explicit shardings (FSDP state, data-parallel batch)."""
 
   def logits_fn(params, tokens):
@@ -53,16 +56,24 @@ def make_lm_steps(model, optimizer: '_optimizers.Optimizer', tokenizer, mesh, *,
   state_shardings = _sharding.fsdp_shardings(state_shapes, mesh)
   batch_sharding = _sharding.batch_sharding(mesh)
   train_step = jax.jit(
-      _step.make_train_step(logits_fn, optimizer.tx, pad_id=tokenizer.pad_id,
-                            learning_rate=optimizer.learning_rate,
-                            optimizer_stats=optimizer.stats),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, None),
-      donate_argnums=0)
-  eval_step = jax.jit(_step.make_eval_step(logits_fn, pad_id=tokenizer.pad_id),
-                      in_shardings=(state_shardings.params, batch_sharding))
-  return LMSteps(init_state, rng, state_shapes, state_shardings, batch_sharding, train_step,
-                 eval_step)
+    _step.make_train_step(
+      logits_fn,
+      optimizer.tx,
+      pad_id=tokenizer.pad_id,
+      learning_rate=optimizer.learning_rate,
+      optimizer_stats=optimizer.stats,
+    ),
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, None),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    _step.make_eval_step(logits_fn, pad_id=tokenizer.pad_id),
+    in_shardings=(state_shardings.params, batch_sharding),
+  )
+  return LMSteps(
+    init_state, rng, state_shapes, state_shardings, batch_sharding, train_step, eval_step
+  )
 
 
 def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
@@ -70,29 +81,46 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   run = _setup.setup_run(config, workdir)
   data_dir = config.data.data_dir or data_lib.default_data_dir(workdir)
   batches = data_lib.PackedBatches(
-      data_lib.text_source(config.data.name, 'train', data_dir=data_dir), run.tokenizer,
-      batch_size=config.data.batch_size, seq_len=config.data.seq_len, seed=config.seed)
+    data_lib.text_source(config.data.name, 'train', data_dir=data_dir),
+    run.tokenizer,
+    batch_size=config.data.batch_size,
+    seq_len=config.data.seq_len,
+    seed=config.seed,
+  )
   eval_set = data_lib.eval_batches(
-      data_lib.text_source(config.data.name, config.data.eval_split, data_dir=data_dir),
-      run.tokenizer, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
-      num_batches=config.data.eval_batches)
+    data_lib.text_source(config.data.name, config.data.eval_split, data_dir=data_dir),
+    run.tokenizer,
+    batch_size=config.data.batch_size,
+    seq_len=config.data.seq_len,
+    num_batches=config.data.eval_batches,
+  )
   optimizer = _optimizers.make_optimizer(config.optimizer, config.total_steps, config.schedule)
-  steps = make_lm_steps(run.model, optimizer, run.tokenizer, run.mesh,
-                        seq_len=config.data.seq_len, seed=config.seed)
+  steps = make_lm_steps(
+    run.model, optimizer, run.tokenizer, run.mesh, seq_len=config.data.seq_len, seed=config.seed
+  )
 
   def place(tokens):
     return _sharding.put_global_batch(tokens, steps.batch_sharding)
 
   def init():
     state = jax.jit(steps.init_state, out_shardings=steps.state_shardings)(steps.rng)
-    logging.info('initialized %s (%d parameters) on mesh %s', config.model.name,
-                 models.count_params(state.params), dict(run.mesh.shape))
+    logging.info(
+      'initialized %s (%d parameters) on mesh %s',
+      config.model.name,
+      models.count_params(state.params),
+      dict(run.mesh.shape),
+    )
     return state
 
   ckpt = _setup.make_checkpointer(config, workdir)
   state = _setup.restore_or_init(
-      config, ckpt, run_defining=_RUN_DEFINING, data=batches, init=init,
-      abstract_state=_checkpoint.abstract_like(steps.state_shapes, steps.state_shardings))
+    config,
+    ckpt,
+    run_defining=_RUN_DEFINING,
+    data=batches,
+    init=init,
+    abstract_state=_checkpoint.abstract_like(steps.state_shapes, steps.state_shardings),
+  )
 
   def evaluate(params, step) -> dict[str, float]:
     del step
@@ -103,12 +131,20 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     return {'eval_loss': total / max(count, 1.0)}
 
   result = _loop.run_loop(
-      config, workdir, state=state,
-      step_fn=lambda state, step: steps.train_step(state, place(next(batches))),
-      data_state=batches.get_state, ckpt=ckpt, evaluate=evaluate,
-      shown=lambda scalars: {k: v for k, v in scalars.items() if k in _SHOWN},
-      work_per_step=config.data.batch_size * config.data.seq_len)
-  return RunResult(step=result.step, halted=result.halted,
-                   train_loss=result.scalars.get('loss', float('nan')),
-                   eval_loss=result.evaluation.get('eval_loss', float('nan')),
-                   tokens_per_s=result.rates.get('tokens_per_s', float('nan')))
+    config,
+    workdir,
+    state=state,
+    step_fn=lambda state, step: steps.train_step(state, place(next(batches))),
+    data_state=batches.get_state,
+    ckpt=ckpt,
+    evaluate=evaluate,
+    shown=lambda scalars: {k: v for k, v in scalars.items() if k in _SHOWN},
+    work_per_step=config.data.batch_size * config.data.seq_len,
+  )
+  return RunResult(
+    step=result.step,
+    halted=result.halted,
+    train_loss=result.scalars.get('loss', float('nan')),
+    eval_loss=result.evaluation.get('eval_loss', float('nan')),
+    tokens_per_s=result.rates.get('tokens_per_s', float('nan')),
+  )

@@ -1,4 +1,5 @@
 """The step loop of every trainer: halt, non-finite guard, metrics, evaluation, checkpoints."""
+
 import dataclasses
 import math
 from typing import Any, Callable
@@ -33,8 +34,9 @@ def _check_finite(pending: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
     for name in ('loss', 'grad_norm'):
       if not math.isfinite(float(metrics[name])):
         raise NonFiniteError(
-            f'non-finite {name} ({float(metrics[name])}) at step {step}; stopping without '
-            f'checkpointing this state (last checkpoint is unchanged)')
+          f'non-finite {name} ({float(metrics[name])}) at step {step}; stopping without '
+          f'checkpointing this state (last checkpoint is unchanged)'
+        )
   return fetched
 
 
@@ -45,12 +47,21 @@ def _mean_metrics(pending: list[tuple[int, dict]]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for _, m in fetched])) for k in keys}
 
 
-def run_loop(config: ml_collections.ConfigDict, workdir: str, *, state: Any,
-             step_fn: Callable[[Any, int], tuple[Any, dict]], data_state: Callable[[], dict],
-             ckpt: _checkpoint.Checkpointer,
-             evaluate: Callable[[Any, int], dict[str, float]], shown: Callable[[dict], dict],
-             work_per_step: int, unit: str = 'tokens', write_every_step: bool = False,
-             evaluate_first: bool = False) -> LoopResult:
+def run_loop(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  state: Any,
+  step_fn: Callable[[Any, int], tuple[Any, dict]],
+  data_state: Callable[[], dict],
+  ckpt: _checkpoint.Checkpointer,
+  evaluate: Callable[[Any, int], dict[str, float]],
+  shown: Callable[[dict], dict],
+  work_per_step: int,
+  unit: str = 'tokens',
+  write_every_step: bool = False,
+  evaluate_first: bool = False,
+) -> LoopResult:
   """Runs step_fn from state.step up to config.total_steps (or halt_after_steps).
 
   `step_fn(state, step)` takes step `step + 1` (drawing its own batch) and returns the new state
@@ -106,7 +117,9 @@ def run_loop(config: ml_collections.ConfigDict, workdir: str, *, state: Any,
     writer.close()
     ckpt.close()
   halted = step < config.total_steps
-  logging.info('%s at step %d (last checkpoint %s)', 'halted' if halted else 'finished', step,
-               last_saved)
-  return LoopResult(step=step, halted=halted, scalars=scalars, evaluation=evaluation,
-                    rates=progress.rates(step))
+  logging.info(
+    '%s at step %d (last checkpoint %s)', 'halted' if halted else 'finished', step, last_saved
+  )
+  return LoopResult(
+    step=step, halted=halted, scalars=scalars, evaluation=evaluation, rates=progress.rates(step)
+  )

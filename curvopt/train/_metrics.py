@@ -1,4 +1,5 @@
 """Metrics to a JSONL file and TensorBoard event files, and a progress line with an ETA."""
+
 import json
 import os
 import time
@@ -24,6 +25,7 @@ class MetricWriter:
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
+
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -70,8 +72,9 @@ def _format_duration(seconds: float) -> str:
 class Progress:
   """Rates and ETA over the steps run in this process (a resumed run starts a fresh clock)."""
 
-  def __init__(self, first_step: int, total_steps: int, tokens_per_step: int, *,
-               unit: str = 'tokens'):
+  def __init__(
+    self, first_step: int, total_steps: int, tokens_per_step: int, *, unit: str = 'tokens'
+  ):
     self._total = total_steps
     self._tokens_per_step = tokens_per_step
     self._rate_key = f'{unit}_per_s'
@@ -96,7 +99,7 @@ class Progress:
     parts += [f'{k} {v:.4g}' for k, v in scalars.items() if k not in rates]
     if rates:
       parts.append(f'{rates[self._rate_key]:.0f} {self._rate_label}')
-      parts.append(f"ETA {_format_duration((self._total - step) / rates['steps_per_s'])}")
+      parts.append(f'ETA {_format_duration((self._total - step) / rates["steps_per_s"])}')
     return ' | '.join(parts)
 
   def log(self, step: int, scalars: Mapping[str, float]) -> None:

@@ -1,4 +1,5 @@
 """The optimizer registry: optimizers are chosen by name from the config."""
+
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -26,9 +27,15 @@ def _adamw(cfg, lr, adam_lr):
 
 def _optax_muon(cfg, lr, adam_lr):
   return optax.contrib.muon(
-      lr, beta=cfg.momentum, weight_decay=cfg.weight_decay, adam_b1=cfg.b1, adam_b2=cfg.b2,
-      adam_weight_decay=cfg.weight_decay, adam_learning_rate=adam_lr,
-      consistent_rms=cfg.consistent_rms)
+    lr,
+    beta=cfg.momentum,
+    weight_decay=cfg.weight_decay,
+    adam_b1=cfg.b1,
+    adam_b2=cfg.b2,
+    adam_weight_decay=cfg.weight_decay,
+    adam_learning_rate=adam_lr,
+    consistent_rms=cfg.consistent_rms,
+  )
 
 
 def _adam_part(cfg, adam_lr):
@@ -37,8 +44,9 @@ def _adam_part(cfg, adam_lr):
 
 
 def _dmuon(cfg, lr, adam_lr):
-  return optim.dmuon(lr, beta=cfg.momentum, weight_decay=cfg.weight_decay,
-                     others=_adam_part(cfg, adam_lr))
+  return optim.dmuon(
+    lr, beta=cfg.momentum, weight_decay=cfg.weight_decay, others=_adam_part(cfg, adam_lr)
+  )
 
 
 def _lanton(cfg, lr, adam_lr, *, mapping=None):
@@ -46,27 +54,35 @@ def _lanton(cfg, lr, adam_lr, *, mapping=None):
   if cfg.lanton_vector_scale is not None:
     scales['vector'] = cfg.lanton_vector_scale
   vector = cfg.lanton_vector or 'adamw'
-  return optim.lanton(lr, b1=cfg.momentum, mapping=mapping or cfg.lanton_mapping,
-                      group_lr_scales=scales,
-                      noise_every=cfg.lanton_noise_every, noise_ns_steps=cfg.lanton_noise_ns_steps,
-                      vector=_adam_part(cfg, adam_lr) if vector == 'adamw' else vector,
-                      weight_decay=cfg.weight_decay)
+  return optim.lanton(
+    lr,
+    b1=cfg.momentum,
+    mapping=mapping or cfg.lanton_mapping,
+    group_lr_scales=scales,
+    noise_every=cfg.lanton_noise_every,
+    noise_ns_steps=cfg.lanton_noise_ns_steps,
+    vector=_adam_part(cfg, adam_lr) if vector == 'adamw' else vector,
+    weight_decay=cfg.weight_decay,
+  )
 
 
 def lanton_metrics(opt_state: Any) -> dict[str, jax.Array]:
   """Every LANTON leaf's noise estimate H and learning-rate scale, as flat metric names."""
   stats = optim.lanton_stats(opt_state)
-  return {f'lanton/{kind}/{path}': value
-          for kind in ('lr_scale', 'h') for path, value in stats[kind].items()}
+  return {
+    f'lanton/{kind}/{path}': value
+    for kind in ('lr_scale', 'h')
+    for path, value in stats[kind].items()
+  }
 
 
 # name -> (optimizer config, lr schedule, Adam lr schedule) -> transform.
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    'adamw': _adamw,
-    'optax_muon': _optax_muon,
-    'dmuon': _dmuon,
-    'lanton': _lanton,
-    'lanton_mean': functools.partial(_lanton, mapping='mean_ratio'),
+  'adamw': _adamw,
+  'optax_muon': _optax_muon,
+  'dmuon': _dmuon,
+  'lanton': _lanton,
+  'lanton_mean': functools.partial(_lanton, mapping='mean_ratio'),
 }
 _STATS: dict[str, StatsFn] = {'lanton': lanton_metrics, 'lanton_mean': lanton_metrics}
 
@@ -74,15 +90,15 @@ _MUON_FAMILY = ('optax_muon', 'dmuon', 'lanton', 'lanton_mean')
 # Fields of config.optimizer that only some optimizers read: a change in one (e.g. a new default)
 # does not change a run of another optimizer, so resuming that run ignores it.
 _READ_ONLY_BY = {
-    'momentum': _MUON_FAMILY,
-    'adam_learning_rate': _MUON_FAMILY,
-    'consistent_rms': ('optax_muon',),
-    'lanton_mapping': ('lanton',),  # lanton_mean fixes its mapping
-    'lanton_embed_head_scale': ('lanton', 'lanton_mean'),
-    'lanton_noise_every': ('lanton', 'lanton_mean'),
-    'lanton_noise_ns_steps': ('lanton', 'lanton_mean'),
-    'lanton_vector': ('lanton', 'lanton_mean'),
-    'lanton_vector_scale': ('lanton', 'lanton_mean'),
+  'momentum': _MUON_FAMILY,
+  'adam_learning_rate': _MUON_FAMILY,
+  'consistent_rms': ('optax_muon',),
+  'lanton_mapping': ('lanton',),  # lanton_mean fixes its mapping
+  'lanton_embed_head_scale': ('lanton', 'lanton_mean'),
+  'lanton_noise_every': ('lanton', 'lanton_mean'),
+  'lanton_noise_ns_steps': ('lanton', 'lanton_mean'),
+  'lanton_vector': ('lanton', 'lanton_mean'),
+  'lanton_vector_scale': ('lanton', 'lanton_mean'),
 }
 
 
@@ -91,8 +107,9 @@ def fields_ignored_by(name: str) -> frozenset[str]:
   return frozenset(f for f, readers in _READ_ONLY_BY.items() if name not in readers)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
-                   schedule_cfg: ml_collections.ConfigDict) -> Optimizer:
+def make_optimizer(
+  cfg: ml_collections.ConfigDict, total_steps: int, schedule_cfg: ml_collections.ConfigDict
+) -> Optimizer:
   """Builds the optimizer named by `cfg.name`, on the schedule of `schedule_cfg`."""
   if cfg.name not in OPTIMIZERS:
     raise ValueError(f'unknown optimizer {cfg.name!r}; valid names: {sorted(OPTIMIZERS)}')

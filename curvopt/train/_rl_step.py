@@ -1,4 +1,5 @@
 """The pure, jit-ready policy-gradient update of the RL trainer (GRPO family, optional CAPO)."""
+
 from typing import Any, Callable, Optional
 
 import flax
@@ -29,11 +30,16 @@ def rollout_batch(prompts_NxP, prompt_mask_NxP, completions_NxL, completion_mask
   completion exactly where sampling produced it.
   """
   tokens = jnp.concatenate([prompts_NxP, completions_NxL], axis=1)
-  mask = jnp.concatenate([prompt_mask_NxP.astype(jnp.int32),
-                          (completion_mask_NxL > 0).astype(jnp.int32)], axis=1)
+  mask = jnp.concatenate(
+    [prompt_mask_NxP.astype(jnp.int32), (completion_mask_NxL > 0).astype(jnp.int32)], axis=1
+  )
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-  return {'tokens': tokens, 'attention_mask': mask, 'positions': positions,
-          'completion_mask': completion_mask_NxL.astype(jnp.float32)}
+  return {
+    'tokens': tokens,
+    'attention_mask': mask,
+    'positions': positions,
+    'completion_mask': completion_mask_NxL.astype(jnp.float32),
+  }
 
 
 def completion_logprobs(apply_fn: ApplyFn, params, batch):
@@ -44,10 +50,11 @@ def completion_logprobs(apply_fn: ApplyFn, params, batch):
   """
   completion_len = batch['completion_mask'].shape[1]
   prompt_len = batch['tokens'].shape[1] - completion_len
-  logits, hidden = apply_fn(params, batch['tokens'][:, :-1], batch['positions'][:, :-1],
-                            batch['attention_mask'][:, :-1])
-  logits = logits[:, prompt_len - 1:].astype(jnp.float32)
-  hidden = hidden[:, prompt_len - 1:]
+  logits, hidden = apply_fn(
+    params, batch['tokens'][:, :-1], batch['positions'][:, :-1], batch['attention_mask'][:, :-1]
+  )
+  logits = logits[:, prompt_len - 1 :].astype(jnp.float32)
+  hidden = hidden[:, prompt_len - 1 :]
   logp_all = jax.nn.log_softmax(logits)
   actions = batch['tokens'][:, prompt_len:]
   logp = jnp.take_along_axis(logp_all, actions[..., None], -1)[..., 0]
@@ -55,9 +62,15 @@ def completion_logprobs(apply_fn: ApplyFn, params, batch):
   return logp, (hidden, entropy)
 
 
-def make_rl_step(apply_fn: ApplyFn, head_fn: HeadFn, optimizer: optax.GradientTransformation, *,
-                 learning_rate: Callable[[jax.Array], jax.Array], loss_options: dict,
-                 capo_options: Optional[dict] = None):
+def make_rl_step(
+  apply_fn: ApplyFn,
+  head_fn: HeadFn,
+  optimizer: optax.GradientTransformation,
+  *,
+  learning_rate: Callable[[jax.Array], jax.Array],
+  loss_options: dict,
+  capo_options: Optional[dict] = None,
+):
   """Returns step(state, batch) -> (state, metrics), pure and ready for jax.jit.
 
   `batch`: the `rollout_batch` dict plus 'advantages' [N] and, for a KL penalty, 'ref_logp'
@@ -69,13 +82,15 @@ def make_rl_step(apply_fn: ApplyFn, head_fn: HeadFn, optimizer: optax.GradientTr
   """
   use_capo = capo_options is not None
   stats_options = dict(capo_options or {})
-  mask_options = {k: stats_options.pop(k) for k in ('tau_H', 'tau_F', 'symmetric')
-                  if k in stats_options}
+  mask_options = {
+    k: stats_options.pop(k) for k in ('tau_H', 'tau_F', 'symmetric') if k in stats_options
+  }
   shadow_options = {k: v for k, v in stats_options.items() if k != 'eps'}
 
   def step(state: RLState, batch):
     (logp, vjp_fn, (hidden, entropy)) = jax.vjp(
-        lambda p: completion_logprobs(apply_fn, p, batch), state.params, has_aux=True)
+      lambda p: completion_logprobs(apply_fn, p, batch), state.params, has_aux=True
+    )
     mask = batch['completion_mask']
     advantages = batch['advantages']
     metrics = {}
@@ -88,8 +103,9 @@ def make_rl_step(apply_fn: ApplyFn, head_fn: HeadFn, optimizer: optax.GradientTr
       actions = batch['tokens'][:, prompt_len:]
       set_options = {k: v for k, v in stats_options.items() if k in ('top_k', 'chunk_size')}
       token_set = rl.capo_token_set(hidden, head, actions, **set_options)
-      m_h, m_f = rl.capo_token_stats(hidden, head, actions, advantages, shadow, lr,
-                                     token_set=token_set, **stats_options)
+      m_h, m_f = rl.capo_token_stats(
+        hidden, head, actions, advantages, shadow, lr, token_set=token_set, **stats_options
+      )
       keep = rl.capo_mask(m_h, m_f, **mask_options) & (mask > 0)
       metrics.update(rl.capo_metrics(m_h, m_f, keep, mask))
       loss_mask = keep.astype(jnp.float32)
@@ -98,20 +114,38 @@ def make_rl_step(apply_fn: ApplyFn, head_fn: HeadFn, optimizer: optax.GradientTr
     old_logp = jax.lax.stop_gradient(logp)
 
     def loss_of_logp(lp):
-      return rl.policy_loss(lp, old_logp, advantages, loss_mask, ref_logp=batch.get('ref_logp'),
-                            entropy=jax.lax.stop_gradient(entropy), **loss_options)
+      return rl.policy_loss(
+        lp,
+        old_logp,
+        advantages,
+        loss_mask,
+        ref_logp=batch.get('ref_logp'),
+        entropy=jax.lax.stop_gradient(entropy),
+        **loss_options,
+      )
 
     (loss, loss_metrics), dlogp = jax.value_and_grad(loss_of_logp, has_aux=True)(logp)
     (grads,) = vjp_fn(dlogp)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if use_capo:
-      shadow = rl.capo_shadow_update(shadow, hidden, head, actions, advantages, loss_mask > 0,
-                                     token_set=token_set, **shadow_options)
+      shadow = rl.capo_shadow_update(
+        shadow,
+        hidden,
+        head,
+        actions,
+        advantages,
+        loss_mask > 0,
+        token_set=token_set,
+        **shadow_options,
+      )
     metrics.update(loss_metrics)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=lr,
-                   update_norm=optax.global_norm(updates))
-    return RLState(step=state.step + 1, params=params, opt_state=opt_state,
-                   shadow=shadow), metrics
+    metrics.update(
+      loss=loss,
+      grad_norm=optax.global_norm(grads),
+      learning_rate=lr,
+      update_norm=optax.global_norm(updates),
+    )
+    return RLState(step=state.step + 1, params=params, opt_state=opt_state, shadow=shadow), metrics
 
   return step

@@ -1,4 +1,5 @@
 """What the LM, SFT and RL trainers set up alike: model and mesh, checkpoints, resume or init."""
+
 import json
 import os
 from typing import Any, Callable, NamedTuple, Sequence
@@ -56,12 +57,15 @@ def check_resume_compatible(saved: dict, config: dict, keys: Sequence[str]) -> N
     old, new = _run_defining(key, saved.get(key)), _run_defining(key, config.get(key))
     if old != new:
       if isinstance(old, dict) and isinstance(new, dict):
-        detail = describe_differences({k: (old.get(k), new.get(k))
-                                       for k in sorted(set(old) | set(new))})
+        detail = describe_differences(
+          {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))}
+        )
       else:
         detail = f'saved {old!r}, config {new!r}'
-      raise ValueError(f'config.{key} differs from the checkpoint\'s ({detail}); use a new '
-                       'workdir for a different run')
+      raise ValueError(
+        f"config.{key} differs from the checkpoint's ({detail}); use a new "
+        'workdir for a different run'
+      )
 
 
 def describe_differences(pairs: dict) -> str:
@@ -85,21 +89,30 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   model_cfg = model_config_from(config.model)
   tokenizer = data_lib.ByteTokenizer()
   if model_cfg.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f'model vocab_size {model_cfg.vocab_size} < tokenizer vocab_size '
-                     f'{tokenizer.vocab_size}')
+    raise ValueError(
+      f'model vocab_size {model_cfg.vocab_size} < tokenizer vocab_size {tokenizer.vocab_size}'
+    )
   return RunSetup(mesh, model_cfg, models.Decoder(model_cfg), tokenizer)
 
 
-def make_checkpointer(config: ml_collections.ConfigDict,
-                      workdir: str) -> _checkpoint.Checkpointer:
-  return _checkpoint.Checkpointer(workdir, keep=config.checkpoint.keep,
-                                  save_every=config.checkpoint.every,
-                                  async_save=config.checkpoint.async_save)
+def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> _checkpoint.Checkpointer:
+  return _checkpoint.Checkpointer(
+    workdir,
+    keep=config.checkpoint.keep,
+    save_every=config.checkpoint.every,
+    async_save=config.checkpoint.async_save,
+  )
 
 
-def restore_or_init(config: ml_collections.ConfigDict, ckpt: _checkpoint.Checkpointer, *,
-                    run_defining: Sequence[str], abstract_state: Any, data: Any,
-                    init: Callable[[], Any]) -> Any:
+def restore_or_init(
+  config: ml_collections.ConfigDict,
+  ckpt: _checkpoint.Checkpointer,
+  *,
+  run_defining: Sequence[str],
+  abstract_state: Any,
+  data: Any,
+  init: Callable[[], Any],
+) -> Any:
   """The state of the workdir's newest checkpoint, or init()'s when there is none.
 
   A resume must be the same run (config equal on `run_defining`, see check_resume_compatible)

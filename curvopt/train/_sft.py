@@ -4,6 +4,7 @@ The loss covers completion tokens only (TaskBatches' loss_mask). Checkpoints, re
 NaN guard, metrics and the progress line are the shared step loop's, as for train_lm; the
 evaluation adds per-task exact-match accuracy of greedy completions of test prompts.
 """
+
 import dataclasses
 import functools
 import os
@@ -61,8 +62,9 @@ def task_weights(tasks: Any) -> dict[str, float]:
   return weights
 
 
-def restore_params(init_from: str, abstract_params: Any,
-                   model_cfg: 'models.DecoderConfig') -> tuple[Any, int]:
+def restore_params(
+  init_from: str, abstract_params: Any, model_cfg: 'models.DecoderConfig'
+) -> tuple[Any, int]:
   """The newest checkpoint's params of a train_lm / train_sft workdir, in the given shardings.
 
   Only the params are read (whatever optimizer the other run used), placed as
@@ -73,11 +75,12 @@ def restore_params(init_from: str, abstract_params: Any,
   if not os.path.isdir(directory):
     raise ValueError(f'config.init_from={init_from!r} has no checkpoints/ directory')
   manager = ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
-                                           max_to_keep=None, create=False),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
-                     'config': ocp.JsonCheckpointHandler()})
+    directory,
+    options=ocp.CheckpointManagerOptions(
+      read_only=True, save_interval_steps=0, max_to_keep=None, create=False
+    ),
+    item_handlers={'state': ocp.PyTreeCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()},
+  )
   try:
     step = manager.latest_step()
     if step is None:
@@ -85,15 +88,27 @@ def restore_params(init_from: str, abstract_params: Any,
     saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
     saved_cfg = _setup.model_config_from(ml_collections.ConfigDict(saved['model']))
     details = _setup.describe_differences(
-        {f.name: (getattr(saved_cfg, f.name), getattr(model_cfg, f.name))
-         for f in dataclasses.fields(model_cfg) if f.name not in _NUMERICS_ONLY})
+      {
+        f.name: (getattr(saved_cfg, f.name), getattr(model_cfg, f.name))
+        for f in dataclasses.fields(model_cfg)
+        if f.name not in _NUMERICS_ONLY
+      }
+    )
     if details:
-      raise ValueError(f'config.model differs from the model of init_from={init_from!r} '
-                       f'({details})')
+      raise ValueError(
+        f'config.model differs from the model of init_from={init_from!r} ({details})'
+      )
     target = {'params': abstract_params}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          item=target,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True,
+        )
+      ),
+    )
   finally:
     manager.close()
   return restored.state['params'], step
@@ -108,15 +123,16 @@ class _Evaluator:
     ecfg = config.eval
     names = task_weights(ecfg.tasks or config.data.tasks)
     sources = {name: data_lib.task_source(name, 'test', data_dir=data_dir) for name in names}
-    self._examples = {name: src[:min(ecfg.num_prompts, len(src))]
-                      for name, src in sources.items()}
+    self._examples = {name: src[: min(ecfg.num_prompts, len(src))] for name, src in sources.items()}
     loss_batches = data_lib.TaskBatches(
-        sources, tokenizer, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
-        seed=0)
-    self._loss_set = [_device_batch(next(loss_batches), batch_sharding)
-                      for _ in range(ecfg.loss_batches)]
-    self._rollout = _rollout.Rollout(model, tokenizer, max_prompt_len=ecfg.max_prompt_len,
-                                     max_new_tokens=ecfg.max_new_tokens)
+      sources, tokenizer, batch_size=config.data.batch_size, seq_len=config.data.seq_len, seed=0
+    )
+    self._loss_set = [
+      _device_batch(next(loss_batches), batch_sharding) for _ in range(ecfg.loss_batches)
+    ]
+    self._rollout = _rollout.Rollout(
+      model, tokenizer, max_prompt_len=ecfg.max_prompt_len, max_new_tokens=ecfg.max_new_tokens
+    )
 
   def loss(self, params) -> float:
     total, count = 0.0, 0.0
@@ -126,17 +142,20 @@ class _Evaluator:
     return total / max(count, 1.0)
 
   def accuracy(self, params) -> dict[str, float]:
-    return {name: self._rollout.accuracy(params, examples)
-            for name, examples in self._examples.items()}
+    return {
+      name: self._rollout.accuracy(params, examples) for name, examples in self._examples.items()
+    }
 
 
 def init_state_from_params(params, opt_state, rng, state_shardings):
   """The TrainState of step 0 with given params: the rng as make_init_state derives it."""
   _, state_rng = jax.random.split(rng)
   return _state.TrainState(
-      step=jax.device_put(np.zeros((), np.int32), state_shardings.step), params=params,
-      opt_state=opt_state,
-      rng=jax.device_put(jax.random.key_data(state_rng), state_shardings.rng))
+    step=jax.device_put(np.zeros((), np.int32), state_shardings.step),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.device_put(jax.random.key_data(state_rng), state_shardings.rng),
+  )
 
 
 def _device_batch(batch: dict, sharding) -> dict:
@@ -149,9 +168,10 @@ def _fresh_state(config, model_cfg, tx, steps: _lm.LMSteps):
   if not config.init_from:
     return jax.jit(steps.init_state, out_shardings=steps.state_shardings)(steps.rng)
   params, from_step = restore_params(
-      config.init_from,
-      _checkpoint.abstract_like(steps.state_shapes.params, steps.state_shardings.params),
-      model_cfg)
+    config.init_from,
+    _checkpoint.abstract_like(steps.state_shapes.params, steps.state_shardings.params),
+    model_cfg,
+  )
   logging.info('initialized params from step %d of %s', from_step, config.init_from)
   # A fresh optimizer state for the restored params (AdamW's moments start at 0), and the
   # rng init_state would have made, without compiling the model's initializer.
@@ -165,29 +185,46 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> SftResult:
   weights = task_weights(config.data.tasks)
   run = _setup.setup_run(config, workdir)
   if config.data.seq_len > run.model_cfg.max_len:
-    raise ValueError(f'data.seq_len={config.data.seq_len} exceeds the model max_len '
-                     f'{run.model_cfg.max_len}')
+    raise ValueError(
+      f'data.seq_len={config.data.seq_len} exceeds the model max_len {run.model_cfg.max_len}'
+    )
   data_dir = config.data.data_dir or data_lib.default_data_dir(workdir)
   batches = data_lib.TaskBatches(
-      {name: data_lib.task_source(name, 'train', data_dir=data_dir) for name in weights},
-      run.tokenizer, batch_size=config.data.batch_size, seq_len=config.data.seq_len,
-      seed=config.seed, weights=weights)
+    {name: data_lib.task_source(name, 'train', data_dir=data_dir) for name in weights},
+    run.tokenizer,
+    batch_size=config.data.batch_size,
+    seq_len=config.data.seq_len,
+    seed=config.seed,
+    weights=weights,
+  )
   optimizer = _optimizers.make_optimizer(config.optimizer, config.total_steps, config.schedule)
-  steps = _lm.make_lm_steps(run.model, optimizer, run.tokenizer, run.mesh,
-                            seq_len=config.data.seq_len, seed=config.seed)
-  evaluator = _Evaluator(config, run.model, run.tokenizer, data_dir, steps.batch_sharding,
-                         steps.eval_step)
+  steps = _lm.make_lm_steps(
+    run.model, optimizer, run.tokenizer, run.mesh, seq_len=config.data.seq_len, seed=config.seed
+  )
+  evaluator = _Evaluator(
+    config, run.model, run.tokenizer, data_dir, steps.batch_sharding, steps.eval_step
+  )
 
   def init():
     state = _fresh_state(config, run.model_cfg, optimizer.tx, steps)
-    logging.info('%s (%d parameters) on mesh %s, tasks %s', config.model.name,
-                 models.count_params(state.params), dict(run.mesh.shape), batches.weights)
+    logging.info(
+      '%s (%d parameters) on mesh %s, tasks %s',
+      config.model.name,
+      models.count_params(state.params),
+      dict(run.mesh.shape),
+      batches.weights,
+    )
     return state
 
   ckpt = _setup.make_checkpointer(config, workdir)
   state = _setup.restore_or_init(
-      config, ckpt, run_defining=_RUN_DEFINING, data=batches, init=init,
-      abstract_state=_checkpoint.abstract_like(steps.state_shapes, steps.state_shardings))
+    config,
+    ckpt,
+    run_defining=_RUN_DEFINING,
+    data=batches,
+    init=init,
+    abstract_state=_checkpoint.abstract_like(steps.state_shapes, steps.state_shardings),
+  )
 
   accuracy: dict[str, float] = {}
   shown = ['loss', 'eval_loss', 'accuracy/mean', 'learning_rate', 'grad_norm']
@@ -207,15 +244,23 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> SftResult:
 
   place = functools.partial(_device_batch, sharding=steps.batch_sharding)
   result = _loop.run_loop(
-      config, workdir, state=state,
-      step_fn=lambda state, step: steps.train_step(state, place(next(batches))),
-      data_state=batches.get_state, ckpt=ckpt, evaluate=evaluate,
-      shown=lambda scalars: {k: scalars[k] for k in shown if k in scalars},
-      work_per_step=config.data.batch_size * config.data.seq_len)
-  return SftResult(step=result.step, halted=result.halted,
-                   train_loss=result.scalars.get('loss', float('nan')),
-                   eval_loss=result.evaluation.get('eval_loss', float('nan')), accuracy=accuracy,
-                   mean_accuracy=float(np.mean(list(accuracy.values()))) if accuracy
-                   else float('nan'),
-                   tokens_per_s=result.rates.get('tokens_per_s', float('nan')),
-                   wall_s=time.perf_counter() - started)
+    config,
+    workdir,
+    state=state,
+    step_fn=lambda state, step: steps.train_step(state, place(next(batches))),
+    data_state=batches.get_state,
+    ckpt=ckpt,
+    evaluate=evaluate,
+    shown=lambda scalars: {k: scalars[k] for k in shown if k in scalars},
+    work_per_step=config.data.batch_size * config.data.seq_len,
+  )
+  return SftResult(
+    step=result.step,
+    halted=result.halted,
+    train_loss=result.scalars.get('loss', float('nan')),
+    eval_loss=result.evaluation.get('eval_loss', float('nan')),
+    accuracy=accuracy,
+    mean_accuracy=float(np.mean(list(accuracy.values()))) if accuracy else float('nan'),
+    tokens_per_s=result.rates.get('tokens_per_s', float('nan')),
+    wall_s=time.perf_counter() - started,
+  )

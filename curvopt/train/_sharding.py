@@ -1,9 +1,12 @@
 """Device mesh and FSDP-style shardings for parameters, optimizer state and batches."""
+
 from typing import Any, Optional
 
 import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXES = ('data', 'fsdp')  # a batch is split over both axes: FSDP is data parallel too
 

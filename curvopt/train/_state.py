@@ -1,4 +1,5 @@
 """The train state: everything a step reads and writes, and everything a checkpoint holds."""
+
 from typing import Any
 
 import flax.struct

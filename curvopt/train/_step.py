@@ -1,4 +1,5 @@
 """Pure train and eval steps for next-token prediction, built once and jit'd by the caller."""
+
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -12,18 +13,21 @@ from curvopt.train import _state
 LogitsFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def lm_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
-            pad_id: int) -> tuple[jax.Array, jax.Array]:
+def lm_loss(
+  logits_BxTxV: jax.Array, targets_BxT: jax.Array, pad_id: int
+) -> tuple[jax.Array, jax.Array]:
   """Mean next-token cross-entropy over non-pad targets, in fp32; returns (loss, token count)."""
   return masked_lm_loss(logits_BxTxV, targets_BxT, (targets_BxT != pad_id).astype(jnp.float32))
 
 
-def masked_lm_loss(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
-                   weights_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+def masked_lm_loss(
+  logits_BxTxV: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Cross-entropy averaged over targets with weight 1 (e.g. completion tokens), in fp32."""
   weights_BxT = weights_BxT.astype(jnp.float32)
   losses_BxT = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxTxV.astype(jnp.float32), targets_BxT)
+    logits_BxTxV.astype(jnp.float32), targets_BxT
+  )
   count = weights_BxT.sum()
   return (losses_BxT * weights_BxT).sum() / jnp.maximum(count, 1.0), count
 
@@ -33,8 +37,9 @@ def _batch_loss(logits_fn: LogitsFn, params, batch, pad_id: int):
   the mask aligned with the tokens, so targets tokens[:, 1:] are weighted by mask[:, 1:])."""
   if isinstance(batch, Mapping):
     tokens_BxTp1 = batch['tokens']
-    return masked_lm_loss(logits_fn(params, tokens_BxTp1[:, :-1]), tokens_BxTp1[:, 1:],
-                          batch['loss_mask'][:, 1:])
+    return masked_lm_loss(
+      logits_fn(params, tokens_BxTp1[:, :-1]), tokens_BxTp1[:, 1:], batch['loss_mask'][:, 1:]
+    )
   return lm_loss(logits_fn(params, batch[:, :-1]), batch[:, 1:], pad_id)
 
 
@@ -44,16 +49,24 @@ def make_init_state(model, optimizer: optax.GradientTransformation, *, seq_len: 
   def init_state(rng: jax.Array) -> _state.TrainState:
     init_rng, state_rng = jax.random.split(rng)
     params = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))['params']
-    return _state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=optimizer.init(params),
-                             rng=jax.random.key_data(state_rng))
+    return _state.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      rng=jax.random.key_data(state_rng),
+    )
 
   return init_state
 
 
-def make_train_step(logits_fn: LogitsFn, optimizer: optax.GradientTransformation, *,
-                    pad_id: int, learning_rate: Callable[[jax.Array], jax.Array],
-                    optimizer_stats: Optional[Callable[[Any], dict]] = None):
+def make_train_step(
+  logits_fn: LogitsFn,
+  optimizer: optax.GradientTransformation,
+  *,
+  pad_id: int,
+  learning_rate: Callable[[jax.Array], jax.Array],
+  optimizer_stats: Optional[Callable[[Any], dict]] = None,
+):
   """Returns step(state, batch) -> (state, metrics), pure and ready for jax.jit.
 
   `batch` is tokens_BxTp1 (loss on every non-pad target) or a dict with 'tokens' and a
@@ -72,11 +85,11 @@ def make_train_step(logits_fn: LogitsFn, optimizer: optax.GradientTransformation
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        'loss': loss,
-        'grad_norm': optax.global_norm(grads),
-        'update_norm': optax.global_norm(updates),
-        'param_norm': optax.global_norm(params),
-        'learning_rate': learning_rate(state.step),
+      'loss': loss,
+      'grad_norm': optax.global_norm(grads),
+      'update_norm': optax.global_norm(updates),
+      'param_norm': optax.global_norm(params),
+      'learning_rate': learning_rate(state.step),
     }
     if optimizer_stats is not None:
       metrics.update(optimizer_stats(opt_state))

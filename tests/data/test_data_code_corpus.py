@@ -1,12 +1,13 @@
 """The code corpus builder, its splits, and text_source (only the 'mini' config is prepared)."""
+
 import os
 
 import pytest
 
+from curvopt.data import TextSource
 from curvopt.data import _code_corpus
 from curvopt.data import default_data_dir
 from curvopt.data import text_source
-from curvopt.data import TextSource
 
 _SPLITS = ('train', 'validation')
 
@@ -73,31 +74,34 @@ def test_two_builds_give_the_same_records_in_the_same_order(mini_dir, tmp_path):
       assert text == _code_corpus.read_source_file(os.path.join(root, path))
 
 
-def test_builder_reads_a_tree_with_invalid_utf8_and_skips_installed_packages(
-    tmp_path, monkeypatch):
+def test_builder_reads_a_tree_with_invalid_utf8_and_skips_installed_packages(tmp_path, monkeypatch):
   root = tmp_path / 'lib'
   files = {
-      'good.py': 'print("héllo")\n'.encode(),
-      'pkg/latin1.py': b'# caf\xe9\nx = 1\n',
-      'pkg/deep/empty.py': b'',
-      'collections/abc.py': b'# validation by its path hash\n',
-      'notes.txt': b'not python',
-      'site-packages/installed.py': b'x = 1',
-      'dist-packages/installed.py': b'x = 1',
-      '__pycache__/cached.py': b'x = 1',
+    'good.py': 'print("héllo")\n'.encode(),
+    'pkg/latin1.py': b'# caf\xe9\nx = 1\n',
+    'pkg/deep/empty.py': b'',
+    'collections/abc.py': b'# validation by its path hash\n',
+    'notes.txt': b'not python',
+    'site-packages/installed.py': b'x = 1',
+    'dist-packages/installed.py': b'x = 1',
+    '__pycache__/cached.py': b'x = 1',
   }
   for relpath, content in files.items():
     (root / relpath).parent.mkdir(parents=True, exist_ok=True)
     (root / relpath).write_bytes(content)
   monkeypatch.setattr(_code_corpus, 'stdlib_root', lambda: str(root))
   assert _code_corpus.list_stdlib_files() == [
-      'collections/abc.py', 'good.py', 'pkg/deep/empty.py', 'pkg/latin1.py']
+    'collections/abc.py',
+    'good.py',
+    'pkg/deep/empty.py',
+    'pkg/latin1.py',
+  ]
   records = _records(str(tmp_path / 'tfds'), name='code_corpus')
   assert records['validation'] == [('collections/abc.py', '# validation by its path hash\n')]
   assert dict(records['train']) == {
-      'good.py': 'print("héllo")\n',
-      'pkg/latin1.py': '# caf\ufffd\nx = 1\n',
-      'pkg/deep/empty.py': '',
+    'good.py': 'print("héllo")\n',
+    'pkg/latin1.py': '# caf\ufffd\nx = 1\n',
+    'pkg/deep/empty.py': '',
   }
 
 
@@ -116,13 +120,16 @@ def test_text_source_on_prepared_mini(mini_dir):
   assert [generic[i] for i in range(n)] == [src[i] for i in range(n)]
 
 
-@pytest.mark.parametrize('name, split, match', [
+@pytest.mark.parametrize(
+  'name, split, match',
+  [
     ('no_such_dataset_xyz', 'train', 'no_such_dataset_xyz'),
     ('lm1b', 'train', 'not prepared'),
     ('code_corpus/huge', 'train', 'huge'),
     ('code_corpus/mini', 'test', "'test'"),
     ('', 'train', 'non-empty'),
-])
+  ],
+)
 def test_text_source_errors_are_clear(name, split, match, mini_dir):
   with pytest.raises(ValueError, match=match):
     text_source(name, split, data_dir=mini_dir)

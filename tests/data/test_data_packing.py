@@ -1,4 +1,5 @@
 """PackedBatches, eval_batches and the per-epoch permutation, against slow references."""
+
 import json
 import os
 import pathlib
@@ -13,23 +14,24 @@ import pytest
 
 import curvopt
 from curvopt.data import ByteTokenizer
-from curvopt.data import eval_batches
-from curvopt.data import PackedBatches
-from curvopt.data import text_source
 from curvopt.data import IndexPermutation
+from curvopt.data import PackedBatches
+from curvopt.data import eval_batches
+from curvopt.data import text_source
 
 # Varied lengths: empty, one byte, multi-byte characters, longer than every seq_len below.
-_DOCS = (['', 'a', 'é✓🙂', 'def f(x):\n  return x\n', 'z' * 70] +
-         [f'doc{i}:' + chr(97 + i % 26) * (i * 7 % 40) for i in range(7)])
+_DOCS = ['', 'a', 'é✓🙂', 'def f(x):\n  return x\n', 'z' * 70] + [
+  f'doc{i}:' + chr(97 + i % 26) * (i * 7 % 40) for i in range(7)
+]
 _TOK = ByteTokenizer()
 
 # (batch_size, seq_len, seed): rows longer and shorter than documents, B near / above N.
 _SETTINGS = [
-    (1, 4, 0),
-    (3, 8, 1),
-    (4, 64, 2),
-    (8, 5, 3),
-    (16, 3, 0),
+  (1, 4, 0),
+  (3, 8, 1),
+  (4, 64, 2),
+  (8, 5, 3),
+  (16, 3, 0),
 ]
 
 
@@ -61,13 +63,14 @@ def _reference_batches(docs, batch_size, seq_len, seed, num_batches):
       stream += list(docs[perm(epoch, index)].encode()) + [_TOK.eos_id]
       position += batch_size
     for k in range(num_batches):
-      out[k, row] = stream[k * seq_len:k * seq_len + seq_len + 1]
+      out[k, row] = stream[k * seq_len : k * seq_len + seq_len + 1]
   return out
 
 
 def _take(batches, k):
   return np.array([next(batches) for _ in range(k)], np.int32).reshape(
-      k, batches.batch_size, batches.seq_len + 1)
+    k, batches.batch_size, batches.seq_len + 1
+  )
 
 
 @pytest.mark.parametrize('n', [1, 2, 3, 5, 64, 1000])
@@ -103,7 +106,9 @@ def test_batches_match_reference(batch_size, seq_len, seed):
 
 
 def test_deterministic_per_seed_and_different_across_seeds():
-  make = lambda seed: PackedBatches(_DOCS, _TOK, batch_size=3, seq_len=8, seed=seed)
+  def make(seed):
+    return PackedBatches(_DOCS, _TOK, batch_size=3, seq_len=8, seed=seed)
+
   np.testing.assert_array_equal(_take(make(5), 6), _take(make(5), 6))
   assert not np.array_equal(_take(make(5), 6), _take(make(6), 6))
 
@@ -157,21 +162,21 @@ def _corrupt(state, **changes):
 
 
 _BAD_STATES = {
-    'not_a_dict': lambda s: [1, 2],
-    'missing_key': lambda s: {k: v for k, v in s.items() if k != 'rows'},
-    'extra_key': lambda s: _corrupt(s, extra=1),
-    'format': lambda s: _corrupt(s, format='other/9'),
-    'seed': lambda s: _corrupt(s, seed=99),
-    'batch_size': lambda s: _corrupt(s, batch_size=4),
-    'seq_len': lambda s: _corrupt(s, seq_len=9),
-    'num_records': lambda s: _corrupt(s, num_records=11),
-    'source': lambda s: _corrupt(s, source='lm1b/train'),
-    'num_batches': lambda s: _corrupt(s, num_batches=-1),
-    'rows_length': lambda s: _corrupt(s, rows=s['rows'][:2]),
-    'row_position_of_other_row': lambda s: _corrupt(s, rows=[[1, 0], [1, 0], [2, 0]]),
-    'negative_offset': lambda s: _corrupt(s, rows=[[0, -1], [1, 0], [2, 0]]),
-    'offset_past_document': lambda s: _corrupt(s, rows=[[0, 10**6], [1, 0], [2, 0]]),
-    'float_position': lambda s: _corrupt(s, rows=[[0.0, 0], [1, 0], [2, 0]]),
+  'not_a_dict': lambda s: [1, 2],
+  'missing_key': lambda s: {k: v for k, v in s.items() if k != 'rows'},
+  'extra_key': lambda s: _corrupt(s, extra=1),
+  'format': lambda s: _corrupt(s, format='other/9'),
+  'seed': lambda s: _corrupt(s, seed=99),
+  'batch_size': lambda s: _corrupt(s, batch_size=4),
+  'seq_len': lambda s: _corrupt(s, seq_len=9),
+  'num_records': lambda s: _corrupt(s, num_records=11),
+  'source': lambda s: _corrupt(s, source='lm1b/train'),
+  'num_batches': lambda s: _corrupt(s, num_batches=-1),
+  'rows_length': lambda s: _corrupt(s, rows=s['rows'][:2]),
+  'row_position_of_other_row': lambda s: _corrupt(s, rows=[[1, 0], [1, 0], [2, 0]]),
+  'negative_offset': lambda s: _corrupt(s, rows=[[0, -1], [1, 0], [2, 0]]),
+  'offset_past_document': lambda s: _corrupt(s, rows=[[0, 10**6], [1, 0], [2, 0]]),
+  'float_position': lambda s: _corrupt(s, rows=[[0.0, 0], [1, 0], [2, 0]]),
 }
 
 
@@ -193,12 +198,15 @@ def test_state_from_other_settings_names_the_mismatch():
     other.set_state(state)
 
 
-@pytest.mark.parametrize('kwargs, error, match', [
+@pytest.mark.parametrize(
+  'kwargs, error, match',
+  [
     (dict(batch_size=0, seq_len=8), ValueError, 'batch_size'),
     (dict(batch_size=2, seq_len=-1), ValueError, 'seq_len'),
     (dict(batch_size=2.5, seq_len=8), TypeError, '2.5'),
     (dict(batch_size=2, seq_len=8, seed='a'), TypeError, 'seed'),
-])
+  ],
+)
 def test_bad_settings_raise(kwargs, error, match):
   with pytest.raises(error, match=match):
     PackedBatches(_DOCS, _TOK, **kwargs)
@@ -226,28 +234,29 @@ def _reference_eval(docs, batch_size, seq_len):
   stream = [t for d in docs for t in list(d.encode()) + [_TOK.eos_id]]
   rows = []
   for start in range(0, len(stream) - 1, seq_len):
-    row = stream[start:start + seq_len + 1]
+    row = stream[start : start + seq_len + 1]
     rows.append(row + [_TOK.pad_id] * (seq_len + 1 - len(row)))
   while len(rows) % batch_size:
     rows.append([_TOK.pad_id] * (seq_len + 1))
   return np.array(rows, np.int32).reshape(-1, batch_size, seq_len + 1)
 
 
-@pytest.mark.parametrize('batch_size, seq_len, num_batches', [
+@pytest.mark.parametrize(
+  'batch_size, seq_len, num_batches',
+  [
     (2, 8, 3),  # fewer batches than the source holds
     (3, 5, 100),  # the source runs out: padded, fewer batches
     (1, 1000, 2),  # one row holds the whole source
-])
+  ],
+)
 def test_eval_batches_match_reference(batch_size, seq_len, num_batches):
-  got = eval_batches(_DOCS, _TOK, batch_size=batch_size, seq_len=seq_len,
-                     num_batches=num_batches)
+  got = eval_batches(_DOCS, _TOK, batch_size=batch_size, seq_len=seq_len, num_batches=num_batches)
   expected = _reference_eval(_DOCS, batch_size, seq_len)[:num_batches]
   assert len(got) == len(expected) <= num_batches
   for batch, want in zip(got, expected):
     assert batch.dtype == np.int32 and batch.shape == (batch_size, seq_len + 1)
     np.testing.assert_array_equal(batch, want)
-  again = eval_batches(_DOCS, _TOK, batch_size=batch_size, seq_len=seq_len,
-                       num_batches=num_batches)
+  again = eval_batches(_DOCS, _TOK, batch_size=batch_size, seq_len=seq_len, num_batches=num_batches)
   np.testing.assert_array_equal(np.stack(again), np.stack(got))
 
 
@@ -276,15 +285,22 @@ def test_global_batch_shards_over_the_mesh(mesh8):
 
 def test_batches_do_not_depend_on_the_hash_seed():
   script = (
-      'import json, sys\n'
-      'from curvopt.data import ByteTokenizer, PackedBatches\n'
-      'docs = json.loads(sys.argv[1])\n'
-      'b = PackedBatches(docs, ByteTokenizer(), batch_size=3, seq_len=8, seed=4)\n'
-      'print(json.dumps([next(b).tolist() for _ in range(4)]))\n')
+    'import json, sys\n'
+    'from curvopt.data import ByteTokenizer, PackedBatches\n'
+    'docs = json.loads(sys.argv[1])\n'
+    'b = PackedBatches(docs, ByteTokenizer(), batch_size=3, seq_len=8, seed=4)\n'
+    'print(json.dumps([next(b).tolist() for _ in range(4)]))\n'
+  )
   repo_root = str(pathlib.Path(curvopt.__file__).resolve().parents[1])
   env = {**os.environ, 'PYTHONHASHSEED': '12345', 'PYTHONPATH': repo_root}
-  result = subprocess.run([sys.executable, '-c', script, json.dumps(_DOCS)], env=env,
-                          capture_output=True, text=True, check=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-c', script, json.dumps(_DOCS)],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=120,
+  )
   here = _take(PackedBatches(_DOCS, _TOK, batch_size=3, seq_len=8, seed=4), 4)
   np.testing.assert_array_equal(np.array(json.loads(result.stdout)), here)
 
@@ -306,4 +322,4 @@ def test_packed_batches_on_the_mini_corpus(tmp_path):
     PackedBatches(stand_in, _TOK, batch_size=4, seq_len=128, seed=0).set_state(state)
   # Row 0 starts with the corpus file at its first stream position.
   expected = _TOK.encode(source[batches.record_at(0)], add_eos=True)[:129]
-  np.testing.assert_array_equal(first[0, 0, :len(expected)], expected)
+  np.testing.assert_array_equal(first[0, 0, : len(expected)], expected)

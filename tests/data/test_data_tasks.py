@@ -1,4 +1,5 @@
 """The synthetic tasks (generators, tfds builder), TaskBatches and prompt_batch."""
+
 import collections
 import json
 import re
@@ -8,19 +9,18 @@ import numpy as np
 import pytest
 
 from curvopt import data
-from curvopt.data import _task_generators
 from curvopt.data import ByteTokenizer
+from curvopt.data import TaskBatches
+from curvopt.data import _task_generators
 from curvopt.data import prompt_batch
 from curvopt.data import task_source
-from curvopt.data import TaskBatches
 
 _TOK = ByteTokenizer()
 _TASKS = data.TASK_NAMES
 _SPLITS = ('train', 'test')
 # The most bytes of prompt + completion a task may have (BOS and EOS come on top): the SFT
 # configs' seq_len + 1 is 65 tokens for arithmetic and 129 for the rest.
-_MAX_BYTES = {'arithmetic': 63, 'reversal': 120, 'sorting': 120, 'kv_recall': 120,
-              'format': 120}
+_MAX_BYTES = {'arithmetic': 63, 'reversal': 120, 'sorting': 120, 'kv_recall': 120, 'format': 120}
 
 
 # Preparing is the same code for every config; two keep the file fast.
@@ -66,7 +66,10 @@ def test_prepared_data_set_holds_the_generated_examples(task, tasks_dir, example
     assert src.name == task and src.split == split
     assert len(src) == len(examples[task, split])
     assert all(isinstance(v, str) for v in src[0].values()) and set(src[0]) == {
-        'prompt', 'completion', 'answer'}
+      'prompt',
+      'completion',
+      'answer',
+    }
     # tfds stores records in its own (fixed) order: compare as sets, a sample of train.
     indices = range(len(src)) if split == 'test' else range(0, len(src), 97)
     generated = set(map(_key, examples[task, split]))
@@ -129,8 +132,12 @@ def _check_format(e):
   assert e['answer'] == template.replace('_', word)
 
 
-_CHECKS = {'arithmetic': _check_arithmetic, 'reversal': _check_reversal,
-           'sorting': _check_sorting, 'format': _check_format}
+_CHECKS = {
+  'arithmetic': _check_arithmetic,
+  'reversal': _check_reversal,
+  'sorting': _check_sorting,
+  'format': _check_format,
+}
 
 
 @pytest.mark.parametrize('task', sorted(_CHECKS))
@@ -150,7 +157,7 @@ def test_kv_recall_asks_one_fixed_table_in_held_out_phrasings(examples):
     for i, phrasing in enumerate(_task_generators._KV_PHRASINGS):
       before, after = phrasing.split('{k}')
       if prompt.startswith(before) and prompt.endswith(after):
-        country = prompt[len(before):len(prompt) - len(after)]
+        country = prompt[len(before) : len(prompt) - len(after)]
         if country in capital_of:
           return country, i
     raise AssertionError(f'no phrasing fits {prompt!r}')
@@ -177,12 +184,21 @@ def test_unknown_task_or_split_raises(tasks_dir):
 
 
 def _fake_source(name, n):
-  return [{'prompt': f'Q: {name} {i}?\n', 'completion': f'{name[:1]}{"x" * (i % 5)}\n#### {i}',
-           'answer': str(i)} for i in range(n)]
+  return [
+    {
+      'prompt': f'Q: {name} {i}?\n',
+      'completion': f'{name[:1]}{"x" * (i % 5)}\n#### {i}',
+      'answer': str(i),
+    }
+    for i in range(n)
+  ]
 
 
-_SOURCES = {'alpha': _fake_source('alpha', 7), 'beta': _fake_source('beta', 3),
-            'gamma': _fake_source('gamma', 11)}
+_SOURCES = {
+  'alpha': _fake_source('alpha', 7),
+  'beta': _fake_source('beta', 3),
+  'gamma': _fake_source('gamma', 11),
+}
 
 
 @pytest.mark.parametrize('batch_size, seq_len, seed', [(1, 24, 0), (4, 32, 1), (16, 40, 2)])
@@ -199,7 +215,7 @@ def test_rows_and_masks_match_a_reference(batch_size, seq_len, seed):
       # Reference: the row is BOS prompt completion EOS, right-padded.
       text = _TOK.decode(tokens, skip_special=False)
       assert text.startswith('<bos>Q: ' + name)
-      prompt, rest = text[len('<bos>'):].split('\n', 1)
+      prompt, rest = text[len('<bos>') :].split('\n', 1)
       completion = rest.split('<eos>')[0]
       assert set(rest.split('<eos>', 1)[1].replace('<pad>', '')) == set()
       example = next(e for e in _SOURCES[name] if e['prompt'] == prompt + '\n')
@@ -207,8 +223,9 @@ def test_rows_and_masks_match_a_reference(batch_size, seq_len, seed):
       n_prompt, n_all = 1 + len(prompt) + 1, 1 + len(prompt) + 1 + len(completion) + 1
       column = np.arange(seq_len + 1)
       np.testing.assert_array_equal(batch['prompt_mask'][row], column < n_prompt)
-      np.testing.assert_array_equal(batch['loss_mask'][row],
-                                    (column >= n_prompt) & (column < n_all))
+      np.testing.assert_array_equal(
+        batch['loss_mask'][row], (column >= n_prompt) & (column < n_all)
+      )
       # lm_loss's convention: input t predicts target t + 1; the weighted targets are
       # exactly the completion and its EOS.
       targets = tokens[1:][batch['loss_mask'][row, 1:] == 1]
@@ -227,7 +244,7 @@ def test_each_task_walks_every_example_once_per_epoch():
   for name, prompts in drawn.items():
     n = len(_SOURCES[name])
     for epoch in range(len(prompts) // n):
-      chunk = prompts[epoch * n:(epoch + 1) * n]
+      chunk = prompts[epoch * n : (epoch + 1) * n]
       assert sorted(chunk) == sorted(e['prompt'][:-1] for e in _SOURCES[name])
 
 
@@ -248,14 +265,18 @@ def test_resume_from_state_is_exact():
       np.testing.assert_array_equal(got[key], expected[k][key])
 
 
-@pytest.mark.parametrize('change, match', [
+@pytest.mark.parametrize(
+  'change, match',
+  [
     (dict(seed=6), 'seed'),
     (dict(batch_size=3), 'batch_size'),
     (dict(weights={'alpha': 1.0, 'beta': 1.0, 'gamma': 1.0}), 'weights'),
-])
+  ],
+)
 def test_set_state_refuses_other_settings(change, match):
-  settings = dict(batch_size=6, seq_len=32, seed=5, weights={'alpha': 2.0, 'beta': 1.0,
-                                                              'gamma': 1.0})
+  settings = dict(
+    batch_size=6, seq_len=32, seed=5, weights={'alpha': 2.0, 'beta': 1.0, 'gamma': 1.0}
+  )
   batches = TaskBatches(_SOURCES, _TOK, **settings)
   next(batches)
   state = batches.get_state()
@@ -283,13 +304,16 @@ def test_mixture_weights_are_respected():
   assert sum(batches.tasks.values()) == 96 and batches.tasks['delta'] == 0
 
 
-@pytest.mark.parametrize('kwargs, error, match', [
+@pytest.mark.parametrize(
+  'kwargs, error, match',
+  [
     (dict(weights={'alpha': 1.0}), ValueError, 'weights name tasks'),
     (dict(weights=[1.0, -1.0, 1.0]), ValueError, "weight of task 'beta'"),
     (dict(weights=[0.0, 0.0, 0.0]), ValueError, 'must not all be 0'),
     (dict(batch_size=0), ValueError, 'batch_size must be >= 1'),
     (dict(seq_len=2.5), TypeError, 'seq_len must be an int'),
-])
+  ],
+)
 def test_bad_arguments_raise(kwargs, error, match):
   settings = dict(batch_size=2, seq_len=32, seed=0)
   with pytest.raises(error, match=match):
@@ -312,6 +336,7 @@ def test_real_tasks_batch_from_prepared_sources(tasks_dir):
 
 def test_batches_shard_over_the_mesh(mesh8):
   from curvopt import train  # pylint: disable=g-import-not-at-top
+
   sharding = train.batch_sharding(mesh8)
   batch = next(TaskBatches(_SOURCES, _TOK, batch_size=16, seq_len=32, seed=0))
   placed = {k: train.put_global_batch(v, sharding) for k, v in batch.items()}
@@ -330,8 +355,8 @@ def test_prompt_batch_left_pads_with_bos():
   for row, example in enumerate(examples):
     text = example['prompt'] if isinstance(example, dict) else example
     ids = _TOK.encode(text, add_bos=True)
-    np.testing.assert_array_equal(prompts[row, 20 - len(ids):], ids)
-    assert (prompts[row, :20 - len(ids)] == _TOK.pad_id).all()
+    np.testing.assert_array_equal(prompts[row, 20 - len(ids) :], ids)
+    assert (prompts[row, : 20 - len(ids)] == _TOK.pad_id).all()
     np.testing.assert_array_equal(mask[row], np.arange(20) >= 20 - len(ids))
   with pytest.raises(ValueError, match=r'examples\[1\] prompt has 16 tokens'):
     prompt_batch(examples, _TOK, max_prompt_len=15)

@@ -1,4 +1,5 @@
 """ByteTokenizer: ids, round trips, specials, invalid UTF-8, bad input."""
+
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -8,10 +9,10 @@ import pytest
 from curvopt.data import ByteTokenizer
 
 _TEXTS = {
-    'empty': '',
-    'ascii': 'def f(x):\n\treturn x + 1  # ok\n',
-    'nul_and_controls': '\x00\x01\x7f\r\n',
-    'non_ascii': 'héllo wörld ✓ 日本語 🙂',
+  'empty': '',
+  'ascii': 'def f(x):\n\treturn x + 1  # ok\n',
+  'nul_and_controls': '\x00\x01\x7f\r\n',
+  'non_ascii': 'héllo wörld ✓ 日本語 🙂',
 }
 
 
@@ -53,13 +54,16 @@ def test_bos_eos_and_specials_skipped_or_named():
   assert tok.decode(with_pad, skip_special=False) == 'a<pad><pad>b<sep>'
 
 
-@pytest.mark.parametrize('ids, skip_special, expected', [
+@pytest.mark.parametrize(
+  'ids, skip_special, expected',
+  [
     ([0xFF, 0xFE, 104, 105], True, '\ufffd\ufffdhi'),
     ([104, 0xC3], True, 'h\ufffd'),  # truncated 2-byte character
     ([0xE2, 0x9C], True, '\ufffd'),  # truncated 3-byte character
     ([0xC3, 258, 0xA9], False, '\ufffd<eos>\ufffd'),  # a special splits a character
     ([0xED, 0xA0, 0x80], True, '\ufffd\ufffd\ufffd'),  # an encoded surrogate
-])
+  ],
+)
 def test_invalid_utf8_is_replaced_not_raised(ids, skip_special, expected):
   assert ByteTokenizer().decode(np.array(ids), skip_special=skip_special) == expected
 
@@ -70,11 +74,14 @@ def test_lone_surrogate_encodes_and_decodes_without_raising():
   assert tok.decode(ids) == 'a\ufffd\ufffd\ufffdb'
 
 
-@pytest.mark.parametrize('bad_ids, match', [
+@pytest.mark.parametrize(
+  'bad_ids, match',
+  [
     ([1, 264], '264'),
     ([-1], '-1'),
     ([[1, 2]], 'shape'),
-])
+  ],
+)
 def test_decode_rejects_bad_ids(bad_ids, match):
   with pytest.raises(ValueError, match=match):
     ByteTokenizer().decode(bad_ids)

@@ -1,4 +1,5 @@
 """The main job end to end on its smoke config: report.md with a table and a PNG plot."""
+
 import math
 import os
 import subprocess
@@ -9,9 +10,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_demo_smoke_writes_report_and_plot(tmp_path, mini_data_dir):
   workdir = tmp_path / 'demo'
-  cmd = [sys.executable, os.path.join(REPO, 'experiments', 'demo.py'),
-         f'--config={os.path.join(REPO, "configs", "demo.py")}:smoke',
-         f'--config.lm.data.data_dir={mini_data_dir}', f'--workdir={workdir}']
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, 'experiments', 'demo.py'),
+    f'--config={os.path.join(REPO, "configs", "demo.py")}:smoke',
+    f'--config.lm.data.data_dir={mini_data_dir}',
+    f'--workdir={workdir}',
+  ]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = (workdir / 'report.md').read_text()
@@ -31,8 +36,13 @@ def test_demo_smoke_writes_report_and_plot(tmp_path, mini_data_dir):
     # Normalized scores: nan where an expert scores 0 (as the smoke config's do).
     scores = [float(c) for c in row.strip('|').split('|')[1:3]]  # the two tasks
     assert all(math.isnan(v) or 0 <= v for v in scores)
-  for name in ('lm_eval_loss.png', 'lanton_lr_scale.png', 'rl_accuracy.png', 'rl_masked.png',
-               'merge_normalized.png'):
+  for name in (
+    'lm_eval_loss.png',
+    'lanton_lr_scale.png',
+    'rl_accuracy.png',
+    'rl_masked.png',
+    'merge_normalized.png',
+  ):
     png = workdir / name
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 5000
 

@@ -1,4 +1,5 @@
 """experiments/merge.py end to end on small generated inputs (HF safetensors and orbax)."""
+
 import json
 import os
 import subprocess
@@ -16,15 +17,28 @@ from curvopt import merge
 from curvopt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SHAPES = {'model.embed_tokens.weight': (16, 8), 'model.layers.0.mlp.up_proj.weight': (16, 8),
-          'model.norm.weight': (8,)}
+SHAPES = {
+  'model.embed_tokens.weight': (16, 8),
+  'model.layers.0.mlp.up_proj.weight': (16, 8),
+  'model.norm.weight': (8,),
+}
 DENSITY = 0.3  # configs/merge.py:test's FFG density
 
 
 def _run(*args):
-  return subprocess.run([sys.executable, os.path.join(REPO, 'experiments', 'merge.py'),
-                         '--config=' + os.path.join(REPO, 'configs', 'merge.py') + ':test', *args],
-                        capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+  return subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, 'experiments', 'merge.py'),
+      '--config=' + os.path.join(REPO, 'configs', 'merge.py') + ':test',
+      *args,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO,
+    check=False,
+  )
 
 
 def _expected(base, experts, moments):
@@ -39,8 +53,9 @@ def _hf_inputs(root):
   save_file(base, str(root / 'base' / 'model.safetensors'), metadata={'format': 'pt'})
   experts, moments = [], []
   for t in range(2):
-    weights = {n: (v.astype(np.float32) + rng.normal(size=v.shape)).astype(v.dtype)
-               for n, v in base.items()}
+    weights = {
+      n: (v.astype(np.float32) + rng.normal(size=v.shape)).astype(v.dtype) for n, v in base.items()
+    }
     nu = {n: (rng.uniform(size=v.shape) ** 4).astype(np.float32) for n, v in base.items()}
     os.makedirs(root / f'e{t}' / 'export')
     save_file(weights, str(root / f'e{t}' / 'model.safetensors'), metadata={'format': 'pt'})
@@ -53,14 +68,21 @@ def _hf_inputs(root):
 def test_merge_binary_on_hf_safetensors_refuses_and_overwrites(tmp_path):
   base, experts, moments = _hf_inputs(tmp_path)
   out = tmp_path / 'out'
-  args = [f'--output={out}', f'--config.base={tmp_path / "base"}',
-          f'--config.experts={tmp_path / "e0"},{tmp_path / "e1"}', '--config.max_shard_bytes=300']
+  args = [
+    f'--output={out}',
+    f'--config.base={tmp_path / "base"}',
+    f'--config.experts={tmp_path / "e0"},{tmp_path / "e1"}',
+    '--config.max_shard_bytes=300',
+  ]
   done = _run(*args)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'wrote 3 tensors (3 merged)' in done.stdout
-  assert sorted(os.listdir(out)) == ['merge_spec.json', 'model-00001-of-00002.safetensors',
-                                     'model-00002-of-00002.safetensors',
-                                     'model.safetensors.index.json']
+  assert sorted(os.listdir(out)) == [
+    'merge_spec.json',
+    'model-00001-of-00002.safetensors',
+    'model-00002-of-00002.safetensors',
+    'model.safetensors.index.json',
+  ]
   assert json.loads((out / 'merge_spec.json').read_text())['method'] == 'ota'
   got = merge.SafetensorsReader(str(out)).read(list(SHAPES))
   jax_tree = lambda d: {n: jnp.asarray(v) for n, v in d.items()}  # noqa: E731
@@ -92,8 +114,9 @@ def _train_checkpoint(workdir, params, lr):
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-  state = train.TrainState(step=jnp.int32(2), params=params, opt_state=opt_state,
-                     rng=jnp.zeros((2,), jnp.uint32))
+  state = train.TrainState(
+    step=jnp.int32(2), params=params, opt_state=opt_state, rng=jnp.zeros((2,), jnp.uint32)
+  )
   checkpointer = train.Checkpointer(str(workdir), async_save=False)
   checkpointer.save(2, state, {'position': 0}, {'name': 'test'})
   checkpointer.close()
@@ -102,13 +125,18 @@ def _train_checkpoint(workdir, params, lr):
 
 def test_merge_binary_on_orbax_train_checkpoints(tmp_path):
   rng = np.random.default_rng(1)
-  base = {'embed': jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
-          'layers_0': {'w': jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)}}
+  base = {
+    'embed': jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+    'layers_0': {'w': jnp.asarray(rng.normal(size=(8, 8)), jnp.float32)},
+  }
   merge.save_orbax(str(tmp_path / 'base'), base)
   trained = [_train_checkpoint(tmp_path / f'e{t}', base, 0.1 * (t + 1)) for t in range(2)]
   out = tmp_path / 'out'
-  done = _run(f'--output={out}', f'--config.base={tmp_path / "base"}',
-              f'--config.experts={tmp_path / "e0"},{tmp_path / "e1"}')
+  done = _run(
+    f'--output={out}',
+    f'--config.base={tmp_path / "base"}',
+    f'--config.experts={tmp_path / "e0"},{tmp_path / "e1"}',
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   got = merge.SafetensorsReader(str(out)).read_tree()
   want = _expected(base, [p for p, _ in trained], [nu for _, nu in trained])
@@ -119,8 +147,18 @@ def test_merge_binary_on_orbax_train_checkpoints(tmp_path):
 def test_config_variants_build():
   sys.path.insert(0, REPO)
   from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
-  for variant in ('linear', 'task_arithmetic', 'ties', 'dare', 'fisher', 'ota', 'ota_ffg',
-                  'ffg_graft', 'test'):
+
+  for variant in (
+    'linear',
+    'task_arithmetic',
+    'ties',
+    'dare',
+    'fisher',
+    'ota',
+    'ota_ffg',
+    'ffg_graft',
+    'test',
+  ):
     config = load_config('merge', variant)
     assert config.method in merge.METHODS
   with pytest.raises(ValueError, match='unknown configs/merge.py variant'):

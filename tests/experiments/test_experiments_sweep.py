@@ -1,4 +1,5 @@
 """experiments/sweep_lm.py --report_only on a sweep part-way (fake finished runs, no training)."""
+
 import os
 import subprocess
 import sys
@@ -12,14 +13,25 @@ CONFIG = os.path.join(REPO, 'configs', 'lm_sweep.py')
 
 def _report(workdir):
   return subprocess.run(
-      [sys.executable, os.path.join(REPO, 'experiments', 'sweep_lm.py'),
-       f'--config={CONFIG}:smoke', f'--workdir={workdir}', '--report_only'],
-      capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+    [
+      sys.executable,
+      os.path.join(REPO, 'experiments', 'sweep_lm.py'),
+      f'--config={CONFIG}:smoke',
+      f'--workdir={workdir}',
+      '--report_only',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO,
+    check=False,
+  )
 
 
 def _finished_run(workdir, name, lr, seed, final, steps=4):
-  writer = train.MetricWriter(studies.sweep_run_dir(str(workdir), name, lr, seed),
-                              tensorboard=False)
+  writer = train.MetricWriter(
+    studies.sweep_run_dir(str(workdir), name, lr, seed), tensorboard=False
+  )
   for step in range(2, steps + 1, 2):
     writer.write(step, {'eval_loss': final + (steps - step)})
   writer.close()

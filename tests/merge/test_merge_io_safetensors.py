@@ -16,17 +16,16 @@ from curvopt import merge
 
 # HF tensor names -> shapes, as a tiny LLaMA export has them.
 SHAPES = {
-    'model.embed_tokens.weight': (32, 8),
-    'model.layers.0.self_attn.q_proj.weight': (8, 8),
-    'model.layers.0.input_layernorm.weight': (8,),
-    'model.layers.1.mlp.up_proj.weight': (16, 8),
-    'lm_head.weight': (32, 8),
+  'model.embed_tokens.weight': (32, 8),
+  'model.layers.0.self_attn.q_proj.weight': (8, 8),
+  'model.layers.0.input_layernorm.weight': (8,),
+  'model.layers.1.mlp.up_proj.weight': (16, 8),
+  'lm_head.weight': (32, 8),
 }
 
 
 def _weights(rng, dtype):
-  return {n: rng.normal(size=s).astype(np.float32).astype(dtype)
-          for n, s in SHAPES.items()}
+  return {n: rng.normal(size=s).astype(np.float32).astype(dtype) for n, s in SHAPES.items()}
 
 
 def write_hf_expert(directory, weights, moments=None, *, shards=1):
@@ -35,8 +34,7 @@ def write_hf_expert(directory, weights, moments=None, *, shards=1):
   os.makedirs(directory, exist_ok=True)
   names = list(weights)
   if shards == 1:
-    save_file(weights, os.path.join(directory, 'model.safetensors'),
-              metadata={'format': 'pt'})
+    save_file(weights, os.path.join(directory, 'model.safetensors'), metadata={'format': 'pt'})
   else:
     weight_map = {}
     for i in range(shards):
@@ -44,23 +42,20 @@ def write_hf_expert(directory, weights, moments=None, *, shards=1):
       part = {n: weights[n] for n in names[i::shards]}
       save_file(part, os.path.join(directory, file), metadata={'format': 'pt'})
       weight_map.update({n: file for n in part})
-    with open(os.path.join(directory, 'model.safetensors.index.json'),
-              'w') as f:
+    with open(os.path.join(directory, 'model.safetensors.index.json'), 'w') as f:
       json.dump({'metadata': {}, 'weight_map': weight_map}, f)
   if moments is not None:
     os.makedirs(os.path.join(directory, 'export'), exist_ok=True)
-    save_file(moments, os.path.join(directory, 'export',
-                                    'exp_avg_sq.safetensors'))
+    save_file(moments, os.path.join(directory, 'export', 'exp_avg_sq.safetensors'))
 
 
-@pytest.mark.parametrize('dtype,shards', [(ml_dtypes.bfloat16, 1),
-                                          (ml_dtypes.bfloat16, 2),
-                                          (np.float32, 3)])
+@pytest.mark.parametrize(
+  'dtype,shards', [(ml_dtypes.bfloat16, 1), (ml_dtypes.bfloat16, 2), (np.float32, 3)]
+)
 def test_reader_reads_hf_layouts(tmp_path, dtype, shards):
   rng = np.random.default_rng(0)
   weights = _weights(rng, dtype)
-  moments = {n: rng.uniform(size=s).astype(np.float32)
-             for n, s in SHAPES.items()}
+  moments = {n: rng.uniform(size=s).astype(np.float32) for n, s in SHAPES.items()}
   write_hf_expert(tmp_path, weights, moments, shards=shards)
   reader = merge.SafetensorsReader(str(tmp_path))
   assert sorted(reader.names) == sorted(SHAPES)
@@ -90,16 +85,12 @@ def test_reader_errors_name_the_problem(tmp_path):
     merge.SafetensorsReader(str(tmp_path))
 
 
-@pytest.mark.parametrize('max_shard_bytes,files', [(None, 1), (700, 3),
-                                                   (1, 5)])
-def test_writer_shards_by_size_and_writes_an_index(tmp_path, max_shard_bytes,
-                                                   files):
+@pytest.mark.parametrize('max_shard_bytes,files', [(None, 1), (700, 3), (1, 5)])
+def test_writer_shards_by_size_and_writes_an_index(tmp_path, max_shard_bytes, files):
   rng = np.random.default_rng(1)
   weights = _weights(rng, ml_dtypes.bfloat16)
-  weights['model.layers.0.input_layernorm.weight'] = rng.normal(
-      size=(8,)).astype(np.float32)
-  writer = merge.SafetensorsWriter(str(tmp_path), weights,
-                                   max_shard_bytes=max_shard_bytes)
+  weights['model.layers.0.input_layernorm.weight'] = rng.normal(size=(8,)).astype(np.float32)
+  writer = merge.SafetensorsWriter(str(tmp_path), weights, max_shard_bytes=max_shard_bytes)
   for name in reversed(list(weights)):  # any order
     writer.write(name, jnp.asarray(weights[name]))
   writer.close()
@@ -111,8 +102,7 @@ def test_writer_shards_by_size_and_writes_an_index(tmp_path, max_shard_bytes,
     assert sorted(weight_map) == sorted(weights)
     for file in writer.files:
       size = sum(weights[n].nbytes for n, f in weight_map.items() if f == file)
-      assert size <= max_shard_bytes or len(
-          [n for n, f in weight_map.items() if f == file]) == 1
+      assert size <= max_shard_bytes or len([n for n, f in weight_map.items() if f == file]) == 1
   loaded = {}
   for file in writer.files:
     loaded.update(load_file(str(tmp_path / file)))
@@ -127,8 +117,10 @@ def test_writer_shards_by_size_and_writes_an_index(tmp_path, max_shard_bytes,
 
 
 def test_writer_refuses_wrong_or_missing_tensors(tmp_path):
-  specs = {'a': jax.ShapeDtypeStruct((2, 3), jnp.float32),
-           'b': jax.ShapeDtypeStruct((4,), jnp.bfloat16)}
+  specs = {
+    'a': jax.ShapeDtypeStruct((2, 3), jnp.float32),
+    'b': jax.ShapeDtypeStruct((4,), jnp.bfloat16),
+  }
   writer = merge.SafetensorsWriter(str(tmp_path), specs)
   with pytest.raises(ValueError, match="'a' has shape \\(3, 2\\)"):
     writer.write('a', np.zeros((3, 2), np.float32))
@@ -157,10 +149,10 @@ def test_streamed_ota_ffg_from_hf_files_equals_in_memory(tmp_path):
   write_hf_expert(tmp_path / 'base', base, shards=2)
   experts, moments = [], []
   for t in range(3):
-    weights = {n: (v.astype(np.float32) + rng.normal(size=v.shape)
-                   ).astype(v.dtype) for n, v in base.items()}
-    nu = {n: (rng.uniform(size=v.shape) ** 4).astype(np.float32)
-          for n, v in base.items()}
+    weights = {
+      n: (v.astype(np.float32) + rng.normal(size=v.shape)).astype(v.dtype) for n, v in base.items()
+    }
+    nu = {n: (rng.uniform(size=v.shape) ** 4).astype(np.float32) for n, v in base.items()}
     write_hf_expert(tmp_path / f'e{t}', weights, nu, shards=1 + t)
     experts.append(weights)
     moments.append(nu)
@@ -170,16 +162,20 @@ def test_streamed_ota_ffg_from_hf_files_equals_in_memory(tmp_path):
   specs = {n: base_reader.spec(n) for n in base_reader.names}
   with merge.SafetensorsWriter(str(out), specs, max_shard_bytes=600) as w:
     merge.merge_streaming(
-        'ota', [merge.SafetensorsReader(str(tmp_path / f'e{t}'))
-                for t in range(3)], w, base=base_reader,
-        moments=[merge.exp_avg_sq_reader(str(tmp_path / f'e{t}'))
-                 for t in range(3)],
-        ffg={'density': [0.3, 0.2, 0.5]}, batch_bytes=1000)
+      'ota',
+      [merge.SafetensorsReader(str(tmp_path / f'e{t}')) for t in range(3)],
+      w,
+      base=base_reader,
+      moments=[merge.exp_avg_sq_reader(str(tmp_path / f'e{t}')) for t in range(3)],
+      ffg={'density': [0.3, 0.2, 0.5]},
+      batch_bytes=1000,
+    )
   got = merge.SafetensorsReader(str(out)).read(list(SHAPES))
   jbase = {n: jnp.asarray(v) for n, v in base.items()}
   jexperts = [{n: jnp.asarray(v) for n, v in e.items()} for e in experts]
-  masks = [merge.ffg_mask(jbase, e, m, density=d)
-           for e, m, d in zip(jexperts, moments, [0.3, 0.2, 0.5])]
+  masks = [
+    merge.ffg_mask(jbase, e, m, density=d) for e, m, d in zip(jexperts, moments, [0.3, 0.2, 0.5])
+  ]
   want = merge.ota(jbase, jexperts, moments, masks=masks)
   for name in SHAPES:
     assert got[name].dtype == ml_dtypes.bfloat16

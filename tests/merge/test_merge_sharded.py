@@ -2,9 +2,9 @@
 its single-device result."""
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -34,39 +34,44 @@ def _place(tree, mesh):
   if mesh is None:
     device = jax.devices()[0]
     return {k: jax.device_put(v, device) for k, v in tree.items()}
-  return {k: jax.device_put(v, NamedSharding(mesh, SPECS[k]))
-          for k, v in tree.items()}
+  return {k: jax.device_put(v, NamedSharding(mesh, SPECS[k])) for k, v in tree.items()}
 
 
 # name -> merge(base, experts, moments, masks) on placed trees
 OPERATORS = {
-    'linear': lambda b, es, vs, ms: merge.linear(es, weights=[1.0, 2.0, 3.0]),
-    'task_arithmetic': lambda b, es, vs, ms: merge.task_arithmetic(
-        b, es, scale=0.5),
-    'ties': lambda b, es, vs, ms: merge.ties(b, es, density=0.3),
-    'dare': lambda b, es, vs, ms: merge.dare(b, es, drop=0.4,
-                                             key=jax.random.key(3)),
-    'fisher': lambda b, es, vs, ms: merge.fisher(es, vs),
-    'ota': lambda b, es, vs, ms: merge.ota(b, es, vs, normalise='mean'),
-    'ota_masks_rank1': lambda b, es, vs, ms: merge.ota(
-        b, es, [merge.rank1_compress(v) for v in vs], masks=ms),
-    'ffg_mask_global': lambda b, es, vs, ms: merge.ffg_mask(
-        b, es[0], vs[0], density=0.3),
-    'ffg_mask_per_tensor': lambda b, es, vs, ms: merge.ffg_mask(
-        b, es[1], vs[1], density=0.3, scope='per_tensor'),
-    'ffg_graft': lambda b, es, vs, ms: merge.ffg_graft(b, es[2], ms[2]),
-    'ota_ffg': lambda b, es, vs, ms: merge.ota_ffg(b, es, vs, density=[0.2, 0.5, 0.8]),
-    'rank1_round_trip': lambda b, es, vs, ms: merge.rank1_expand(
-        merge.rank1_compress(vs[0])),
+  'linear': lambda b, es, vs, ms: merge.linear(es, weights=[1.0, 2.0, 3.0]),
+  'task_arithmetic': lambda b, es, vs, ms: merge.task_arithmetic(b, es, scale=0.5),
+  'ties': lambda b, es, vs, ms: merge.ties(b, es, density=0.3),
+  'dare': lambda b, es, vs, ms: merge.dare(b, es, drop=0.4, key=jax.random.key(3)),
+  'fisher': lambda b, es, vs, ms: merge.fisher(es, vs),
+  'ota': lambda b, es, vs, ms: merge.ota(b, es, vs, normalise='mean'),
+  'ota_masks_rank1': lambda b, es, vs, ms: merge.ota(
+    b, es, [merge.rank1_compress(v) for v in vs], masks=ms
+  ),
+  'ffg_mask_global': lambda b, es, vs, ms: merge.ffg_mask(b, es[0], vs[0], density=0.3),
+  'ffg_mask_per_tensor': lambda b, es, vs, ms: merge.ffg_mask(
+    b, es[1], vs[1], density=0.3, scope='per_tensor'
+  ),
+  'ffg_graft': lambda b, es, vs, ms: merge.ffg_graft(b, es[2], ms[2]),
+  'ota_ffg': lambda b, es, vs, ms: merge.ota_ffg(b, es, vs, density=[0.2, 0.5, 0.8]),
+  'rank1_round_trip': lambda b, es, vs, ms: merge.rank1_expand(merge.rank1_compress(vs[0])),
 }
 
 
 # Operators with whole-tensor steps (sorts, means, sums, a global cutoff),
 # also run on an Auto-axes mesh such as the trainers' `jax.sharding.Mesh`.
-AUTO_MESH_OPERATORS = ('dare', 'ffg_mask_global', 'ffg_mask_per_tensor',
-                       'ota', 'ota_ffg', 'ota_masks_rank1', 'ties')
-CASES = ([(name, 'explicit') for name in sorted(OPERATORS)]
-         + [(name, 'auto') for name in AUTO_MESH_OPERATORS])
+AUTO_MESH_OPERATORS = (
+  'dare',
+  'ffg_mask_global',
+  'ffg_mask_per_tensor',
+  'ota',
+  'ota_ffg',
+  'ota_masks_rank1',
+  'ties',
+)
+CASES = [(name, 'explicit') for name in sorted(OPERATORS)] + [
+  (name, 'auto') for name in AUTO_MESH_OPERATORS
+]
 
 
 @pytest.mark.parametrize('name,axes', CASES)
@@ -76,16 +81,19 @@ def test_sharded_equals_single_device(name, axes, mesh8):
     mesh8 = jax.sharding.Mesh(mesh8.devices, mesh8.axis_names)
 
   def run(mesh):
-    return OPERATORS[name](_place(base, mesh),
-                           [_place(e, mesh) for e in experts],
-                           [_place(v, mesh) for v in moments],
-                           [_place(m, mesh) for m in masks])
+    return OPERATORS[name](
+      _place(base, mesh),
+      [_place(e, mesh) for e in experts],
+      [_place(v, mesh) for v in moments],
+      [_place(m, mesh) for m in masks],
+    )
 
   single, sharded = run(None), run(mesh8)
   assert len(sharded['w'].sharding.device_set) == 8
   assert sharded['w'].dtype == single['w'].dtype
-  np.testing.assert_allclose(np.asarray(sharded['w']), np.asarray(single['w']),
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    np.asarray(sharded['w']), np.asarray(single['w']), rtol=1e-6, atol=1e-7
+  )
 
 
 def test_estimate_fisher_sharded_equals_single_device(mesh8):
@@ -97,10 +105,11 @@ def test_estimate_fisher_sharded_equals_single_device(mesh8):
     return jnp.sum(jnp.tanh(example['x'] @ p['w']))
 
   single = merge.estimate_fisher(loss, params, batches)
-  sharded_params = {'w': jax.device_put(
-      params['w'], NamedSharding(mesh8, P(None, 'fsdp')))}
-  sharded_batches = [{'x': jax.device_put(
-      b['x'], NamedSharding(mesh8, P('data', None)))} for b in batches]
+  sharded_params = {'w': jax.device_put(params['w'], NamedSharding(mesh8, P(None, 'fsdp')))}
+  sharded_batches = [
+    {'x': jax.device_put(b['x'], NamedSharding(mesh8, P('data', None)))} for b in batches
+  ]
   sharded = merge.estimate_fisher(loss, sharded_params, sharded_batches)
-  np.testing.assert_allclose(np.asarray(sharded['w']),
-                             np.asarray(single['w']), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    np.asarray(sharded['w']), np.asarray(single['w']), rtol=1e-5, atol=1e-7
+  )

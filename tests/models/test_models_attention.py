@@ -38,9 +38,9 @@ def _np_causal_padding_mask(valid, offset, num_queries):
 
 # name -> (num query heads, num kv heads, query offset, num keys)
 ATTENTION_CASES = {
-    'mha_causal': (4, 4, 0, 5),
-    'gqa_causal': (4, 2, 0, 5),
-    'mqa_decode_offset': (4, 1, 3, 8),
+  'mha_causal': (4, 4, 0, 5),
+  'gqa_causal': (4, 2, 0, 5),
+  'mqa_decode_offset': (4, 1, 3, 8),
 }
 
 
@@ -60,8 +60,7 @@ def test_attention_matches_numpy(name, padded):
   allowed = _np_causal_padding_mask(valid, offset, num_queries)
   np.testing.assert_array_equal(mask, allowed)
   out = models.dot_product_attention(q, k, v, mask_BxTxS=mask)
-  np.testing.assert_allclose(out, _np_attention(q, k, v, allowed),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, _np_attention(q, k, v, allowed), rtol=1e-5, atol=1e-5)
   if offset == 0 and not padded:
     causal = models.dot_product_attention(q, k, v, is_causal=True)
     np.testing.assert_allclose(causal, out, rtol=1e-6, atol=1e-6)
@@ -69,8 +68,7 @@ def test_attention_matches_numpy(name, padded):
 
 def test_padding_query_attends_only_to_itself():
   mask = models.causal_padding_mask(jnp.array([[0, 0, 1, 1]]), 0, 4)
-  np.testing.assert_array_equal(
-      mask[0], [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(mask[0], [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
 
 
 def test_rope_matches_pairwise_rotation():
@@ -92,15 +90,14 @@ def test_rope_matches_pairwise_rotation():
         expected[b, t, :, i + half] = bb * c + a * s
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
   # A rotation: norms are kept, and relative positions are all that matter.
-  np.testing.assert_allclose(np.linalg.norm(out, axis=-1),
-                             np.linalg.norm(x, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(out, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
 
 
 def test_positions_from_mask():
   mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 1]])
   np.testing.assert_array_equal(
-      models.positions_from_mask(mask),
-      [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 1, 1, 2]])
+    models.positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 1, 1, 2]]
+  )
   assert models.positions_from_mask(mask).dtype == jnp.int32
 
 
@@ -110,11 +107,9 @@ def test_sharded_attention_matches_numpy(mesh8):
   q = rng.normal(size=(8, 4, 4, 8)).astype(np.float32)
   k = rng.normal(size=(8, 4, 2, 8)).astype(np.float32)
   v = rng.normal(size=(8, 4, 2, 8)).astype(np.float32)
-  sharding = jax.sharding.NamedSharding(
-      mesh8, jax.sharding.PartitionSpec(('data', 'fsdp')))
+  sharding = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec(('data', 'fsdp')))
   sharded = [jax.device_put(a, sharding) for a in (q, k, v)]
-  fn = jax.jit(lambda q, k, v: models.dot_product_attention(
-      q, k, v, is_causal=True))
+  fn = jax.jit(lambda q, k, v: models.dot_product_attention(q, k, v, is_causal=True))
   expected = _np_attention(q, k, v, np.tril(np.ones((8, 4, 4), bool)))
   out = fn(*sharded)
   assert len(out.sharding.device_set) == 8

@@ -11,24 +11,24 @@ from curvopt import models
 
 # name -> (lower, upper) bound on the parameter count.
 PRESET_PARAM_RANGES = {
-    'tiny': (0.8e6, 1.2e6),
-    'small': (9e6, 11.5e6),
-    'gpt2s': (120e6, 128e6),
+  'tiny': (0.8e6, 1.2e6),
+  'small': (9e6, 11.5e6),
+  'gpt2s': (120e6, 128e6),
 }
 
-MICRO = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-             d_ff=48, max_len=16)
+MICRO = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_len=16)
 
 
 def _abstract_params(cfg):
   tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return jax.eval_shape(models.Decoder(cfg).init, jax.random.key(0),
-                        tokens)['params']
+  return jax.eval_shape(models.Decoder(cfg).init, jax.random.key(0), tokens)['params']
 
 
 def _paths(tree):
-  return {'/'.join(str(k.key) for k in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    '/'.join(str(k.key) for k in path): leaf.shape
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def test_presets_are_listed_and_complete():
@@ -45,10 +45,10 @@ def test_preset_param_count_in_range(name):
 
 def test_param_count_matches_closed_form():
   cfg = models.model_config('small', n_kv_heads=4)
-  d, f, v, l = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+  d, f, v, n_layers = cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.n_layers
   kv = cfg.n_kv_heads * cfg.head_dim
   per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
-  expected = v * d + l * per_layer + d
+  expected = v * d + n_layers * per_layer + d
   assert models.count_params(_abstract_params(cfg)) == expected
   untied = dataclasses.replace(cfg, tie_embeddings=False)
   assert models.count_params(_abstract_params(untied)) == expected + d * v
@@ -56,8 +56,14 @@ def test_param_count_matches_closed_form():
 
 def test_gpt2s_shapes():
   cfg = models.model_config('gpt2s')
-  assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.vocab_size,
-          cfg.max_len, cfg.tie_embeddings) == (768, 12, 12, 50304, 1024, True)
+  assert (
+    cfg.d_model,
+    cfg.n_layers,
+    cfg.n_heads,
+    cfg.vocab_size,
+    cfg.max_len,
+    cfg.tie_embeddings,
+  ) == (768, 12, 12, 50304, 1024, True)
 
 
 @pytest.mark.parametrize('tie', [True, False])
@@ -67,7 +73,8 @@ def test_param_tree_paths_and_shapes(tie):
   kv = cfg.n_kv_heads * cfg.head_dim
   expected = {'embed/embedding': (v, d), 'final_norm/scale': (d,)}
   for i in range(cfg.n_layers):
-    expected.update({
+    expected.update(
+      {
         f'layers_{i}/attn_norm/scale': (d,),
         f'layers_{i}/attn/q/kernel': (d, d),
         f'layers_{i}/attn/k/kernel': (d, kv),
@@ -77,7 +84,8 @@ def test_param_tree_paths_and_shapes(tie):
         f'layers_{i}/mlp/gate/kernel': (d, f),
         f'layers_{i}/mlp/up/kernel': (d, f),
         f'layers_{i}/mlp/down/kernel': (f, d),
-    })
+      }
+    )
   if not tie:
     expected['head/kernel'] = (d, v)
   assert _paths(_abstract_params(cfg)) == expected
@@ -90,17 +98,19 @@ def test_remat_keeps_param_tree():
 
 
 def test_param_dtype_and_init_statistics():
-  cfg = models.model_config('tiny', d_model=64, d_ff=128, n_layers=2,
-                            dtype='bfloat16')
-  params = jax.jit(models.Decoder(cfg).init)(
-      jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  cfg = models.model_config('tiny', d_model=64, d_ff=128, n_layers=2, dtype='bfloat16')
+  params = jax.jit(models.Decoder(cfg).init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))[
+    'params'
+  ]
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   out_std = 0.02 / np.sqrt(2 * cfg.n_layers)
-  for path, std in (('embed/embedding', 0.02),
-                    ('layers_0/attn/q/kernel', 0.02),
-                    ('layers_1/mlp/gate/kernel', 0.02),
-                    ('layers_1/attn/o/kernel', out_std),
-                    ('layers_0/mlp/down/kernel', out_std)):
+  for path, std in (
+    ('embed/embedding', 0.02),
+    ('layers_0/attn/q/kernel', 0.02),
+    ('layers_1/mlp/gate/kernel', 0.02),
+    ('layers_1/attn/o/kernel', out_std),
+    ('layers_0/mlp/down/kernel', out_std),
+  ):
     leaf = params
     for key in path.split('/'):
       leaf = leaf[key]
@@ -113,8 +123,7 @@ def test_overrides_and_canonical_dtypes():
   cfg = models.model_config('tiny', vocab_size=512, dtype=jnp.bfloat16)
   assert cfg.vocab_size == 512 and cfg.dtype == 'bfloat16'
   assert cfg.compute_dtype == jnp.bfloat16
-  assert hash(cfg) == hash(models.model_config('tiny', vocab_size=512,
-                                               dtype='bfloat16'))
+  assert hash(cfg) == hash(models.model_config('tiny', vocab_size=512, dtype='bfloat16'))
   # Overriding n_heads alone keeps the preset's full multi-head attention.
   cfg = models.model_config('tiny', n_heads=8)
   assert cfg.n_kv_heads == 8
@@ -133,20 +142,20 @@ def test_unknown_field_is_named():
 
 # field overrides on MICRO -> (exception, message fragment containing the value)
 INVALID = [
-    (dict(d_model=30), ValueError, 'd_model=30'),
-    (dict(n_heads=3, n_kv_heads=3), ValueError, 'd_model=32'),
-    (dict(n_kv_heads=3), ValueError, 'n_kv_heads=3'),
-    (dict(d_model=24, n_heads=8, n_kv_heads=8), ValueError, 'must be even'),
-    (dict(vocab_size=0), ValueError, 'vocab_size must be positive, got 0'),
-    (dict(n_layers=-1), ValueError, 'got -1'),
-    (dict(d_ff=2.5), TypeError, '2.5'),
-    (dict(max_len=True), TypeError, 'True'),
-    (dict(rope_theta=0.0), ValueError, 'rope_theta must be positive, got 0.0'),
-    (dict(norm_eps=-1e-6), ValueError, '-1e-06'),
-    (dict(tie_embeddings=1), TypeError, 'tie_embeddings'),
-    (dict(dtype='int32'), ValueError, 'int32'),
-    (dict(param_dtype='not_a_dtype'), ValueError, 'not_a_dtype'),
-    (dict(attention_impl='flash'), ValueError, 'flash'),
+  (dict(d_model=30), ValueError, 'd_model=30'),
+  (dict(n_heads=3, n_kv_heads=3), ValueError, 'd_model=32'),
+  (dict(n_kv_heads=3), ValueError, 'n_kv_heads=3'),
+  (dict(d_model=24, n_heads=8, n_kv_heads=8), ValueError, 'must be even'),
+  (dict(vocab_size=0), ValueError, 'vocab_size must be positive, got 0'),
+  (dict(n_layers=-1), ValueError, 'got -1'),
+  (dict(d_ff=2.5), TypeError, '2.5'),
+  (dict(max_len=True), TypeError, 'True'),
+  (dict(rope_theta=0.0), ValueError, 'rope_theta must be positive, got 0.0'),
+  (dict(norm_eps=-1e-6), ValueError, '-1e-06'),
+  (dict(tie_embeddings=1), TypeError, 'tie_embeddings'),
+  (dict(dtype='int32'), ValueError, 'int32'),
+  (dict(param_dtype='not_a_dtype'), ValueError, 'not_a_dtype'),
+  (dict(attention_impl='flash'), ValueError, 'flash'),
 ]
 
 

@@ -12,8 +12,7 @@ from curvopt import models
 
 P = jax.sharding.PartitionSpec
 
-MICRO = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4,
-             d_ff=48, max_len=16)
+MICRO = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=48, max_len=16)
 
 
 def _cfg(**overrides):
@@ -22,27 +21,35 @@ def _cfg(**overrides):
 
 def _random_params(cfg, seed=0):
   """Params far from init (0.02 weights hardly move attention or logits)."""
-  shapes = jax.eval_shape(models.Decoder(cfg).init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, 4), jnp.int32))['params']
+  shapes = jax.eval_shape(
+    models.Decoder(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 4), jnp.int32)
+  )['params']
   leaves, treedef = jax.tree.flatten(shapes)
   rng = np.random.default_rng(seed)
-  values = [(1.0 + 0.2 * rng.normal(size=s.shape)) if len(s.shape) == 1 else
-            0.3 * rng.normal(size=s.shape) for s in leaves]
-  return jax.tree.unflatten(treedef, [jnp.asarray(v, jnp.float32)
-                                      for v in values])
+  values = [
+    (1.0 + 0.2 * rng.normal(size=s.shape)) if len(s.shape) == 1 else 0.3 * rng.normal(size=s.shape)
+    for s in leaves
+  ]
+  return jax.tree.unflatten(treedef, [jnp.asarray(v, jnp.float32) for v in values])
 
 
 @functools.partial(jax.jit, static_argnames='cfg')
 def _forward(params, tokens, positions, mask, *, cfg):
-  return models.Decoder(cfg).apply({'params': params}, tokens,
-                                   positions=positions, attention_mask=mask)
+  return models.Decoder(cfg).apply(
+    {'params': params}, tokens, positions=positions, attention_mask=mask
+  )
 
 
 @functools.partial(jax.jit, static_argnames='cfg', donate_argnums=1)
 def _decode(params, cache, tokens, positions, mask, *, cfg):
   (logits, hidden), mutated = models.Decoder(cfg).apply(
-      {'params': params, 'cache': cache}, tokens, positions=positions,
-      attention_mask=mask, decode=True, mutable=['cache'])
+    {'params': params, 'cache': cache},
+    tokens,
+    positions=positions,
+    attention_mask=mask,
+    decode=True,
+    mutable=['cache'],
+  )
   return logits, hidden, mutated['cache']
 
 
@@ -90,8 +97,7 @@ def _np_decoder(params, cfg, tokens, positions, valid):
     up = y @ lp['mlp']['up']['kernel']
     x = x + (gate / (1 + np.exp(-gate)) * up) @ lp['mlp']['down']['kernel']
   hidden = rms(x, p['final_norm']['scale'])
-  head = (p['embed']['embedding'].T if cfg.tie_embeddings
-          else p['head']['kernel'])
+  head = p['embed']['embedding'].T if cfg.tie_embeddings else p['head']['kernel']
   return hidden @ head, hidden
 
 
@@ -107,8 +113,8 @@ def _left_padded_batch(seed, batch, length, vocab, pads):
 
 # name -> config overrides, left padding per row (None: no mask)
 FORWARD_CASES = {
-    'tied_mha_nomask': (dict(), None),
-    'untied_gqa_leftpad': (dict(n_kv_heads=2, tie_embeddings=False), (2, 0)),
+  'tied_mha_nomask': (dict(), None),
+  'untied_gqa_leftpad': (dict(n_kv_heads=2, tie_embeddings=False), (2, 0)),
 }
 
 
@@ -119,10 +125,8 @@ def test_forward_matches_numpy_reference(name):
   params = _random_params(cfg)
   tokens, mask = _left_padded_batch(0, 2, 6, cfg.vocab_size, pads or (0, 0))
   positions = np.asarray(models.positions_from_mask(mask))
-  logits, hidden = _forward(params, tokens, positions,
-                            None if pads is None else mask, cfg=cfg)
-  ref_logits, ref_hidden = _np_decoder(params, cfg, tokens, positions,
-                                       mask.astype(bool))
+  logits, hidden = _forward(params, tokens, positions, None if pads is None else mask, cfg=cfg)
+  ref_logits, ref_hidden = _np_decoder(params, cfg, tokens, positions, mask.astype(bool))
   np.testing.assert_allclose(hidden, ref_hidden, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
 
@@ -147,12 +151,12 @@ def test_output_shapes_and_dtypes(dtype):
 def test_output_head_gives_the_logits(tied):
   cfg = _cfg(tie_embeddings=tied)
   params = _random_params(cfg)
-  logits, hidden = _forward(params, np.arange(10, dtype=np.int32).reshape(2, 5), None, None,
-                            cfg=cfg)
+  logits, hidden = _forward(
+    params, np.arange(10, dtype=np.int32).reshape(2, 5), None, None, cfg=cfg
+  )
   head = models.output_head(params, cfg)
   assert head.shape == (cfg.vocab_size, cfg.d_model)
-  np.testing.assert_allclose(logits, np.einsum('btd,vd->btv', hidden, head), rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(logits, np.einsum('btd,vd->btv', hidden, head), rtol=1e-4, atol=1e-4)
 
 
 def test_causality():
@@ -181,31 +185,31 @@ def test_padding_is_invisible_to_real_tokens():
   positions = models.positions_from_mask(mask)
   padded, _ = _forward(params, tokens, positions, mask, cfg=cfg)
   unpadded, _ = _forward(params, prompt[None], None, None, cfg=cfg)
-  np.testing.assert_allclose(padded[:, 2:], np.repeat(unpadded, 2, 0),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(padded[:, 2:], np.repeat(unpadded, 2, 0), rtol=1e-5, atol=1e-5)
 
 
 # name -> config overrides, left padding per row (None: no mask and default
 # positions, which continue from the cache index when decoding), prefill
 # length, cache length
 DECODE_CASES = {
-    'mha_nomask_prefill3': (dict(), None, 3, 8),
-    'gqa_leftpad_prefill4': (dict(n_kv_heads=2), (3, 0, 1), 4, 10),
-    'mqa_untied_leftpad_prefill1': (
-        dict(n_kv_heads=1, tie_embeddings=False), (1, 0, 2), 1, 8),
+  'mha_nomask_prefill3': (dict(), None, 3, 8),
+  'gqa_leftpad_prefill4': (dict(n_kv_heads=2), (3, 0, 1), 4, 10),
+  'mqa_untied_leftpad_prefill1': (dict(n_kv_heads=1, tie_embeddings=False), (1, 0, 2), 1, 8),
 }
 
 
-def _prefill_then_decode(params, cfg, tokens, positions, mask, prefill,
-                         cache_len):
+def _prefill_then_decode(params, cfg, tokens, positions, mask, prefill, cache_len):
   batch, length = tokens.shape
   cache = models.init_cache(models.Decoder(cfg), batch, cache_len)
   chunks = [(0, prefill)] + [(t, t + 1) for t in range(prefill, length)]
   logits, hidden = [], []
   for start, stop in chunks:
     step_logits, step_hidden, cache = _decode(
-        params, cache, *[None if x is None else x[:, start:stop]
-                         for x in (tokens, positions, mask)], cfg=cfg)
+      params,
+      cache,
+      *[None if x is None else x[:, start:stop] for x in (tokens, positions, mask)],
+      cfg=cfg,
+    )
     logits.append(step_logits)
     hidden.append(step_hidden)
   return np.concatenate(logits, 1), np.concatenate(hidden, 1), cache
@@ -217,14 +221,13 @@ def test_kv_cache_decode_equals_full_forward(name):
   cfg = _cfg(**overrides)
   params = _random_params(cfg, seed=3)
   batch = 2 if pads is None else len(pads)
-  tokens, mask = _left_padded_batch(4, batch, 7, cfg.vocab_size,
-                                    pads or (0,) * batch)
+  tokens, mask = _left_padded_batch(4, batch, 7, cfg.vocab_size, pads or (0,) * batch)
   full_mask = None if pads is None else mask
   positions = None if pads is None else models.positions_from_mask(mask)
-  full_logits, full_hidden = _forward(params, tokens, positions, full_mask,
-                                      cfg=cfg)
+  full_logits, full_hidden = _forward(params, tokens, positions, full_mask, cfg=cfg)
   logits, hidden, cache = _prefill_then_decode(
-      params, cfg, tokens, positions, full_mask, prefill, cache_len)
+    params, cfg, tokens, positions, full_mask, prefill, cache_len
+  )
   np.testing.assert_allclose(logits, full_logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(hidden, full_hidden, rtol=1e-5, atol=1e-5)
   assert int(cache['cache_index']) == 7
@@ -237,8 +240,7 @@ def test_remat_and_fsdp_grads_match_plain_grads(mesh8):
   and the gradients come back sharded like the params."""
   cfg = _cfg(n_kv_heads=2, tie_embeddings=False)
   params = _random_params(cfg)
-  tokens = np.random.default_rng(2).integers(
-      0, cfg.vocab_size, size=(8, 6)).astype(np.int32)
+  tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(8, 6)).astype(np.int32)
 
   def loss(p, tok, c):
     logits, _ = models.Decoder(c).apply({'params': p}, tok)
@@ -246,17 +248,21 @@ def test_remat_and_fsdp_grads_match_plain_grads(mesh8):
 
   value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=2)
   expected_loss, expected_grads = value_and_grad(params, tokens, cfg)
-  sharded_params = jax.tree.map(
-      lambda x: jax.device_put(x, _fsdp_sharding(mesh8, x)), params)
-  sharded_tokens = jax.device_put(
-      tokens, jax.sharding.NamedSharding(mesh8, P(('data', 'fsdp'))))
-  loss_value, grads = value_and_grad(sharded_params, sharded_tokens,
-                                     dataclasses.replace(cfg, remat=True))
+  sharded_params = jax.tree.map(lambda x: jax.device_put(x, _fsdp_sharding(mesh8, x)), params)
+  sharded_tokens = jax.device_put(tokens, jax.sharding.NamedSharding(mesh8, P(('data', 'fsdp'))))
+  loss_value, grads = value_and_grad(
+    sharded_params, sharded_tokens, dataclasses.replace(cfg, remat=True)
+  )
   np.testing.assert_allclose(loss_value, expected_loss, rtol=1e-6)
   jax.tree.map(
-      lambda g, e, p: (np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7),
-                       _assert_same_spec(g, p)),
-      grads, expected_grads, sharded_params)
+    lambda g, e, p: (
+      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7),
+      _assert_same_spec(g, p),
+    ),
+    grads,
+    expected_grads,
+    sharded_params,
+  )
 
 
 def _assert_same_spec(x, ref):
@@ -281,12 +287,10 @@ def test_input_validation():
     model.apply(variables, tokens, attention_mask=np.ones((2, 4), np.float32))
   cache = models.init_cache(model, 3, 8)
   with pytest.raises(ValueError, match='batch size 2.*3'):
-    model.apply({'params': params, 'cache': cache}, tokens, decode=True,
-                mutable=['cache'])
+    model.apply({'params': params, 'cache': cache}, tokens, decode=True, mutable=['cache'])
   cache = models.init_cache(model, 2, 3)
   with pytest.raises(ValueError, match='4 tokens.*length 3'):
-    model.apply({'params': params, 'cache': cache}, tokens, decode=True,
-                mutable=['cache'])
+    model.apply({'params': params, 'cache': cache}, tokens, decode=True, mutable=['cache'])
 
 
 def _fsdp_sharding(mesh, leaf):
@@ -303,21 +307,21 @@ def _fsdp_sharding(mesh, leaf):
 def test_sharded_forward_and_decode_match_single_device(mesh8):
   cfg = _cfg(n_kv_heads=2)
   params = _random_params(cfg, seed=5)
-  tokens, mask = _left_padded_batch(6, 8, 6, cfg.vocab_size,
-                                    (0, 1, 2, 3, 0, 1, 2, 3))
+  tokens, mask = _left_padded_batch(6, 8, 6, cfg.vocab_size, (0, 1, 2, 3, 0, 1, 2, 3))
   positions = np.asarray(models.positions_from_mask(mask))
-  expected_logits, expected_hidden = _forward(params, tokens, positions, mask,
-                                              cfg=cfg)
+  expected_logits, expected_hidden = _forward(params, tokens, positions, mask, cfg=cfg)
 
   batch_sharding = jax.sharding.NamedSharding(mesh8, P(('data', 'fsdp')))
-  sharded_params = jax.tree.map(
-      lambda x: jax.device_put(x, _fsdp_sharding(mesh8, x)), params)
-  assert any(len(x.sharding.device_set) == 8 and
-             not x.sharding.is_fully_replicated
-             for x in jax.tree.leaves(sharded_params))
-  put = lambda x: jax.device_put(x, batch_sharding)
-  logits, hidden = _forward(sharded_params, put(tokens), put(positions),
-                            put(mask), cfg=cfg)
+  sharded_params = jax.tree.map(lambda x: jax.device_put(x, _fsdp_sharding(mesh8, x)), params)
+  assert any(
+    len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+    for x in jax.tree.leaves(sharded_params)
+  )
+
+  def put(x):
+    return jax.device_put(x, batch_sharding)
+
+  logits, hidden = _forward(sharded_params, put(tokens), put(positions), put(mask), cfg=cfg)
   assert not logits.sharding.is_fully_replicated
   np.testing.assert_allclose(logits, expected_logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(hidden, expected_hidden, rtol=1e-5, atol=1e-5)
@@ -328,10 +332,16 @@ def test_sharded_forward_and_decode_match_single_device(mesh8):
   logits_chunks = []
   for start, stop in ((0, 4), (4, 5), (5, 6)):
     step_logits, _, cache = _decode(
-        sharded_params, cache, put(tokens[:, start:stop]),
-        put(positions[:, start:stop]), put(mask[:, start:stop]), cfg=cfg)
+      sharded_params,
+      cache,
+      put(tokens[:, start:stop]),
+      put(positions[:, start:stop]),
+      put(mask[:, start:stop]),
+      cfg=cfg,
+    )
     logits_chunks.append(step_logits)
-  np.testing.assert_allclose(np.concatenate(logits_chunks, 1), expected_logits,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.concatenate(logits_chunks, 1), expected_logits, rtol=1e-5, atol=1e-5
+  )
   key_sharding = cache['layers_0']['attn']['cached_key'].sharding
   assert key_sharding.spec[0] == ('data', 'fsdp')

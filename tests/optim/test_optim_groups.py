@@ -12,8 +12,7 @@ D, V, H = 8, 24, 2
 
 def _normal(seed, shape):
   # numpy, not jax.random: each new jax.random shape costs a compilation.
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
-                     jnp.float32)
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def _decoder_shapes(tied=False):
@@ -23,11 +22,12 @@ def _decoder_shapes(tied=False):
     tree['head'] = {'kernel': (D, V)}
   for i in range(2):
     tree[f'layers_{i}'] = {
-        'attn': {n: {'kernel': (D, D)} for n in 'qkvo'},
-        'mlp': {n: {'kernel': (D, 4 * D) if n != 'down' else (4 * D, D)}
-                for n in ('gate', 'up', 'down')},
-        'attn_norm': {'scale': (D,)},
-        'mlp_norm': {'scale': (D,)},
+      'attn': {n: {'kernel': (D, D)} for n in 'qkvo'},
+      'mlp': {
+        n: {'kernel': (D, 4 * D) if n != 'down' else (4 * D, D)} for n in ('gate', 'up', 'down')
+      },
+      'attn_norm': {'scale': (D,)},
+      'mlp_norm': {'scale': (D,)},
     }
   return tree
 
@@ -44,8 +44,7 @@ def test_default_groups_of_the_reference_decoder():
   for i in range(2):
     layer = labels[f'layers_{i}']
     assert {layer['attn'][n]['kernel'] for n in 'qkvo'} == {'hidden'}
-    assert {layer['mlp'][n]['kernel'] for n in ('gate', 'up', 'down')} == {
-        'hidden'}
+    assert {layer['mlp'][n]['kernel'] for n in ('gate', 'up', 'down')} == {'hidden'}
     assert layer['attn_norm']['scale'] == layer['mlp_norm']['scale'] == 'vector'
 
 
@@ -62,19 +61,22 @@ def test_tied_model_has_no_head_and_nd_kernels_are_hidden():
 
 
 def test_names_match_whole_components_only():
-  params = {'num_heads_proj': {'kernel': jnp.zeros((4, 4))},
-            'lm_head': {'kernel': jnp.zeros((4, 8))}}
+  params = {
+    'num_heads_proj': {'kernel': jnp.zeros((4, 4))},
+    'lm_head': {'kernel': jnp.zeros((4, 8))},
+  }
   labels = optim.param_groups(params)
-  assert labels == {'num_heads_proj': {'kernel': 'hidden'},
-                    'lm_head': {'kernel': 'embed_head'}}
+  assert labels == {'num_heads_proj': {'kernel': 'hidden'}, 'lm_head': {'kernel': 'embed_head'}}
 
 
 def _overrides(params):
   """The same override given as a callable and as a label tree."""
+
   def fn(p):
     labels = optim.param_groups(p)
     labels['final_norm']['scale'] = 'hidden'  # nonsense on purpose: rank 1
     return labels
+
   return fn, fn(params)
 
 
@@ -105,12 +107,15 @@ def test_override_moves_a_matrix_to_adam():
   assert not jax.tree.leaves(adam_mu['layers_0']['attn']['k'])  # masked
 
 
-@pytest.mark.parametrize('shape, reduction, output', [
+@pytest.mark.parametrize(
+  'shape, reduction, output',
+  [
     ((8, 8), (0,), (1,)),
     ((16, 2, 8), (0,), (1, 2)),  # q/k/v kernel [d, heads, head_dim]
     ((2, 8, 16), (0, 1), (2,)),  # o kernel [heads, head_dim, d]
     ((3, 3, 4, 32), (0, 1, 2), (3,)),  # conv [kh, kw, c_in, c_out]
-])
+  ],
+)
 def test_default_dimension_numbers(shape, reduction, output):
   dims = optim.default_dimension_numbers(shape)
   assert tuple(dims.reduction_axis) == reduction
@@ -125,17 +130,16 @@ def test_dimension_numbers_override_changes_the_view():
   grads = {'stack': {'kernel': w}}
 
   def step(**kw):
-    opt = optim.dmuon(1.0, weight_decay=0.0, nesterov=False,
-                      newton_schulz=optim.NewtonSchulz(polar='svd'), **kw)
+    opt = optim.dmuon(
+      1.0, weight_decay=0.0, nesterov=False, newton_schulz=optim.NewtonSchulz(polar='svd'), **kw
+    )
     return opt.update(grads, opt.init(params), params)[0]['stack']['kernel']
 
-  batched = np.asarray(
-      step(weight_dimension_numbers={'stack': {'kernel': dims}}))
+  batched = np.asarray(step(weight_dimension_numbers={'stack': {'kernel': dims}}))
   # Each [4, 12] slice is its own matrix: -0.2 sqrt(12) * polar(slice).
   for i in range(3):
     u, _, vh = np.linalg.svd(np.asarray(w[i]), full_matrices=False)
-    np.testing.assert_allclose(batched[i], -0.2 * np.sqrt(12) * u @ vh,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(batched[i], -0.2 * np.sqrt(12) * u @ vh, rtol=1e-4, atol=1e-5)
   # The default rule would have flattened it to one [12, 12] matrix.
   assert not np.allclose(np.asarray(step()), batched, atol=1e-3)
 

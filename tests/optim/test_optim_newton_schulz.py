@@ -20,8 +20,7 @@ def _polar_np(x):
 
 def _matrix(seed, shape):
   # numpy, not jax.random: each new jax.random shape costs a compilation.
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
-                     jnp.float32)
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 @pytest.mark.parametrize('shape', [(12, 20), (20, 12), (16, 16)])
@@ -51,24 +50,24 @@ def test_batched_equals_per_matrix_loop():
   batched = np.asarray(ns(x))
   for i in range(3):
     for j in range(2):
-      np.testing.assert_allclose(batched[i, j], np.asarray(ns(x[i, j])),
-                                 rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(batched[i, j], np.asarray(ns(x[i, j])), rtol=1e-5, atol=1e-6)
 
 
 def test_transposes_short_side_first():
   # NS(X^T) = NS(X)^T, and a tall input is computed on its short side.
   x = _matrix(3, (24, 8))
   np.testing.assert_allclose(
-      np.asarray(optim.newton_schulz(x)),
-      np.asarray(optim.newton_schulz(x.T)).T, rtol=1e-5, atol=1e-6)
+    np.asarray(optim.newton_schulz(x)), np.asarray(optim.newton_schulz(x.T)).T, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_per_step_coefficients_and_bad_coefficients():
   x = _matrix(4, (6, 9))
   np.testing.assert_allclose(
-      np.asarray(optim.newton_schulz(x, steps=3, coeffs=[_CONVERGENT] * 3)),
-      np.asarray(optim.newton_schulz(x, steps=3, coeffs=_CONVERGENT)),
-      rtol=1e-6)
+    np.asarray(optim.newton_schulz(x, steps=3, coeffs=[_CONVERGENT] * 3)),
+    np.asarray(optim.newton_schulz(x, steps=3, coeffs=_CONVERGENT)),
+    rtol=1e-6,
+  )
   with pytest.raises(ValueError, match='one triple per step'):
     optim.newton_schulz(x, steps=2, coeffs=[_CONVERGENT] * 3)
 
@@ -81,8 +80,7 @@ def test_bfloat16_iteration_is_close_to_float32():
   rel = float(jnp.linalg.norm(o16 - o32) / jnp.linalg.norm(o32))
   assert 0 < rel < 0.1, rel
   # 'auto' is fp32 on CPU.
-  np.testing.assert_array_equal(
-      np.asarray(optim.newton_schulz(x, dtype='auto')), np.asarray(o32))
+  np.testing.assert_array_equal(np.asarray(optim.newton_schulz(x, dtype='auto')), np.asarray(o32))
 
 
 @pytest.mark.parametrize('bad', [dict(dtype='float8'), dict(dtype='int32')])
@@ -100,16 +98,15 @@ def test_zero_matrix_stays_finite():
   assert np.all(np.asarray(optim.newton_schulz(jnp.zeros((4, 6)))) == 0)
 
 
-@pytest.mark.parametrize('spec', [P('fsdp', None), P(None, 'fsdp'),
-                                  P('data', 'fsdp')])
+@pytest.mark.parametrize('spec', [P('fsdp', None), P(None, 'fsdp'), P('data', 'fsdp')])
 def test_sharded_equals_unsharded(mesh8, spec):
   x = _matrix(6, (16, 24))
   xs = jax.device_put(x, NamedSharding(mesh8, spec))
   out = jax.jit(optim.newton_schulz)(xs)
   assert out.sharding.spec == xs.sharding.spec  # laid out like the input
-  np.testing.assert_allclose(np.asarray(out),
-                             np.asarray(optim.newton_schulz(x)),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(out), np.asarray(optim.newton_schulz(x)), rtol=1e-5, atol=1e-6
+  )
 
 
 # Stacks of two oriented shapes ([8, 12] and [16, 16]), one of them tall.
@@ -121,8 +118,7 @@ def test_nuclear_norms_many_equal_the_svd_nuclear_norm():
   xs = [_matrix(20 + i, s) for i, s in enumerate(_STACKS)]
   got = optim.nuclear_norms_many(xs, newton_schulz=_NS._replace(polar='svd'))
   for x, norm in zip(xs, got):
-    expected = sum(np.linalg.svd(np.asarray(m, np.float64),
-                                 compute_uv=False).sum() for m in x)
+    expected = sum(np.linalg.svd(np.asarray(m, np.float64), compute_uv=False).sum() for m in x)
     chex.assert_shape(norm, ())
     chex.assert_type(norm, jnp.float32)
     np.testing.assert_allclose(float(norm), expected, rtol=1e-5)
@@ -139,9 +135,12 @@ def test_nuclear_norms_many_equal_the_pairing_with_the_polar_factors():
 def test_nuclear_norms_many_sharded_equal_unsharded(mesh8, ns_sharding):
   xs = [_matrix(40 + i, s) for i, s in enumerate(_STACKS)]
   # FSDP-like: the matrices' long axis over 'fsdp' where it divides by 4.
-  sharded = [jax.device_put(x, NamedSharding(
-      mesh8, P(None, 'fsdp') if x.shape[1] % 4 == 0 else P())) for x in xs]
-  run = jax.jit(lambda ms: optim.nuclear_norms_many(
-      ms, newton_schulz=_NS._replace(sharding=ns_sharding)))
+  sharded = [
+    jax.device_put(x, NamedSharding(mesh8, P(None, 'fsdp') if x.shape[1] % 4 == 0 else P()))
+    for x in xs
+  ]
+  run = jax.jit(
+    lambda ms: optim.nuclear_norms_many(ms, newton_schulz=_NS._replace(sharding=ns_sharding))
+  )
   for got, want in zip(run(sharded), optim.nuclear_norms_many(xs, newton_schulz=_NS)):
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)

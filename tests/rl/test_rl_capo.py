@@ -25,8 +25,7 @@ def _top_k_set(h, head, a, k):
 
 def reference_stats(hidden, head, actions, adv, mu, nu, count, lr, k):
   """m_H, m_F of the spec, one token at a time, in float64."""
-  hidden, head, mu, nu = (np.asarray(x, np.float64)
-                          for x in (hidden, head, mu, nu))
+  hidden, head, mu, nu = (np.asarray(x, np.float64) for x in (hidden, head, mu, nu))
   m_h = np.zeros(actions.shape)
   m_f = np.zeros(actions.shape)
   for b in range(actions.shape[0]):
@@ -39,8 +38,8 @@ def reference_stats(hidden, head, actions, adv, mu, nu, count, lr, k):
       if count == 0:
         d = g
       else:
-        m_hat = (B1 * mu[ids] + (1 - B1) * g) / (1 - B1**(count + 1))
-        v_hat = (B2 * nu[ids] + (1 - B2) * g**2) / (1 - B2**(count + 1))
+        m_hat = (B1 * mu[ids] + (1 - B1) * g) / (1 - B1 ** (count + 1))
+        v_hat = (B2 * nu[ids] + (1 - B2) * g**2) / (1 - B2 ** (count + 1))
         d = m_hat / (np.sqrt(v_hat) + EPS)
       u = d @ h
       vu = v @ u
@@ -91,15 +90,14 @@ def make_inputs(seed=0, batch=B, length=T):
 
 @pytest.fixture(scope='module')
 def stats_fn():
-  return jax.jit(rl.capo_token_stats,
-                 static_argnames=('top_k', 'b1', 'b2', 'eps', 'chunk_size'))
+  return jax.jit(rl.capo_token_stats, static_argnames=('top_k', 'b1', 'b2', 'eps', 'chunk_size'))
 
 
 @pytest.fixture(scope='module')
 def update_fn():
-  return jax.jit(rl.capo_shadow_update,
-                 static_argnames=('top_k', 'b1', 'b2', 'chunk_size',
-                                  'axis_name'))
+  return jax.jit(
+    rl.capo_shadow_update, static_argnames=('top_k', 'b1', 'b2', 'chunk_size', 'axis_name')
+  )
 
 
 # chunk_size 4 -> one position per chunk; 7 -> two (T padded from 5 to 6).
@@ -107,17 +105,24 @@ def update_fn():
 @pytest.mark.parametrize('count', [0, 3])
 def test_token_stats_match_reference(stats_fn, chunk_size, count):
   hidden, head, actions, adv, mu, nu, _ = make_inputs()
-  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu),
-                         jnp.asarray(count, jnp.int32))
+  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu), jnp.asarray(count, jnp.int32))
   # bf16 hidden states: the result must be the fp32 computation on them.
   hidden_bf16 = jnp.asarray(hidden, jnp.bfloat16)
   lr = 0.05
-  m_h, m_f = stats_fn(hidden_bf16, jnp.asarray(head), jnp.asarray(actions),
-                      jnp.asarray(adv), shadow, lr, top_k=K,
-                      chunk_size=chunk_size)
+  m_h, m_f = stats_fn(
+    hidden_bf16,
+    jnp.asarray(head),
+    jnp.asarray(actions),
+    jnp.asarray(adv),
+    shadow,
+    lr,
+    top_k=K,
+    chunk_size=chunk_size,
+  )
   assert m_h.dtype == m_f.dtype == jnp.float32 and m_h.shape == (B, T)
-  want_h, want_f = reference_stats(np.asarray(hidden_bf16, np.float32), head,
-                                   actions, adv, mu, nu, count, lr, K)
+  want_h, want_f = reference_stats(
+    np.asarray(hidden_bf16, np.float32), head, actions, adv, mu, nu, count, lr, K
+  )
   np.testing.assert_allclose(m_h, want_h, rtol=2e-4, atol=1e-9)
   np.testing.assert_allclose(m_f, want_f, rtol=2e-4, atol=1e-9)
   # The fixture covers what it claims: zero advantage -> zero stats, nonzero
@@ -125,8 +130,12 @@ def test_token_stats_match_reference(stats_fn, chunk_size, count):
   m_h, m_f = np.asarray(m_h), np.asarray(m_f)
   np.testing.assert_array_equal(m_h[1], 0.0)
   assert np.all(m_f[[0, 2]] > 0)
-  outside = [a not in np.argsort(-(hidden[b, t] @ head.T))[:K]
-             for b in range(B) for t in range(T) for a in [actions[b, t]]]
+  outside = [
+    a not in np.argsort(-(hidden[b, t] @ head.T))[:K]
+    for b in range(B)
+    for t in range(T)
+    for a in [actions[b, t]]
+  ]
   assert 3 <= sum(outside) < B * T
 
 
@@ -139,9 +148,16 @@ def test_fresh_shadow_step_model_is_the_gradient(stats_fn):
   hidden, head, actions, adv, _, _, _ = make_inputs(seed=1)
   shadow = rl.capo_shadow_init(V, H)
   lr = 1e-3
-  m_h, _ = stats_fn(jnp.asarray(hidden), jnp.asarray(head),
-                    jnp.asarray(actions), jnp.asarray(adv), shadow, lr,
-                    top_k=K, chunk_size=4)
+  m_h, _ = stats_fn(
+    jnp.asarray(hidden),
+    jnp.asarray(head),
+    jnp.asarray(actions),
+    jnp.asarray(adv),
+    shadow,
+    lr,
+    top_k=K,
+    chunk_size=4,
+  )
   h64, w64 = hidden.astype(np.float64), head.astype(np.float64)
   for b in (0, 2):
     for t in range(T):
@@ -159,13 +175,18 @@ def test_fresh_shadow_step_model_is_the_gradient(stats_fn):
 @pytest.mark.parametrize('chunk_size', [4, 7])
 def test_shadow_update_matches_reference(update_fn, chunk_size):
   hidden, head, actions, adv, mu, nu, mask = make_inputs(seed=2)
-  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu),
-                         jnp.asarray(3, jnp.int32))
-  new = update_fn(shadow, jnp.asarray(hidden), jnp.asarray(head),
-                  jnp.asarray(actions), jnp.asarray(adv), jnp.asarray(mask),
-                  top_k=K, chunk_size=chunk_size)
-  want_mu, want_nu = reference_update(mu, nu, hidden, head, actions, adv, mask,
-                                      K)
+  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu), jnp.asarray(3, jnp.int32))
+  new = update_fn(
+    shadow,
+    jnp.asarray(hidden),
+    jnp.asarray(head),
+    jnp.asarray(actions),
+    jnp.asarray(adv),
+    jnp.asarray(mask),
+    top_k=K,
+    chunk_size=chunk_size,
+  )
+  want_mu, want_nu = reference_update(mu, nu, hidden, head, actions, adv, mask, K)
   assert int(new.count) == 4
   assert new.mu.dtype == new.nu.dtype == jnp.float32
   np.testing.assert_allclose(new.mu, want_mu, rtol=1e-5, atol=1e-7)
@@ -180,16 +201,13 @@ def test_shadow_init_then_update_then_stats_uses_adam(update_fn, stats_fn):
   hidden, head, actions, adv, _, _, mask = make_inputs(seed=3)
   shadow = rl.capo_shadow_init(V, H)
   assert shadow.mu.shape == (V, H) and int(shadow.count) == 0
-  args = (jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(actions),
-          jnp.asarray(adv))
+  args = (jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(actions), jnp.asarray(adv))
   shadow = update_fn(shadow, *args, jnp.asarray(mask), top_k=K, chunk_size=4)
   zeros = np.zeros((V, H), np.float32)
-  want_mu, want_nu = reference_update(zeros, zeros, hidden, head, actions, adv,
-                                      mask, K)
+  want_mu, want_nu = reference_update(zeros, zeros, hidden, head, actions, adv, mask, K)
   np.testing.assert_allclose(shadow.mu, want_mu, rtol=1e-5, atol=1e-8)
   m_h, m_f = stats_fn(*args, shadow, 0.01, top_k=K, chunk_size=4)
-  ref_h, ref_f = reference_stats(hidden, head, actions, adv, want_mu, want_nu,
-                                 1, 0.01, K)
+  ref_h, ref_f = reference_stats(hidden, head, actions, adv, want_mu, want_nu, 1, 0.01, K)
   np.testing.assert_allclose(m_h, ref_h, rtol=2e-4, atol=1e-9)
   np.testing.assert_allclose(m_f, ref_f, rtol=2e-4, atol=1e-9)
 
@@ -198,30 +216,26 @@ def test_shadow_init_then_update_then_stats_uses_adam(update_fn, stats_fn):
 def test_token_set_matches_reference(chunk_size):
   hidden, head, actions, *_ = make_inputs(seed=5)
   got = jax.jit(rl.capo_token_set, static_argnames=('top_k', 'chunk_size'))(
-      jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(actions), top_k=K,
-      chunk_size=chunk_size)
+    jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(actions), top_k=K, chunk_size=chunk_size
+  )
   assert got.dtype == jnp.int32 and got.shape == (B, T, K)
-  want = [[_top_k_set(hidden[b, t], head, int(actions[b, t]), K)[0]
-           for t in range(T)] for b in range(B)]
+  want = [
+    [_top_k_set(hidden[b, t], head, int(actions[b, t]), K)[0] for t in range(T)] for b in range(B)
+  ]
   np.testing.assert_array_equal(got, want)
 
 
-def test_shared_token_set_gives_the_same_stats_and_update(stats_fn,
-                                                          update_fn):
+def test_shared_token_set_gives_the_same_stats_and_update(stats_fn, update_fn):
   hidden, head, actions, adv, mu, nu, mask = make_inputs(seed=6)
-  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu),
-                         jnp.asarray(2, jnp.int32))
+  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu), jnp.asarray(2, jnp.int32))
   args = tuple(map(jnp.asarray, (hidden, head, actions, adv)))
   token_set = rl.capo_token_set(*args[:3], top_k=K, chunk_size=4)
   for given in (None, token_set):
-    stats = stats_fn(*args, shadow, 0.05, top_k=K, chunk_size=4,
-                     token_set=given)
-    new = update_fn(shadow, *args, jnp.asarray(mask), top_k=K, chunk_size=4,
-                    token_set=given)
+    stats = stats_fn(*args, shadow, 0.05, top_k=K, chunk_size=4, token_set=given)
+    new = update_fn(shadow, *args, jnp.asarray(mask), top_k=K, chunk_size=4, token_set=given)
     if given is None:
       want_stats, want_new = stats, new
-  for g, w in zip(jax.tree.leaves((stats, new)),
-                  jax.tree.leaves((want_stats, want_new))):
+  for g, w in zip(jax.tree.leaves((stats, new)), jax.tree.leaves((want_stats, want_new))):
     np.testing.assert_array_equal(g, w)
   assert np.any(np.asarray(want_stats[0]) != 0)
 
@@ -252,26 +266,34 @@ def test_metrics():
   np.testing.assert_allclose(out['capo/m_F_q1'], 3.0)
 
 
-@pytest.mark.parametrize('call, error', [
-    (lambda x: x.update(hidden=np.zeros((B, T))),
-     r'hidden must be \[B, T, H\]'),
+@pytest.mark.parametrize(
+  'call, error',
+  [
+    (lambda x: x.update(hidden=np.zeros((B, T))), r'hidden must be \[B, T, H\]'),
     (lambda x: x.update(head=np.zeros((H, V))), r'head must be \[V, H\]'),
     (lambda x: x.update(actions=np.zeros((B, T))), 'actions must be integer'),
-    (lambda x: x.update(advantages=np.zeros(B + 1)),
-     r'advantages must be \[B\]'),
+    (lambda x: x.update(advantages=np.zeros(B + 1)), r'advantages must be \[B\]'),
     (lambda x: x.update(top_k=V + 1), rf'top_k must be in \[1, vocab={V}\]'),
     (lambda x: x.update(chunk_size=0), 'chunk_size must be >= 1, got 0'),
-    (lambda x: x.update(shadow=rl.capo_shadow_init(V + 1, H)),
-     r'shadow.mu has shape \(41, 8\)'),
-    (lambda x: x.update(token_set=np.zeros((B, T, K + 1), np.int32)),
-     r'token_set must be \[B, T, top_k\] = \(3, 5, 6\)'),
-    (lambda x: x.update(token_set=np.zeros((B, T, K))),
-     'token_set must be integer ids'),
-])
+    (lambda x: x.update(shadow=rl.capo_shadow_init(V + 1, H)), r'shadow.mu has shape \(41, 8\)'),
+    (
+      lambda x: x.update(token_set=np.zeros((B, T, K + 1), np.int32)),
+      r'token_set must be \[B, T, top_k\] = \(3, 5, 6\)',
+    ),
+    (lambda x: x.update(token_set=np.zeros((B, T, K))), 'token_set must be integer ids'),
+  ],
+)
 def test_bad_inputs(call, error):
   hidden, head, actions, adv, _, _, _ = make_inputs()
-  kwargs = dict(hidden=hidden, head=head, actions=actions, advantages=adv,
-                shadow=rl.capo_shadow_init(V, H), lr=0.1, top_k=K)
+  kwargs = dict(
+    hidden=hidden,
+    head=head,
+    actions=actions,
+    advantages=adv,
+    shadow=rl.capo_shadow_init(V, H),
+    lr=0.1,
+    top_k=K,
+  )
   call(kwargs)
   with pytest.raises((ValueError, TypeError), match=error):
     rl.capo_token_stats(**kwargs)
@@ -281,10 +303,12 @@ def test_peak_memory_never_holds_the_full_token_tensor():
   """Compiled temp memory stays far below one [B, T, K, H] float32 tensor."""
   batch, length, width, vocab, k = 4, 512, 128, 256, 50
   full_bytes = batch * length * k * width * 4  # 52 MB
-  shapes = (jax.ShapeDtypeStruct((batch, length, width), jnp.float32),
-            jax.ShapeDtypeStruct((vocab, width), jnp.float32),
-            jax.ShapeDtypeStruct((batch, length), jnp.int32),
-            jax.ShapeDtypeStruct((batch,), jnp.float32))
+  shapes = (
+    jax.ShapeDtypeStruct((batch, length, width), jnp.float32),
+    jax.ShapeDtypeStruct((vocab, width), jnp.float32),
+    jax.ShapeDtypeStruct((batch, length), jnp.int32),
+    jax.ShapeDtypeStruct((batch,), jnp.float32),
+  )
   shadow = jax.eval_shape(lambda: rl.capo_shadow_init(vocab, width))
   mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
 
@@ -294,30 +318,34 @@ def test_peak_memory_never_holds_the_full_token_tensor():
   def update(h, w, a, adv, s, m):
     return rl.capo_shadow_update(s, h, w, a, adv, m, top_k=k, chunk_size=64)
 
-  for fn, args in ((stats, shapes + (shadow,)),
-                   (update, shapes + (shadow, mask))):
+  for fn, args in ((stats, shapes + (shadow,)), (update, shapes + (shadow, mask))):
     analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
     assert analysis.temp_size_in_bytes < full_bytes / 8, (
-        fn.__name__, analysis.temp_size_in_bytes, full_bytes)
+      fn.__name__,
+      analysis.temp_size_in_bytes,
+      full_bytes,
+    )
 
 
 @pytest.mark.parametrize('shared_set', [False, True])
-def test_sharded_stats_mask_and_update_match_unsharded(mesh8, stats_fn,
-                                                       update_fn, shared_set):
+def test_sharded_stats_mask_and_update_match_unsharded(mesh8, shared_set):
   """Batch over 'data', head and shadow rows over 'fsdp': same numbers."""
   hidden, head, actions, adv, mu, nu, mask = make_inputs(seed=4, batch=4)
-  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu),
-                         jnp.asarray(2, jnp.int32))
+  shadow = rl.CapoShadow(jnp.asarray(mu), jnp.asarray(nu), jnp.asarray(2, jnp.int32))
   args = tuple(map(jnp.asarray, (hidden, head, actions, adv)))
 
   def stats_mask_update(h, w, a, adv, s, m):
-    token_set = (rl.capo_token_set(h, w, a, top_k=K, chunk_size=8)
-                 if shared_set else None)
-    m_h, m_f = rl.capo_token_stats(h, w, a, adv, s, 0.05, top_k=K,
-                                   chunk_size=8, token_set=token_set)
+    token_set = rl.capo_token_set(h, w, a, top_k=K, chunk_size=8) if shared_set else None
+    m_h, m_f = rl.capo_token_stats(
+      h, w, a, adv, s, 0.05, top_k=K, chunk_size=8, token_set=token_set
+    )
     keep = rl.capo_mask(m_h, m_f, tau_H=0.05, tau_F=1e-3) & m
-    return m_h, m_f, keep, rl.capo_shadow_update(
-        s, h, w, a, adv, keep, top_k=K, chunk_size=8, token_set=token_set)
+    return (
+      m_h,
+      m_f,
+      keep,
+      rl.capo_shadow_update(s, h, w, a, adv, keep, top_k=K, chunk_size=8, token_set=token_set),
+    )
 
   fn = jax.jit(stats_mask_update)
   want = fn(*args, shadow, jnp.asarray(mask))
@@ -325,12 +353,20 @@ def test_sharded_stats_mask_and_update_match_unsharded(mesh8, stats_fn,
   assert 0 < keep.sum() < mask.sum()  # the thresholds mask some tokens
 
   spec = jax.sharding.PartitionSpec
-  named = lambda *s: jax.sharding.NamedSharding(mesh8, spec(*s))
+
+  def named(*s):
+    return jax.sharding.NamedSharding(mesh8, spec(*s))
+
   put = jax.device_put
-  sharded_args = (put(hidden, named('data')), put(head, named('fsdp')),
-                  put(actions, named('data')), put(adv, named('data')))
-  sharded_shadow = rl.CapoShadow(put(mu, named('fsdp')), put(nu, named('fsdp')),
-                                 put(shadow.count, named()))
+  sharded_args = (
+    put(hidden, named('data')),
+    put(head, named('fsdp')),
+    put(actions, named('data')),
+    put(adv, named('data')),
+  )
+  sharded_shadow = rl.CapoShadow(
+    put(mu, named('fsdp')), put(nu, named('fsdp')), put(shadow.count, named())
+  )
   got = fn(*sharded_args, sharded_shadow, put(mask, named('data')))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-9)
@@ -338,15 +374,16 @@ def test_sharded_stats_mask_and_update_match_unsharded(mesh8, stats_fn,
   # Inside shard_map each device sees its batch shard; axis_name sums the
   # shadow statistics over the data axis.
   def local_update(s, h, w, a, adv, m):
-    return rl.capo_shadow_update(s, h, w, a, adv, m, top_k=K, chunk_size=8,
-                                 axis_name='data')
+    return rl.capo_shadow_update(s, h, w, a, adv, m, top_k=K, chunk_size=8, axis_name='data')
 
-  mapped = jax.jit(jax.shard_map(
-      local_update, mesh=mesh8,
-      in_specs=(spec(), spec('data'), spec(), spec('data'), spec('data'),
-                spec('data')),
-      out_specs=spec()))
-  got = mapped(shadow, sharded_args[0], args[1], *sharded_args[2:],
-               put(keep, named('data')))
+  mapped = jax.jit(
+    jax.shard_map(
+      local_update,
+      mesh=mesh8,
+      in_specs=(spec(), spec('data'), spec(), spec('data'), spec('data'), spec('data')),
+      out_specs=spec(),
+    )
+  )
+  got = mapped(shadow, sharded_args[0], args[1], *sharded_args[2:], put(keep, named('data')))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want[3])):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-9)

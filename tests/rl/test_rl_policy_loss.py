@@ -44,7 +44,7 @@ def _reference(agg, kl, beta, dual_clip, max_len, eps=0.2):
       valid.append(True)
 
   def reduce(values):
-    rows = [values[3 * b:3 * b + 3] for b in range(2)]
+    rows = [values[3 * b : 3 * b + 3] for b in range(2)]
     sums = [sum(v for v in row if v is not None) for row in rows]
     counts = [sum(v is not None for v in row) for row in rows]
     if agg == 'token-mean':
@@ -59,16 +59,16 @@ def _reference(agg, kl, beta, dual_clip, max_len, eps=0.2):
 
 
 CASES = [
-    # (agg, kl, beta, dual_clip, max_len)
-    ('token-mean', 'k3', 0.0, None, None),
-    ('seq-mean-token-mean', 'k3', 0.0, None, None),
-    ('seq-mean-token-sum', 'k3', 0.0, None, None),
-    ('seq-mean-token-sum-norm', 'k3', 0.0, None, None),
-    ('seq-mean-token-sum-norm', 'k3', 0.0, None, 8),
-    ('token-mean', 'k1', 0.1, None, None),
-    ('seq-mean-token-mean', 'k2', 0.1, None, None),
-    ('seq-mean-token-sum', 'k3', 0.1, None, None),
-    ('seq-mean-token-mean', 'k3', 0.05, 1.1, None),
+  # (agg, kl, beta, dual_clip, max_len)
+  ('token-mean', 'k3', 0.0, None, None),
+  ('seq-mean-token-mean', 'k3', 0.0, None, None),
+  ('seq-mean-token-sum', 'k3', 0.0, None, None),
+  ('seq-mean-token-sum-norm', 'k3', 0.0, None, None),
+  ('seq-mean-token-sum-norm', 'k3', 0.0, None, 8),
+  ('token-mean', 'k1', 0.1, None, None),
+  ('seq-mean-token-mean', 'k2', 0.1, None, None),
+  ('seq-mean-token-sum', 'k3', 0.1, None, None),
+  ('seq-mean-token-mean', 'k3', 0.05, 1.1, None),
 ]
 
 
@@ -81,9 +81,18 @@ def loss_fn():
 @pytest.mark.parametrize('agg, kl, beta, dual_clip, max_len', CASES)
 def test_matches_hand_computation(loss_fn, agg, kl, beta, dual_clip, max_len):
   loss, metrics = loss_fn(
-      jnp.asarray(LOGP), jnp.asarray(OLD), jnp.asarray(ADV), jnp.asarray(MASK),
-      agg=agg, kl=kl, beta=beta, dual_clip=dual_clip, max_len=max_len,
-      ref_logp=jnp.asarray(REF), entropy=jnp.asarray(ENT))
+    jnp.asarray(LOGP),
+    jnp.asarray(OLD),
+    jnp.asarray(ADV),
+    jnp.asarray(MASK),
+    agg=agg,
+    kl=kl,
+    beta=beta,
+    dual_clip=dual_clip,
+    max_len=max_len,
+    ref_logp=jnp.asarray(REF),
+    entropy=jnp.asarray(ENT),
+  )
   want, want_pg = _reference(agg, kl, beta, dual_clip, max_len)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   np.testing.assert_allclose(metrics['pg_loss'], want_pg, rtol=1e-5)
@@ -92,11 +101,9 @@ def test_matches_hand_computation(loss_fn, agg, kl, beta, dual_clip, max_len):
   np.testing.assert_allclose(metrics['clip_frac_low'], 0.2)
   np.testing.assert_allclose(metrics['clip_frac_high'], 0.2)
   np.testing.assert_allclose(metrics['entropy'], 4.5 / 5, rtol=1e-6)
-  kls = [_kl(LOGP[b][t], REF[b][t], kl) for b in range(2) for t in range(3)
-         if MASK[b][t]]
+  kls = [_kl(LOGP[b][t], REF[b][t], kl) for b in range(2) for t in range(3) if MASK[b][t]]
   np.testing.assert_allclose(metrics['kl'], sum(kls) / 5, rtol=1e-5)
-  ratios = [math.exp(LOGP[b][t] - OLD[b][t]) for b in range(2)
-            for t in range(3) if MASK[b][t]]
+  ratios = [math.exp(LOGP[b][t] - OLD[b][t]) for b in range(2) for t in range(3) if MASK[b][t]]
   np.testing.assert_allclose(metrics['ratio_mean'], sum(ratios) / 5, rtol=1e-6)
   if dual_clip is not None:
     # Only the e^0.2 token of the A = -2 sequence exceeds the cap 1.1.
@@ -108,16 +115,21 @@ def test_literal_values_at_ratio_one():
   logp = jnp.asarray([[-1.0, -2.0, -3.0], [-0.5, -0.1, -0.2]])
   adv = jnp.asarray([1.0, -1.0])
   mask = jnp.asarray([[1, 1, 0], [1, 0, 0]])
-  want = {'token-mean': -1 / 3, 'seq-mean-token-mean': 0.0,
-          'seq-mean-token-sum': -0.5, 'seq-mean-token-sum-norm': -1 / 6}
+  want = {
+    'token-mean': -1 / 3,
+    'seq-mean-token-mean': 0.0,
+    'seq-mean-token-sum': -0.5,
+    'seq-mean-token-sum-norm': -1 / 6,
+  }
   for agg, value in want.items():
     loss, metrics = rl.policy_loss(logp, logp, adv, mask, agg=agg)
     np.testing.assert_allclose(loss, value, rtol=1e-6, err_msg=agg)
     assert metrics['clip_frac_low'] == metrics['clip_frac_high'] == 0
     np.testing.assert_allclose(metrics['ratio_mean'], 1.0)
   # k3 with logp - ref = 1: e^-1 + 1 - 1 = e^-1 per token, beta 0.5.
-  loss, _ = rl.policy_loss(logp, logp, adv, mask, agg='token-mean', beta=0.5,
-                           ref_logp=logp - 1.0, kl='k3')
+  loss, _ = rl.policy_loss(
+    logp, logp, adv, mask, agg='token-mean', beta=0.5, ref_logp=logp - 1.0, kl='k3'
+  )
   np.testing.assert_allclose(loss, -1 / 3 + 0.5 * math.exp(-1), rtol=1e-6)
 
 
@@ -127,9 +139,9 @@ def test_all_masked_gives_zero_loss_and_finite_grads(agg):
   old = jnp.zeros((2, 3))
 
   def loss(lp):
-    return rl.policy_loss(lp, old, jnp.asarray([1.0, -1.0]),
-                          jnp.zeros((2, 3), bool), agg=agg, beta=0.1,
-                          ref_logp=old)[0]
+    return rl.policy_loss(
+      lp, old, jnp.asarray([1.0, -1.0]), jnp.zeros((2, 3), bool), agg=agg, beta=0.1, ref_logp=old
+    )[0]
 
   value, grad = jax.value_and_grad(loss)(logp)
   assert value == 0.0
@@ -141,8 +153,9 @@ def test_gradient_flows_only_through_unclipped_valid_tokens():
   # Token (0, 0) is clipped high with A > 0: zero gradient. Token (0, 1) is
   # unclipped: d(-A ratio)/d logp = -A ratio. Padding -inf: zero, not NaN.
   def loss(lp):
-    return rl.policy_loss(lp, jnp.asarray(OLD), jnp.asarray(ADV),
-                          jnp.asarray(MASK), agg='seq-mean-token-sum')[0]
+    return rl.policy_loss(
+      lp, jnp.asarray(OLD), jnp.asarray(ADV), jnp.asarray(MASK), agg='seq-mean-token-sum'
+    )[0]
 
   grad = np.asarray(jax.grad(loss)(jnp.asarray(LOGP)))
   assert np.all(np.isfinite(grad))
@@ -159,14 +172,18 @@ def test_sharded_matches_unsharded(mesh8):
   mask = (rng.uniform(size=(4, 6)) < 0.7).astype(np.float32)
 
   def value_and_grad(lp, o, a, m):
-    fn = lambda x: rl.policy_loss(x, o, a, m, agg='seq-mean-token-mean',
-                                  beta=0.1, ref_logp=o, kl='k3')
+    def fn(x):
+      return rl.policy_loss(x, o, a, m, agg='seq-mean-token-mean', beta=0.1, ref_logp=o, kl='k3')
+
     return jax.value_and_grad(fn, has_aux=True)(lp)
 
   fn = jax.jit(value_and_grad)
   (loss, metrics), grad = fn(logp, old, adv, mask)
   rows = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec('data'))
-  put = lambda x: jax.device_put(x, rows)
+
+  def put(x):
+    return jax.device_put(x, rows)
+
   (loss8, metrics8), grad8 = fn(put(logp), put(old), put(adv), put(mask))
   np.testing.assert_allclose(loss8, loss, rtol=1e-6)
   np.testing.assert_allclose(grad8, grad, rtol=1e-6, atol=1e-7)
@@ -174,14 +191,17 @@ def test_sharded_matches_unsharded(mesh8):
     np.testing.assert_allclose(metrics8[key], metrics[key], rtol=1e-6)
 
 
-@pytest.mark.parametrize('kwargs, error', [
+@pytest.mark.parametrize(
+  'kwargs, error',
+  [
     (dict(agg='sum'), "unknown aggregation 'sum'"),
     (dict(kl='k4'), "unknown kl estimator 'k4'"),
     (dict(beta=0.1), 'beta=0.1 needs ref_logp'),
     (dict(dual_clip=0.5), 'dual_clip must be > 1'),
     (dict(eps_low=-0.1), 'eps_low and eps_high must be >= 0'),
     (dict(max_len=0), 'max_len must be > 0, got 0'),
-])
+  ],
+)
 def test_bad_options(kwargs, error):
   x = jnp.zeros((2, 3))
   with pytest.raises(ValueError, match=error):

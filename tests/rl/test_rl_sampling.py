@@ -63,14 +63,14 @@ def _np_filter(logits, top_k, top_p):
 
 # name -> (top_k, top_p)
 FILTER_CASES = {
-    'none': (0, 1.0),
-    'top1': (1, 1.0),
-    'top5': (5, 1.0),
-    'topk_ge_vocab': (100, 1.0),
-    'nucleus_0.5': (0, 0.5),
-    'nucleus_0.9': (0, 0.9),
-    'nucleus_tiny': (0, 1e-6),
-    'top5_nucleus_0.8': (5, 0.8),
+  'none': (0, 1.0),
+  'top1': (1, 1.0),
+  'top5': (5, 1.0),
+  'topk_ge_vocab': (100, 1.0),
+  'nucleus_0.5': (0, 0.5),
+  'nucleus_0.9': (0, 0.9),
+  'nucleus_tiny': (0, 1e-6),
+  'top5_nucleus_0.8': (5, 0.8),
 }
 
 
@@ -91,10 +91,21 @@ def test_samples_stay_inside_the_filtered_set_with_the_right_frequencies(top_k, 
   vocab = table.shape[0]
   prompts = np.tile(np.arange(2, 6, dtype=np.int32)[:, None], (1, 3))
   temperature = 0.8
-  out = rl.sample(_bigram_decode, jnp.asarray(table), jnp.int32(0), prompts,
-                  np.ones_like(prompts), jax.random.key(0), max_new_tokens=6,
-                  num_samples=256, temperature=temperature, top_k=top_k, top_p=top_p,
-                  eos_id=vocab + 5, pad_id=PAD)  # an EOS that never comes
+  out = rl.sample(
+    _bigram_decode,
+    jnp.asarray(table),
+    jnp.int32(0),
+    prompts,
+    np.ones_like(prompts),
+    jax.random.key(0),
+    max_new_tokens=6,
+    num_samples=256,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=vocab + 5,
+    pad_id=PAD,
+  )  # an EOS that never comes
   completions = np.asarray(out.completions)
   assert np.all(np.asarray(out.mask) == 1) and np.all(np.asarray(out.truncated))
   prev = _previous_tokens(prompts, out.prompt_index, completions)
@@ -123,12 +134,21 @@ def test_eos_stops_a_row_and_pads_after_it():
     table[src, dst] = 5.0
   prompts = np.asarray([[0, 2], [7, 4], [7, 5]], np.int32)
   mask = np.asarray([[0, 1], [1, 1], [1, 1]], np.int32)
-  out = rl.sample(_bigram_decode, jnp.asarray(table), jnp.int32(0), prompts, mask,
-                  jax.random.key(0), max_new_tokens=5, temperature=0.0, eos_id=EOS,
-                  pad_id=PAD)
-  np.testing.assert_array_equal(out.completions, [[3, EOS, PAD, PAD, PAD],
-                                                  [EOS, PAD, PAD, PAD, PAD],
-                                                  [6, 5, 6, 5, 6]])
+  out = rl.sample(
+    _bigram_decode,
+    jnp.asarray(table),
+    jnp.int32(0),
+    prompts,
+    mask,
+    jax.random.key(0),
+    max_new_tokens=5,
+    temperature=0.0,
+    eos_id=EOS,
+    pad_id=PAD,
+  )
+  np.testing.assert_array_equal(
+    out.completions, [[3, EOS, PAD, PAD, PAD], [EOS, PAD, PAD, PAD, PAD], [6, 5, 6, 5, 6]]
+  )
   np.testing.assert_array_equal(out.mask, [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1] * 5])
   np.testing.assert_array_equal(out.truncated, [False, False, True])
   assert out.completions.dtype == jnp.int32 and out.mask.dtype == jnp.float32
@@ -149,35 +169,72 @@ def test_early_exit_when_every_row_ended():
   table = np.full((4, 4), -5.0, np.float32)
   table[:, EOS] = 5.0
   prompts = np.asarray([[2, 3, 2]], np.int32)  # the prefill writes 3 tokens
-  out = rl.sample(decode, jnp.asarray(table), jnp.int32(0), prompts, np.ones_like(prompts),
-                  jax.random.key(1), max_new_tokens=4, num_samples=3, eos_id=EOS, pad_id=PAD)
+  out = rl.sample(
+    decode,
+    jnp.asarray(table),
+    jnp.int32(0),
+    prompts,
+    np.ones_like(prompts),
+    jax.random.key(1),
+    max_new_tokens=4,
+    num_samples=3,
+    eos_id=EOS,
+    pad_id=PAD,
+  )
   np.testing.assert_array_equal(out.completions, [[EOS, PAD, PAD, PAD]] * 3)
   assert np.all(np.isfinite(out.logp))
 
 
 def test_input_validation():
   table, prompts = jnp.zeros((4, 4)), np.ones((2, 3), np.int32)
-  call = functools.partial(rl.sample, _bigram_decode, table, jnp.int32(0), prompts,
-                           np.ones_like(prompts), jax.random.key(0), eos_id=1, pad_id=0)
+  call = functools.partial(
+    rl.sample,
+    _bigram_decode,
+    table,
+    jnp.int32(0),
+    prompts,
+    np.ones_like(prompts),
+    jax.random.key(0),
+    eos_id=1,
+    pad_id=0,
+  )
   cases = [
-      (dict(max_new_tokens=0), ValueError, 'max_new_tokens'),
-      (dict(max_new_tokens=2.0), TypeError, 'max_new_tokens'),
-      (dict(max_new_tokens=2, num_samples=0), ValueError, 'num_samples'),
-      (dict(max_new_tokens=2, temperature=-1.0), ValueError, 'temperature'),
-      (dict(max_new_tokens=2, temperature=float('nan')), ValueError, 'temperature'),
-      (dict(max_new_tokens=2, top_k=-1), ValueError, 'top_k'),
-      (dict(max_new_tokens=2, top_p=0.0), ValueError, 'top_p'),
-      (dict(max_new_tokens=2, top_p=1.5), ValueError, 'top_p'),
+    (dict(max_new_tokens=0), ValueError, 'max_new_tokens'),
+    (dict(max_new_tokens=2.0), TypeError, 'max_new_tokens'),
+    (dict(max_new_tokens=2, num_samples=0), ValueError, 'num_samples'),
+    (dict(max_new_tokens=2, temperature=-1.0), ValueError, 'temperature'),
+    (dict(max_new_tokens=2, temperature=float('nan')), ValueError, 'temperature'),
+    (dict(max_new_tokens=2, top_k=-1), ValueError, 'top_k'),
+    (dict(max_new_tokens=2, top_p=0.0), ValueError, 'top_p'),
+    (dict(max_new_tokens=2, top_p=1.5), ValueError, 'top_p'),
   ]
   for kwargs, error, match in cases:
     with pytest.raises(error, match=match):
       call(**kwargs)
   with pytest.raises(ValueError, match='prompt_mask'):
-    rl.sample(_bigram_decode, table, jnp.int32(0), prompts, np.ones((2, 2)),
-              jax.random.key(0), max_new_tokens=2, eos_id=1, pad_id=0)
+    rl.sample(
+      _bigram_decode,
+      table,
+      jnp.int32(0),
+      prompts,
+      np.ones((2, 2)),
+      jax.random.key(0),
+      max_new_tokens=2,
+      eos_id=1,
+      pad_id=0,
+    )
   with pytest.raises(TypeError, match='prompts'):
-    rl.sample(_bigram_decode, table, jnp.int32(0), prompts * 1.0, np.ones_like(prompts),
-              jax.random.key(0), max_new_tokens=2, eos_id=1, pad_id=0)
+    rl.sample(
+      _bigram_decode,
+      table,
+      jnp.int32(0),
+      prompts * 1.0,
+      np.ones_like(prompts),
+      jax.random.key(0),
+      max_new_tokens=2,
+      eos_id=1,
+      pad_id=0,
+    )
   with pytest.raises(ValueError, match='top_p'):
     rl.filter_logits(table, top_p=2.0)
   with pytest.raises(TypeError, match='Decoder'):
@@ -186,8 +243,9 @@ def test_input_validation():
 
 # --- the real decoder ---------------------------------------------------------
 
-CFG = models.model_config('tiny', d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                          vocab_size=VOCAB, max_len=32)
+CFG = models.model_config(
+  'tiny', d_model=32, n_layers=2, n_heads=2, d_ff=64, vocab_size=VOCAB, max_len=32
+)
 MODEL = models.Decoder(CFG)
 DECODE = models.decode_fn_for(MODEL)
 PROMPT_LENS = (5, 2, 7, 4)
@@ -197,12 +255,15 @@ MAX_PROMPT = max(PROMPT_LENS)
 @functools.lru_cache(maxsize=None)
 def _params():
   """Params far from init, so that logits are spread and argmax ties impossible."""
-  shapes = jax.eval_shape(MODEL.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, 4), jnp.int32))['params']
+  shapes = jax.eval_shape(MODEL.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 4), jnp.int32))[
+    'params'
+  ]
   leaves, treedef = jax.tree.flatten(shapes)
   rng = np.random.default_rng(0)
-  values = [(1.0 + 0.2 * rng.normal(size=s.shape)) if len(s.shape) == 1 else
-            0.3 * rng.normal(size=s.shape) for s in leaves]
+  values = [
+    (1.0 + 0.2 * rng.normal(size=s.shape)) if len(s.shape) == 1 else 0.3 * rng.normal(size=s.shape)
+    for s in leaves
+  ]
   return jax.tree.unflatten(treedef, [jnp.asarray(v, jnp.float32) for v in values])
 
 
@@ -212,22 +273,32 @@ def _prompts(lengths=PROMPT_LENS, width=MAX_PROMPT, seed=1):
   tokens = np.full((len(lengths), width), PAD, np.int32)
   mask = np.zeros((len(lengths), width), np.int32)
   for row, n in enumerate(lengths):
-    tokens[row, width - n:] = rng.integers(2, VOCAB, n)
-    mask[row, width - n:] = 1
+    tokens[row, width - n :] = rng.integers(2, VOCAB, n)
+    mask[row, width - n :] = 1
   return tokens, mask
 
 
 def _sample(prompts, mask, key=0, *, params=None, new=6, num_samples=1, **opts):
   cache = models.init_cache(MODEL, prompts.shape[0] * num_samples, prompts.shape[1] + new)
   opts = {**dict(eos_id=EOS, pad_id=PAD), **opts}
-  return rl.sample(DECODE, _params() if params is None else params, cache, prompts, mask,
-                   jax.random.key(key), max_new_tokens=new, num_samples=num_samples, **opts)
+  return rl.sample(
+    DECODE,
+    _params() if params is None else params,
+    cache,
+    prompts,
+    mask,
+    jax.random.key(key),
+    max_new_tokens=new,
+    num_samples=num_samples,
+    **opts,
+  )
 
 
 @jax.jit
 def _full_logits(params, tokens, mask):
-  return MODEL.apply({'params': params}, tokens, attention_mask=mask,
-                     positions=models.positions_from_mask(mask))[0]
+  return MODEL.apply(
+    {'params': params}, tokens, attention_mask=mask, positions=models.positions_from_mask(mask)
+  )[0]
 
 
 # Two option sets shared by the tests below, so the sampler compiles few times.
@@ -247,7 +318,7 @@ def test_greedy_equals_argmax_of_the_full_forward_step_by_step():
     while len(want) < new:
       # Left-padded to one width: one compile of the reference forward.
       tokens = np.zeros((1, WIDTH), np.int32)
-      tokens[0, WIDTH - len(seq):] = seq
+      tokens[0, WIDTH - len(seq) :] = seq
       logits = _full_logits(_params(), tokens, (np.arange(WIDTH) >= WIDTH - len(seq))[None])
       token = int(np.argmax(logits[0, -1]))
       want.append(token)
@@ -255,8 +326,8 @@ def test_greedy_equals_argmax_of_the_full_forward_step_by_step():
       if token == eos:
         break
     got = np.asarray(out.completions[row])
-    np.testing.assert_array_equal(got[:len(want)], want)
-    assert np.all(got[len(want):] == PAD)
+    np.testing.assert_array_equal(got[: len(want)], want)
+    assert np.all(got[len(want) :] == PAD)
     np.testing.assert_array_equal(out.mask[row], np.arange(new) < len(want))
     assert bool(out.truncated[row]) == (want[-1] != eos)
   assert 0 < np.sum(out.truncated) < len(PROMPT_LENS), 'pick an eos some rows reach'
@@ -269,7 +340,7 @@ def _recomputed_logp(prompts, mask, out, temperature):
   full_mask = np.concatenate([mask[index], np.asarray(out.mask, np.int32)], 1)
   logits = _full_logits(_params(), jnp.asarray(tokens), jnp.asarray(full_mask))
   width, new = prompts.shape[1], out.completions.shape[1]
-  logp = jax.nn.log_softmax(logits[:, width - 1:width - 1 + new] / temperature)
+  logp = jax.nn.log_softmax(logits[:, width - 1 : width - 1 + new] / temperature)
   return np.take_along_axis(np.asarray(logp), np.asarray(out.completions)[..., None], -1)[..., 0]
 
 
@@ -291,9 +362,11 @@ def test_logp_equals_the_full_forward_and_groups_are_contiguous():
   single = _sample(prompts, mask, **GREEDY)
   for field in ('completions', 'mask', 'truncated'):
     np.testing.assert_array_equal(
-        getattr(greedy, field), np.repeat(np.asarray(getattr(single, field)), num_samples, 0))
-  np.testing.assert_allclose(greedy.logp, np.repeat(np.asarray(single.logp), num_samples, 0),
-                             rtol=1e-5, atol=1e-6)
+      getattr(greedy, field), np.repeat(np.asarray(getattr(single, field)), num_samples, 0)
+    )
+  np.testing.assert_allclose(
+    greedy.logp, np.repeat(np.asarray(single.logp), num_samples, 0), rtol=1e-5, atol=1e-6
+  )
   real = np.asarray(greedy.mask) == 1
   want = _recomputed_logp(prompts, mask, greedy, 1.0)
   np.testing.assert_allclose(np.asarray(greedy.logp)[real], want[real], rtol=1e-4, atol=1e-5)
@@ -305,7 +378,7 @@ def test_a_left_padded_prompt_gets_the_completion_it_gets_alone():
   # The most padded prompt, unpadded (each new shape is one more compile).
   row = int(np.argmin(PROMPT_LENS))
   n = PROMPT_LENS[row]
-  alone = _sample(prompts[row:row + 1, -n:], mask[row:row + 1, -n:], **GREEDY)
+  alone = _sample(prompts[row : row + 1, -n:], mask[row : row + 1, -n:], **GREEDY)
   np.testing.assert_array_equal(batch.completions[row], alone.completions[0])
   np.testing.assert_allclose(batch.logp[row], alone.logp[0], rtol=1e-5, atol=1e-5)
 
@@ -327,9 +400,18 @@ def test_jit_with_static_options_matches_eager_call():
 
   @jax.jit
   def run(params, cache, prompts, mask, key):
-    return rl.sample(DECODE, params, cache, prompts, mask, key,
-                     max_new_tokens=SAMPLED['new'], num_samples=SAMPLED['num_samples'],
-                     pad_id=PAD, **opts)
+    return rl.sample(
+      DECODE,
+      params,
+      cache,
+      prompts,
+      mask,
+      key,
+      max_new_tokens=SAMPLED['new'],
+      num_samples=SAMPLED['num_samples'],
+      pad_id=PAD,
+      **opts,
+    )
 
   got = run(_params(), cache, prompts, mask, jax.random.key(5))
   want = _sample(prompts, mask, key=5, **SAMPLED)
@@ -353,8 +435,9 @@ def test_sharded_over_the_data_axis_equals_single_device(mesh8):
 
   rows = jax.sharding.NamedSharding(mesh8, P('data'))
   params = jax.tree.map(lambda x: jax.device_put(x, _fsdp(mesh8, x)), _params())
-  got = _sample(jax.device_put(prompts, rows), jax.device_put(mask, rows), key=7,
-                params=params, **SAMPLED)
+  got = _sample(
+    jax.device_put(prompts, rows), jax.device_put(mask, rows), key=7, params=params, **SAMPLED
+  )
   for field in ('completions', 'mask', 'truncated', 'prompt_index'):
     np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
   np.testing.assert_allclose(got.logp, want.logp, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
 """The merging study: table math (normalized scores, overlap, concentration) and a smoke run."""
+
 import itertools
 import math
 import os
@@ -14,13 +15,16 @@ from curvopt.studies import _merge_study
 _CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
 
 
-@pytest.mark.parametrize('accuracy, expert, expected', [
+@pytest.mark.parametrize(
+  'accuracy, expert, expected',
+  [
     ({'a': 0.5, 'b': 0.2}, {'a': 1.0, 'b': 0.4}, {'a': 0.5, 'b': 0.5, 'mean': 0.5}),
     ({'a': 0.9, 'b': 0.0}, {'a': 0.6, 'b': 0.5}, {'a': 1.5, 'b': 0.0, 'mean': 0.75}),
     # An expert at 0 gives its task no normalized score; the mean skips it.
     ({'a': 0.3, 'b': 0.1}, {'a': 0.6, 'b': 0.0}, {'a': 0.5, 'b': math.nan, 'mean': 0.5}),
     ({'a': 0.3}, {'a': 0.0}, {'a': math.nan, 'mean': math.nan}),
-])
+  ],
+)
 def test_normalized_scores(accuracy, expert, expected):
   got = studies.normalized_scores(accuracy, expert)
   assert set(got) == set(expected)
@@ -35,11 +39,20 @@ def test_normalized_scores_missing_task():
 
 def _random_trees(seed):
   rng = np.random.default_rng(seed)
-  shapes = {'embed': {'embedding': (12, 8)},
-            'layers_0': {'attn': {'q': {'kernel': (8, 8)}}, 'mlp': {'up': {'kernel': (8, 16)}},
-                         'attn_norm': {'scale': (8,)}}}
-  return [jax.tree.map(lambda s: rng.random(s).astype(np.float32), shapes,
-                       is_leaf=lambda x: isinstance(x, tuple)) for _ in range(2)]
+  shapes = {
+    'embed': {'embedding': (12, 8)},
+    'layers_0': {
+      'attn': {'q': {'kernel': (8, 8)}},
+      'mlp': {'up': {'kernel': (8, 16)}},
+      'attn_norm': {'scale': (8,)},
+    },
+  }
+  return [
+    jax.tree.map(
+      lambda s: rng.random(s).astype(np.float32), shapes, is_leaf=lambda x: isinstance(x, tuple)
+    )
+    for _ in range(2)
+  ]
 
 
 def _flat(tree):
@@ -70,7 +83,8 @@ def test_overlap_on_sharded_leaves(mesh8):
 
   mask = lambda t: jax.tree.map(lambda x: x > 0.5, t)  # noqa: E731
   assert studies.cosine_similarity(put(a), put(b)) == pytest.approx(
-      studies.cosine_similarity(a, b), rel=1e-12)
+    studies.cosine_similarity(a, b), rel=1e-12
+  )
   assert studies.mask_jaccard(mask(put(a)), mask(put(b))) == studies.mask_jaccard(mask(a), mask(b))
 
 
@@ -81,12 +95,19 @@ def test_overlap_rejects_different_trees():
     studies.cosine_similarity(a, b)
 
 
-@pytest.mark.parametrize('name, kind', [
-    ('embed/embedding', 'embed'), ('layers_0/attn/q/kernel', 'attn'),
-    ('layers_3/mlp/down/kernel', 'mlp'), ('layers_1/attn_norm/scale', 'norm'),
-    ('final_norm/scale', 'norm'), ('head/kernel', 'head'), ('lm_head/kernel', 'head'),
+@pytest.mark.parametrize(
+  'name, kind',
+  [
+    ('embed/embedding', 'embed'),
+    ('layers_0/attn/q/kernel', 'attn'),
+    ('layers_3/mlp/down/kernel', 'mlp'),
+    ('layers_1/attn_norm/scale', 'norm'),
+    ('final_norm/scale', 'norm'),
+    ('head/kernel', 'head'),
+    ('lm_head/kernel', 'head'),
     ('something/else', 'other'),
-])
+  ],
+)
 def test_layer_type(name, kind):
   assert studies.layer_type(name) == kind
 
@@ -95,10 +116,12 @@ def test_mask_concentration():
   a, _ = _random_trees(1)
   mask = jax.tree.map(lambda x: x > 0.6, a)
   got = studies.mask_concentration(mask)
-  kept = {'embed': np.sum(mask['embed']['embedding']),
-          'attn': np.sum(mask['layers_0']['attn']['q']['kernel']),
-          'mlp': np.sum(mask['layers_0']['mlp']['up']['kernel']),
-          'norm': np.sum(mask['layers_0']['attn_norm']['scale'])}
+  kept = {
+    'embed': np.sum(mask['embed']['embedding']),
+    'attn': np.sum(mask['layers_0']['attn']['q']['kernel']),
+    'mlp': np.sum(mask['layers_0']['mlp']['up']['kernel']),
+    'norm': np.sum(mask['layers_0']['attn_norm']['scale']),
+  }
   sizes = {'embed': 96, 'attn': 64, 'mlp': 128, 'norm': 8}
   total = sum(kept.values())
   assert set(got) == set(kept)
@@ -110,26 +133,52 @@ def test_mask_concentration():
 
 def _study(ota_ffg, rank1, baseline):
   tasks = ('a', 'b')
-  names = ['base', 'linear', 'ta_s1', 'ties_d0.3', 'dare_ties_p0.7', 'fisher',
-           'ffg_graft_d0.3', 'ota', 'ota_ffg_d0.3', 'ota_ffg_rank1_d0.3']
+  names = [
+    'base',
+    'linear',
+    'ta_s1',
+    'ties_d0.3',
+    'dare_ties_p0.7',
+    'fisher',
+    'ffg_graft_d0.3',
+    'ota',
+    'ota_ffg_d0.3',
+    'ota_ffg_rank1_d0.3',
+  ]
   means = dict.fromkeys(names, 0.2)
-  means.update({'linear': baseline, 'ota_ffg_d0.3': ota_ffg, 'ota_ffg_rank1_d0.3': rank1,
-                'ffg_graft_d0.3': 2.0})  # a graft is no merged model: never the baseline
+  means.update(
+    {
+      'linear': baseline,
+      'ota_ffg_d0.3': ota_ffg,
+      'ota_ffg_rank1_d0.3': rank1,
+      'ffg_graft_d0.3': 2.0,
+    }
+  )  # a graft is no merged model: never the baseline
   accuracy = {n: {t: means[n] for t in tasks} for n in names}
   return studies.MergeStudy(
-      tasks=tasks, accuracy=accuracy, expert_accuracy={'a': 1.0, 'b': 1.0},
-      normalized={n: studies.normalized_scores(accuracy[n], {'a': 1.0, 'b': 1.0})
-                  for n in names},
-      concentration={t: {'attn': {'share': 1.0, 'density': 0.3}} for t in tasks},
-      mask_jaccard={('a', 'b'): 0.5}, nu_cosine={('a', 'b'): 0.9},
-      options={'descriptions': {n: n for n in names}, 'ffg_density': 0.3,
-               'ffg_densities': [0.3], 'ta_scales': [1.0]})
+    tasks=tasks,
+    accuracy=accuracy,
+    expert_accuracy={'a': 1.0, 'b': 1.0},
+    normalized={n: studies.normalized_scores(accuracy[n], {'a': 1.0, 'b': 1.0}) for n in names},
+    concentration={t: {'attn': {'share': 1.0, 'density': 0.3}} for t in tasks},
+    mask_jaccard={('a', 'b'): 0.5},
+    nu_cosine={('a', 'b'): 0.9},
+    options={
+      'descriptions': {n: n for n in names},
+      'ffg_density': 0.3,
+      'ffg_densities': [0.3],
+      'ta_scales': [1.0],
+    },
+  )
 
 
-@pytest.mark.parametrize('ota_ffg, rank1, baseline, beats, within', [
+@pytest.mark.parametrize(
+  'ota_ffg, rank1, baseline, beats, within',
+  [
     (0.8, 0.795, 0.6, 'beats', 'within'),
     (0.5, 0.8, 0.6, 'does not beat', 'outside'),
-])
+  ],
+)
 def test_report_goal_checks(tmp_path, ota_ffg, rank1, baseline, beats, within):
   text = studies.merge_study_report(_study(ota_ffg, rank1, baseline), str(tmp_path))
   assert f'**{beats}** every baseline' in text and f'**{within}** 1 point' in text
@@ -165,7 +214,7 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, monkeypatch):
   assert 'ota_ffg_rank1_d0.3' in text
 
   # A rerun reuses every training run and every measured accuracy.
-  def no_accuracy(*args, **kwargs):
+  def no_accuracy(*_args, **_kwargs):
     raise AssertionError('re-evaluated a cached model')
 
   monkeypatch.setattr(train.Rollout, 'accuracy', no_accuracy)
@@ -179,8 +228,9 @@ def test_smoke_study_end_to_end_and_resume(tmp_path, monkeypatch):
   given.base_from = _merge_study.base_dir(workdir)
   given.expert_runs = {t: _merge_study.expert_dir(workdir, t) for t in config.tasks}
   trained = []
-  reused = studies.run_merge_study(given, str(tmp_path / 'reuse'),
-                                 train_fn=lambda c, d: trained.append(d))
+  reused = studies.run_merge_study(
+    given, str(tmp_path / 'reuse'), train_fn=lambda c, d: trained.append(d)
+  )
   assert trained == []
   assert reused.accuracy == study.accuracy
   assert 'no warm-up' in reused.options['descriptions']['base']

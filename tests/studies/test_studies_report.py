@@ -1,4 +1,5 @@
 """Report pieces: curves read back from a run's metrics."""
+
 from curvopt import studies
 from curvopt import train
 

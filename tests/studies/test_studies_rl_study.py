@@ -1,4 +1,5 @@
 """The RL study's report: collapse detection and the sample-efficiency ratio from run metrics."""
+
 import os
 
 import pytest
@@ -19,12 +20,15 @@ def _write_run(workdir, variant, seed, per_step, accuracies, masked=None):
   writer.close()
 
 
-@pytest.mark.parametrize('accuracies, collapsed', [
+@pytest.mark.parametrize(
+  'accuracies, collapsed',
+  [
     ([0.3, 0.4, 0.5], False),
-    ([0.3, 0.5, 0.1], True),    # fell below half of its start at the end
-    ([0.3, 0.1, 0.3], False),   # recovered: only the end counts
+    ([0.3, 0.5, 0.1], True),  # fell below half of its start at the end
+    ([0.3, 0.1, 0.3], False),  # recovered: only the end counts
     ([0.3], False),
-])
+  ],
+)
 def test_is_collapsed(accuracies, collapsed):
   assert studies.is_collapsed(accuracies, 0.5) == collapsed
 
@@ -39,13 +43,16 @@ def test_report_ratio_and_collapse_counts(tmp_path):
   _write_run(workdir, 'bad', 0, 10, [0.2, 0.3, 0.05, 0.05, 0.05])
   _write_run(workdir, 'bad', 1, 10, [0.2, 0.3, 0.3, 0.3, 0.3])
   with pytest.raises(FileNotFoundError):
-    studies.rl_study_report(workdir, ['base', 'cand', 'bad'], (0, 1, 2), baseline='base',
-                          candidate='cand')
-  text = studies.rl_study_report(workdir, ['base', 'cand', 'bad'], (0, 1), baseline='base',
-                               candidate='cand')
+    studies.rl_study_report(
+      workdir, ['base', 'cand', 'bad'], (0, 1, 2), baseline='base', candidate='cand'
+    )
+  text = studies.rl_study_report(
+    workdir, ['base', 'cand', 'bad'], (0, 1), baseline='base', candidate='cand'
+  )
   assert 'after 400 completions' in text and 'after 25: ratio **16.00x**' in text
-  rows = {line.split(' | ')[0].strip('| '): line for line in text.splitlines()
-          if line.startswith('| ')}
+  rows = {
+    line.split(' | ')[0].strip('| '): line for line in text.splitlines() if line.startswith('| ')
+  }
   assert '| 1/2 |' in rows['bad'] and '| 0/2 |' in rows['cand']
   assert rows['cand'].endswith('| 5.00% |') and rows['base'].endswith('| - |')
   assert os.path.exists(os.path.join(workdir, 'rl_accuracy.png'))

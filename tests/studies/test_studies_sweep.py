@@ -1,4 +1,5 @@
 """The learning-rate sweep: two stages, best-point selection, steps-to-loss, report."""
+
 import math
 import os
 import shutil
@@ -12,18 +13,22 @@ from curvopt import train
 _CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
 
 
-@pytest.mark.parametrize('steps, values, target, expected', [
-    ([10, 20, 30], [3.0, 2.0, 1.0], 1.5, 25.0),   # interpolated between 20 and 30
-    ([10, 20, 30], [3.0, 2.0, 1.0], 2.0, 20.0),   # hit exactly at a logged point
-    ([10, 20, 30], [3.0, 2.0, 1.0], 3.5, 10.0),   # already below at the first point
+@pytest.mark.parametrize(
+  'steps, values, target, expected',
+  [
+    ([10, 20, 30], [3.0, 2.0, 1.0], 1.5, 25.0),  # interpolated between 20 and 30
+    ([10, 20, 30], [3.0, 2.0, 1.0], 2.0, 20.0),  # hit exactly at a logged point
+    ([10, 20, 30], [3.0, 2.0, 1.0], 3.5, 10.0),  # already below at the first point
     ([10, 20, 30], [3.0, 2.0, 1.0], 0.5, math.inf),  # never reached
-    ([10, 20, 30], [3.0, 1.0, 2.0], 1.5, 17.5),   # the first crossing counts
-])
+    ([10, 20, 30], [3.0, 1.0, 2.0], 1.5, 17.5),  # the first crossing counts
+  ],
+)
 def test_steps_to_reach(steps, values, target, expected):
   assert studies.steps_to_reach(steps, values, target) == pytest.approx(expected)
   # The same curve mirrored is an accuracy reaching -target from below.
-  assert studies.steps_to_reach(steps, [-v for v in values], -target,
-                              higher_is_better=True) == pytest.approx(expected)
+  assert studies.steps_to_reach(
+    steps, [-v for v in values], -target, higher_is_better=True
+  ) == pytest.approx(expected)
 
 
 # Fake runs: a final loss that depends on the learning rate and a little on the seed, so the
@@ -42,10 +47,20 @@ def _fake_train(config, workdir):
 
 
 def _sweep(tmp_path, train_fn=_fake_train):
-  base = ml_collections.ConfigDict({'seed': 0, 'total_steps': 40, 'data': {'data_dir': None},
-                                    'optimizer': {'learning_rate': 0.0, 'tag': ''}})
-  grid = ml_collections.ConfigDict({'a': {'tag': 'a', 'learning_rate': [0.01, 0.02, 0.04]},
-                                    'b': {'tag': 'b', 'learning_rate': [0.1, 0.3]}})
+  base = ml_collections.ConfigDict(
+    {
+      'seed': 0,
+      'total_steps': 40,
+      'data': {'data_dir': None},
+      'optimizer': {'learning_rate': 0.0, 'tag': ''},
+    }
+  )
+  grid = ml_collections.ConfigDict(
+    {
+      'a': {'tag': 'a', 'learning_rate': [0.01, 0.02, 0.04]},
+      'b': {'tag': 'b', 'learning_rate': [0.1, 0.3]},
+    }
+  )
   _fake_train.calls = []
   results = studies.run_sweep(base, grid, (0, 1, 2), str(tmp_path), train_fn=train_fn)
   return results, list(_fake_train.calls)
@@ -79,14 +94,24 @@ def test_a_report_of_a_sweep_part_way_shows_only_finished_runs(tmp_path):
 def test_sweep_runs_every_rate_then_the_best_ones_seeds(tmp_path):
   results, calls = _sweep(tmp_path)
   # Breadth first: every rate of every entry, then one seed round at a time across entries.
-  assert calls == [('a', 0.01, 0), ('a', 0.02, 0), ('a', 0.04, 0), ('b', 0.1, 0), ('b', 0.3, 0),
-                   ('a', 0.02, 1), ('b', 0.3, 1), ('a', 0.02, 2), ('b', 0.3, 2)]
+  assert calls == [
+    ('a', 0.01, 0),
+    ('a', 0.02, 0),
+    ('a', 0.04, 0),
+    ('b', 0.1, 0),
+    ('b', 0.3, 0),
+    ('a', 0.02, 1),
+    ('b', 0.3, 1),
+    ('a', 0.02, 2),
+    ('b', 0.3, 2),
+  ]
   best = studies.best_point(results['a'])
   assert best.learning_rate == 0.02
   assert best.final_losses == pytest.approx([1.0, 1.01, 1.02])
   assert best.mean_curve == ([10, 20, 30, 40], pytest.approx([4.01, 3.01, 2.01, 1.01]))
   assert os.path.exists(
-      os.path.join(studies.sweep_run_dir(str(tmp_path), 'b', 0.3, 2), 'metrics.jsonl'))
+    os.path.join(studies.sweep_run_dir(str(tmp_path), 'b', 0.3, 2), 'metrics.jsonl')
+  )
 
 
 def test_a_rerun_sweep_reads_finished_runs_back_without_training(tmp_path):
@@ -96,7 +121,8 @@ def test_a_rerun_sweep_reads_finished_runs_back_without_training(tmp_path):
   again, calls = _sweep(tmp_path)
   assert calls == [('b', 0.3, 1)]
   assert {n: [p.curves for p in ps] for n, ps in again.items()} == {
-      n: [p.curves for p in ps] for n, ps in first.items()}
+    n: [p.curves for p in ps] for n, ps in first.items()
+  }
 
 
 def test_sweep_report_steps_ratio_against_the_anchor(tmp_path):
@@ -104,8 +130,11 @@ def test_sweep_report_steps_ratio_against_the_anchor(tmp_path):
   text = studies.sweep_report(results, 'b')
   # b's mean final loss 1.01 at step 40; a's mean curve (offset 0) reaches 1.01 at step 40 too,
   # while a at lr 0.01 (stage one only) is not a best point.
-  rows = {line.split(' | ')[0].strip('| '): line for line in text.splitlines()
-          if line.startswith('| a') or line.startswith('| b')}
+  rows = {
+    line.split(' | ')[0].strip('| '): line
+    for line in text.splitlines()
+    if line.startswith('| a') or line.startswith('| b')
+  }
   assert rows['b'].endswith('| 1 |')
   assert rows['a'].endswith('| 1 |')
   with pytest.raises(ValueError, match="anchor 'c'"):
@@ -113,8 +142,9 @@ def test_sweep_report_steps_ratio_against_the_anchor(tmp_path):
 
 
 def test_sweep_rejects_an_empty_grid_entry(tmp_path):
-  base = ml_collections.ConfigDict({'seed': 0, 'total_steps': 40, 'data': {'data_dir': None},
-                                    'optimizer': {'learning_rate': 0.0}})
+  base = ml_collections.ConfigDict(
+    {'seed': 0, 'total_steps': 40, 'data': {'data_dir': None}, 'optimizer': {'learning_rate': 0.0}}
+  )
   grid = ml_collections.ConfigDict({'a': {'learning_rate': []}})
   with pytest.raises(ValueError, match="'a' has no learning rates"):
     studies.run_sweep(base, grid, (0,), str(tmp_path), train_fn=_fake_train)

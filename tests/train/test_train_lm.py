@@ -1,5 +1,6 @@
 """End-to-end tests of the LM trainer: golden first step, resume exactness (halt, SIGKILL),
 the NaN guard, config errors, and 8-device / two-process equivalence with one device."""
+
 import os
 import signal
 import socket
@@ -15,7 +16,6 @@ import pytest
 
 from curvopt import models
 from curvopt import train
-
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_LM = os.path.join(REPO, 'experiments', 'train_lm.py')
@@ -44,8 +44,10 @@ def _losses(workdir):
 def _write_config_file(config, path):
   """A config file whose get_config() returns `config`, for the binary's --config flag."""
   with open(path, 'w') as f:
-    f.write('import json\nimport ml_collections\n\n\ndef get_config():\n'
-            f'  return ml_collections.ConfigDict(json.loads({config.to_json()!r}))\n')
+    f.write(
+      'import json\nimport ml_collections\n\n\ndef get_config():\n'
+      f'  return ml_collections.ConfigDict(json.loads({config.to_json()!r}))\n'
+    )
   return path
 
 
@@ -59,15 +61,20 @@ def test_golden_first_train_steps():
   optimizer = optax.adamw(1e-3, weight_decay=0.1)
   state = jax.jit(train.make_init_state(model, optimizer, seq_len=16))(jax.random.key(0))
   tokens = (jnp.arange(4 * 17, dtype=jnp.int32).reshape(4, 17) * 37) % 256
-  step = jax.jit(train.make_train_step(lambda p, t: model.apply({'params': p}, t)[0], optimizer,
-                                       pad_id=256, learning_rate=lambda s: 1e-3))
+  step = jax.jit(
+    train.make_train_step(
+      lambda p, t: model.apply({'params': p}, t)[0],
+      optimizer,
+      pad_id=256,
+      learning_rate=lambda s: 1e-3,
+    )
+  )
   state, m1 = step(state, tokens)
   _, m2 = step(state, tokens)
   # An untrained model is near-uniform over the vocabulary.
   assert abs(float(m1['loss']) - np.log(model.cfg.vocab_size)) < 0.05
   assert float(m2['loss']) < float(m1['loss'])
-  np.testing.assert_allclose([float(m1['loss']), float(m2['loss'])], GOLDEN_FIRST_LOSSES,
-                             rtol=1e-5)
+  np.testing.assert_allclose([float(m1['loss']), float(m2['loss'])], GOLDEN_FIRST_LOSSES, rtol=1e-5)
 
 
 def test_halt_and_resume_equals_uninterrupted(lm_test_config, tmp_path):
@@ -119,8 +126,14 @@ def test_sigkill_after_checkpoint_then_restart_matches(lm_test_config, tmp_path)
 
 
 def test_non_finite_loss_stops_without_checkpointing_it(lm_test_config, tmp_path):
-  config = lm_test_config(**{'optimizer.learning_rate': 1e30, 'optimizer.grad_clip_norm': 0.0,
-                             'schedule.name': 'constant', 'schedule.warmup_steps': 0})
+  config = lm_test_config(
+    **{
+      'optimizer.learning_rate': 1e30,
+      'optimizer.grad_clip_norm': 0.0,
+      'schedule.name': 'constant',
+      'schedule.warmup_steps': 0,
+    }
+  )
   config.checkpoint.every = 1
   workdir = str(tmp_path / 'nan')
   with pytest.raises(train.NonFiniteError, match=r'non-finite (loss|grad_norm) .* at step 2'):
@@ -128,14 +141,17 @@ def test_non_finite_loss_stops_without_checkpointing_it(lm_test_config, tmp_path
   assert train.Checkpointer(workdir).latest_step() == 1
 
 
-@pytest.mark.parametrize('overrides, match', [
+@pytest.mark.parametrize(
+  'overrides, match',
+  [
     ({'optimizer.name': 'sgdd'}, r"unknown optimizer 'sgdd'"),
     ({'total_steps': 0}, 'total_steps must be >= 1, got 0'),
     ({'mesh.data': 3, 'mesh.num_devices': None}, 'data=3'),
     ({'model.name': 'huge'}, 'huge'),
     ({'schedule.name': 'cyclic'}, "unknown schedule 'cyclic'"),
     ({'data.name': 'no_such_dataset'}, 'no_such_dataset'),
-])
+  ],
+)
 def test_bad_config_values_raise(lm_test_config, tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):
     train.train_lm(lm_test_config(**overrides), str(tmp_path / 'bad'))
@@ -149,16 +165,17 @@ def test_resume_with_a_different_model_is_refused(lm_test_config, tmp_path):
 
 
 # LANTON: its per-leaf state vectors are sharded by the trainer's FSDP rule too.
-@pytest.mark.parametrize('optimizer', [{}, {'optimizer.name': 'lanton',
-                                            'optimizer.learning_rate': 0.02}])
+@pytest.mark.parametrize(
+  'optimizer', [{}, {'optimizer.name': 'lanton', 'optimizer.learning_rate': 0.02}]
+)
 def test_eight_devices_match_one_device(lm_test_config, tmp_path, optimizer):
   one = str(tmp_path / 'one')
   train.train_lm(lm_test_config(**optimizer), one)
   eight = str(tmp_path / 'eight')
-  train.train_lm(lm_test_config(**optimizer, **{'mesh.num_devices': None, 'mesh.data': 2,
-                                                'mesh.fsdp': 4}), eight)
-  np.testing.assert_allclose(list(_losses(one).values()), list(_losses(eight).values()),
-                             rtol=1e-5)
+  train.train_lm(
+    lm_test_config(**optimizer, **{'mesh.num_devices': None, 'mesh.data': 2, 'mesh.fsdp': 4}), eight
+  )
+  np.testing.assert_allclose(list(_losses(one).values()), list(_losses(eight).values()), rtol=1e-5)
   _, state_one, _ = _final_state(one)
   _, state_eight, _ = _final_state(eight)
   _assert_trees_equal(state_one['params'], state_eight['params'], rtol=1e-4, atol=1e-6)
@@ -176,10 +193,23 @@ def test_two_processes_match_one_process(lm_test_config, tmp_path):
   two = str(tmp_path / 'two')
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  procs = [subprocess.Popen(
-      [sys.executable, TRAIN_LM, f'--config={config_file}', f'--workdir={two}',
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        TRAIN_LM,
+        f'--config={config_file}',
+        f'--workdir={two}',
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
@@ -196,8 +226,14 @@ def test_two_processes_match_one_process(lm_test_config, tmp_path):
 
 def test_lanton_run_logs_per_layer_learning_rate_scales(lm_test_config, tmp_path):
   workdir = str(tmp_path / 'lanton')
-  config = lm_test_config(**{'optimizer.name': 'lanton', 'optimizer.learning_rate': 0.02,
-                             'optimizer.lanton_mapping': 'min_ratio', 'total_steps': 4})
+  config = lm_test_config(
+    **{
+      'optimizer.name': 'lanton',
+      'optimizer.learning_rate': 0.02,
+      'optimizer.lanton_mapping': 'min_ratio',
+      'total_steps': 4,
+    }
+  )
   result = train.train_lm(config, workdir)
   assert np.isfinite(result.train_loss)
   last = train.read_metrics(workdir)[-1]

@@ -1,4 +1,5 @@
 """The RL trainer: rollout alignment, the jit'd update (with and without CAPO), resume, sharding."""
+
 import functools
 import os
 
@@ -25,14 +26,23 @@ def _rl_config(**overrides):
 def _digit_reward(prompts, completions, answers):
   """A dense reward a random policy already varies on, so advantages are not all zero."""
   del prompts, answers
-  return np.asarray([sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions],
-                    np.float32)
+  return np.asarray(
+    [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions], np.float32
+  )
 
 
 @pytest.fixture(scope='module')
 def policy():
-  cfg = models.model_config('tiny', d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64,
-                            vocab_size=_VOCAB, dtype='float32')
+  cfg = models.model_config(
+    'tiny',
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    d_ff=64,
+    max_len=64,
+    vocab_size=_VOCAB,
+    dtype='float32',
+  )
   model = models.Decoder(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   return model, params
@@ -40,8 +50,10 @@ def policy():
 
 def _apply_fn(model):
   def apply_fn(params, tokens, positions, attention_mask):
-    return model.apply({'params': params}, tokens, positions=positions,
-                       attention_mask=attention_mask)
+    return model.apply(
+      {'params': params}, tokens, positions=positions, attention_mask=attention_mask
+    )
+
   return apply_fn
 
 
@@ -50,15 +62,26 @@ def _rollout(model, params, group_size=4):
   prompts = np.full((2, 6), 256, np.int32)
   mask = np.zeros((2, 6), np.int32)
   for row, length in enumerate((6, 3)):  # left padding of different lengths
-    prompts[row, 6 - length:] = rng.integers(0, 256, length)
-    mask[row, 6 - length:] = 1
+    prompts[row, 6 - length :] = rng.integers(0, 256, length)
+    mask[row, 6 - length :] = 1
   cache = models.init_cache(model, 2 * group_size, 6 + 10)
-  samples = rl.sample(models.decode_fn_for(model), params, cache, jnp.asarray(prompts),
-                      jnp.asarray(mask), jax.random.key(1), max_new_tokens=10,
-                      num_samples=group_size, temperature=1.0, eos_id=258, pad_id=256)
+  samples = rl.sample(
+    models.decode_fn_for(model),
+    params,
+    cache,
+    jnp.asarray(prompts),
+    jnp.asarray(mask),
+    jax.random.key(1),
+    max_new_tokens=10,
+    num_samples=group_size,
+    temperature=1.0,
+    eos_id=258,
+    pad_id=256,
+  )
   index = np.asarray(samples.prompt_index)
-  batch = train.rollout_batch(jnp.asarray(prompts)[index], jnp.asarray(mask)[index],
-                              samples.completions, samples.mask)
+  batch = train.rollout_batch(
+    jnp.asarray(prompts)[index], jnp.asarray(mask)[index], samples.completions, samples.mask
+  )
   return samples, batch
 
 
@@ -66,35 +89,49 @@ def test_update_forward_reads_the_sampled_tokens_log_probs(policy):
   model, params = policy
   samples, batch = _rollout(model, params)
   from curvopt.train import _rl_step  # pylint: disable=g-import-not-at-top
+
   logp, (hidden, entropy) = _rl_step.completion_logprobs(_apply_fn(model), params, batch)
   valid = np.asarray(samples.mask) > 0
-  np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(samples.logp)[valid],
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(logp)[valid], np.asarray(samples.logp)[valid], rtol=1e-4, atol=1e-4
+  )
   assert hidden.shape == (*logp.shape, 32)
   assert np.all(np.asarray(entropy)[valid] > 0)
 
 
 def _step_fn(model, capo_options, tx):
   head_fn = functools.partial(models.output_head, cfg=model.cfg)
-  return train.make_rl_step(_apply_fn(model), head_fn, tx, learning_rate=lambda s: 1e-4,
-                            loss_options={'agg': 'seq-mean-token-mean'},
-                            capo_options=capo_options)
+  return train.make_rl_step(
+    _apply_fn(model),
+    head_fn,
+    tx,
+    learning_rate=lambda s: 1e-4,
+    loss_options={'agg': 'seq-mean-token-mean'},
+    capo_options=capo_options,
+  )
 
 
 def _state(params, tx):
-  return train.RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       shadow=rl.capo_shadow_init(_VOCAB, 32))
+  return train.RLState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    shadow=rl.capo_shadow_init(_VOCAB, 32),
+  )
 
 
 _CAPO = {'tau_H': 0.01, 'tau_F': 1e-4, 'symmetric': True, 'top_k': 20, 'chunk_size': 16}
 
 
-@pytest.mark.parametrize('capo_options, expect_update, expect_masked', [
-    (None, True, None),                             # plain GRPO
-    (_CAPO, True, None),                            # CAPO at the reference thresholds
+@pytest.mark.parametrize(
+  'capo_options, expect_update, expect_masked',
+  [
+    (None, True, None),  # plain GRPO
+    (_CAPO, True, None),  # CAPO at the reference thresholds
     # Only zero-advantage tokens survive: the step is a no-op.
     (dict(_CAPO, tau_H=1e-30, tau_F=1e-30), False, 'nonzero_advantage_tokens'),
-])
+  ],
+)
 def test_rl_step(policy, capo_options, expect_update, expect_masked):
   model, params = policy
   samples, batch = _rollout(model, params)
@@ -108,11 +145,13 @@ def test_rl_step(policy, capo_options, expect_update, expect_masked):
   if capo_options is None:
     # A small step along the surrogate's gradient raises sum_i A_i * mean_t logp_it.
     from curvopt.train import _rl_step  # pylint: disable=g-import-not-at-top
+
     def objective(p):
       logp = _rl_step.completion_logprobs(_apply_fn(model), p, batch)[0]
       mask = batch['completion_mask']
       per_seq = (logp * mask).sum(1) / mask.sum(1)
       return float((batch['advantages'] * per_seq).sum())
+
     assert objective(state.params) > objective(params)
     assert 'capo/masked_frac' not in metrics
     assert int(state.shadow.count) == 0
@@ -122,8 +161,9 @@ def test_rl_step(policy, capo_options, expect_update, expect_masked):
       mask = np.asarray(batch['completion_mask'])
       zero_adv = np.asarray(batch['advantages']) == 0
       assert zero_adv.any() and not zero_adv.all()
-      np.testing.assert_allclose(float(metrics['capo/masked_frac']),
-                                 1 - mask[zero_adv].sum() / mask.sum(), rtol=1e-6)
+      np.testing.assert_allclose(
+        float(metrics['capo/masked_frac']), 1 - mask[zero_adv].sum() / mask.sum(), rtol=1e-6
+      )
       np.testing.assert_array_equal(np.asarray(state.shadow.mu), 0.0)  # kept g are all 0
 
 
@@ -138,15 +178,21 @@ def test_rl_step_on_8_devices_equals_one(policy):
   mesh = train.make_mesh(data=2, fsdp=4, num_devices=8)
   state = _state(params, tx)
   shardings = train.fsdp_shardings(jax.eval_shape(lambda: state), mesh)
-  step = jax.jit(step_fn, in_shardings=(shardings, train.batch_sharding(mesh)),
-                 out_shardings=(shardings, None))
-  sharded, sharded_metrics = step(jax.device_put(state, shardings),
-                                  jax.device_put(batch, train.batch_sharding(mesh)))
+  step = jax.jit(
+    step_fn, in_shardings=(shardings, train.batch_sharding(mesh)), out_shardings=(shardings, None)
+  )
+  sharded, sharded_metrics = step(
+    jax.device_put(state, shardings), jax.device_put(batch, train.batch_sharding(mesh))
+  )
   for key in ('loss', 'capo/masked_frac', 'grad_norm'):
-    np.testing.assert_allclose(float(sharded_metrics[key]), float(single_metrics[key]),
-                               rtol=1e-5, atol=1e-7)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               sharded.params, single.params)
+    np.testing.assert_allclose(
+      float(sharded_metrics[key]), float(single_metrics[key]), rtol=1e-5, atol=1e-7
+    )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    sharded.params,
+    single.params,
+  )
   np.testing.assert_allclose(sharded.shadow.nu, single.shadow.nu, rtol=1e-5, atol=1e-12)
 
 
@@ -165,15 +211,23 @@ def test_prompt_stream_resumes_and_reshuffles_each_epoch():
 def test_halt_and_resume_equals_an_uninterrupted_run(tmp_path, mini_data_dir):
   del mini_data_dir  # the tasks are prepared under each run's own data dir below
   data_dir = str(tmp_path / 'tfds')
-  full = train.train_rl(_rl_config(**{'task.data_dir': data_dir}), str(tmp_path / 'full'),
-                        reward_fn=_digit_reward)
-  halted = train.train_rl(_rl_config(**{'task.data_dir': data_dir, 'halt_after_steps': 2}),
-                          str(tmp_path / 'resumed'), reward_fn=_digit_reward)
+  full = train.train_rl(
+    _rl_config(**{'task.data_dir': data_dir}), str(tmp_path / 'full'), reward_fn=_digit_reward
+  )
+  halted = train.train_rl(
+    _rl_config(**{'task.data_dir': data_dir, 'halt_after_steps': 2}),
+    str(tmp_path / 'resumed'),
+    reward_fn=_digit_reward,
+  )
   assert halted.halted and halted.step == 2
-  resumed = train.train_rl(_rl_config(**{'task.data_dir': data_dir}), str(tmp_path / 'resumed'),
-                           reward_fn=_digit_reward)
+  resumed = train.train_rl(
+    _rl_config(**{'task.data_dir': data_dir}), str(tmp_path / 'resumed'), reward_fn=_digit_reward
+  )
   assert resumed.step == full.step == 4 and resumed.completions_seen == full.completions_seen
-  by_step = lambda d: {r['step']: r for r in train.read_metrics(d)}
+
+  def by_step(d):
+    return {r['step']: r for r in train.read_metrics(d)}
+
   full_m, resumed_m = by_step(str(tmp_path / 'full')), by_step(str(tmp_path / 'resumed'))
   for step in (3, 4):
     for key in ('reward', 'loss', 'grad_norm', 'capo/masked_frac'):
@@ -181,12 +235,24 @@ def test_halt_and_resume_equals_an_uninterrupted_run(tmp_path, mini_data_dir):
   assert any(full_m[s]['grad_norm'] > 0 for s in (1, 2, 3, 4))  # the policy really moved
 
   with pytest.raises(ValueError, match='config.capo differs'):
-    train.train_rl(_rl_config(**{'task.data_dir': data_dir, 'capo.tau_H': 0.5}),
-                   str(tmp_path / 'resumed'), reward_fn=_digit_reward)
+    train.train_rl(
+      _rl_config(**{'task.data_dir': data_dir, 'capo.tau_H': 0.5}),
+      str(tmp_path / 'resumed'),
+      reward_fn=_digit_reward,
+    )
 
 
-@pytest.mark.parametrize('arg', ['grpo_conservative', 'grpo_aggressive', 'drgrpo_aggressive',
-                                 'capo_aggressive', 'drcapo_aggressive', 'test'])
+@pytest.mark.parametrize(
+  'arg',
+  [
+    'grpo_conservative',
+    'grpo_aggressive',
+    'drgrpo_aggressive',
+    'capo_aggressive',
+    'drcapo_aggressive',
+    'test',
+  ],
+)
 def test_rl_configs(arg):
   config = train.load_config(os.path.join(_CONFIGS, 'rl.py'), arg)
   assert config.advantage in rl.ADVANTAGE_MODES and config.loss.agg in rl.AGG_MODES

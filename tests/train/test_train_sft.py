@@ -1,5 +1,6 @@
 """The SFT trainer: completion-only loss, resume exactness, 8 devices vs 1, Adam's nu in the
 checkpoint, init_from another run, and the accuracy evaluation."""
+
 import os
 
 import jax
@@ -85,12 +86,16 @@ def test_masked_loss_matches_a_numpy_reference():
 
 def test_dict_batch_with_the_pad_mask_equals_the_lm_loss():
   """A loss_mask of every non-pad token gives train_lm's loss and gradient bit for bit."""
-  model = models.Decoder(models.model_config('tiny', d_model=16, n_layers=1, n_heads=2,
-                                             d_ff=32, max_len=32))
+  model = models.Decoder(
+    models.model_config('tiny', d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=32)
+  )
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
   tokens = (np.arange(4 * 17, dtype=np.int32).reshape(4, 17) * 37) % 256
   tokens[:, -3:] = 256
-  logits_fn = lambda p, t: model.apply({'params': p}, t)[0]
+
+  def logits_fn(p, t):
+    return model.apply({'params': p}, t)[0]
+
   batch = {'tokens': tokens, 'loss_mask': (tokens != 256).astype(np.int32)}
   grad_fn = jax.jit(jax.value_and_grad(lambda p, b: _step._batch_loss(logits_fn, p, b, 256)[0]))  # pylint: disable=protected-access
   loss_a, grads_a = grad_fn(params, tokens)
@@ -132,12 +137,13 @@ def test_halt_and_resume_equals_uninterrupted(sft_config, straight_run, tmp_path
 def test_eight_devices_match_one_device(sft_config, straight_run, tmp_path):
   one, _ = straight_run
   eight = str(tmp_path / 'eight')
-  result = train.train_sft(sft_config(**{'mesh.num_devices': None, 'mesh.data': 2,
-                                         'mesh.fsdp': 4}), eight)
-  np.testing.assert_allclose(list(_losses(one).values()), list(_losses(eight).values()),
-                             rtol=1e-5)
-  np.testing.assert_allclose(list(_losses(one, 'eval_loss').values()),
-                             list(_losses(eight, 'eval_loss').values()), rtol=1e-5)
+  result = train.train_sft(
+    sft_config(**{'mesh.num_devices': None, 'mesh.data': 2, 'mesh.fsdp': 4}), eight
+  )
+  np.testing.assert_allclose(list(_losses(one).values()), list(_losses(eight).values()), rtol=1e-5)
+  np.testing.assert_allclose(
+    list(_losses(one, 'eval_loss').values()), list(_losses(eight, 'eval_loss').values()), rtol=1e-5
+  )
   _, state_one, _ = _final_state(one)
   _, state_eight, _ = _final_state(eight)
   _assert_trees_equal(state_one['params'], state_eight['params'], rtol=1e-4, atol=1e-6)
@@ -149,8 +155,9 @@ def _find_nu(tree):
   """The `nu` of the first Adam state in a restored (nested dicts and lists) opt_state."""
   if isinstance(tree, dict) and 'nu' in tree and 'mu' in tree:
     return tree['nu']
-  children = tree.values() if isinstance(tree, dict) else (
-      tree if isinstance(tree, (list, tuple)) else ())
+  children = (
+    tree.values() if isinstance(tree, dict) else (tree if isinstance(tree, (list, tuple)) else ())
+  )
   for child in children:
     found = _find_nu(child)
     if found is not None:
@@ -164,8 +171,9 @@ def test_checkpoint_holds_adams_nu_for_every_param(straight_run):
   nu = _find_nu(state['opt_state'])
   assert nu is not None, 'no Adam state with nu in the checkpoint'
   assert jax.tree.structure(nu) == jax.tree.structure(state['params'])
-  for (path, v), p in zip(jax.tree_util.tree_leaves_with_path(nu),
-                          jax.tree.leaves(state['params'])):
+  for (path, v), p in zip(
+    jax.tree_util.tree_leaves_with_path(nu), jax.tree.leaves(state['params'])
+  ):
     assert v.shape == p.shape and v.dtype == np.float32, path
     assert np.all(np.asarray(v) >= 0) and np.any(np.asarray(v) > 0), path
 
@@ -174,14 +182,19 @@ def test_init_from_restores_params_only(sft_config, straight_run, tmp_path):
   source, _ = straight_run
   _, source_state, _ = _final_state(source)
   # Another optimizer: only the params are read (the restore below also onto another mesh).
-  config = sft_config(init_from=source, total_steps=1, **{
-      'optimizer.name': 'dmuon', 'optimizer.learning_rate': 0.02, 'eval.num_prompts': 0})
+  config = sft_config(
+    init_from=source,
+    total_steps=1,
+    **{'optimizer.name': 'dmuon', 'optimizer.learning_rate': 0.02, 'eval.num_prompts': 0},
+  )
   model = models.Decoder(train.model_config_from(config.model))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                             jnp.zeros((1, 8), jnp.int32))['params'])
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  )
   mesh = train.make_mesh(data=2, fsdp=4)
   params, step = train.restore_params(
-      source, train.abstract_like(shapes, train.fsdp_shardings(shapes, mesh)), model.cfg)
+    source, train.abstract_like(shapes, train.fsdp_shardings(shapes, mesh)), model.cfg
+  )
   assert step == 8
   _assert_trees_equal(source_state['params'], params)
   assert jax.tree.leaves(params)[0].sharding.mesh.shape == mesh.shape
@@ -193,17 +206,19 @@ def test_init_from_restores_params_only(sft_config, straight_run, tmp_path):
   assert first['loss'] < scratch[2]  # starts where the source ended, not from scratch
 
   with pytest.raises(ValueError, match='config.model differs .*d_model: saved 32, config 64'):
-    train.train_sft(sft_config(init_from=source, **{'model.d_model': 64}),
-                    str(tmp_path / 'bad'))
+    train.train_sft(sft_config(init_from=source, **{'model.d_model': 64}), str(tmp_path / 'bad'))
   with pytest.raises(ValueError, match='no checkpoints/ directory'):
     train.train_sft(sft_config(init_from=str(tmp_path / 'nowhere')), str(tmp_path / 'bad2'))
 
 
-@pytest.mark.parametrize('overrides, match', [
+@pytest.mark.parametrize(
+  'overrides, match',
+  [
     ({'data.tasks': {'algebra': 1.0}}, r"unknown task\(s\) \['algebra'\]"),
     ({'total_steps': 0}, 'total_steps must be >= 1'),
     ({'data.seq_len': 256}, 'exceeds the model max_len'),
-])
+  ],
+)
 def test_bad_config_values_raise(sft_config, tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):
     train.train_sft(sft_config(**overrides), str(tmp_path / 'bad'))
@@ -226,7 +241,7 @@ def test_config_variants_fit_their_tasks(arg):
   eval_tasks = _sft.task_weights(config.eval.tasks or config.data.tasks)
   assert config.optimizer.name == 'adamw'
   if arg.startswith('expert_'):
-    assert weights == {arg[len('expert_'):]: 1.0} and set(eval_tasks) == set(data.TASK_NAMES)
+    assert weights == {arg[len('expert_') :]: 1.0} and set(eval_tasks) == set(data.TASK_NAMES)
   if arg == 'multitask':
     assert set(weights) == set(data.TASK_NAMES)
   tok = data.ByteTokenizer()

@@ -1,5 +1,6 @@
 """Unit tests of the training plumbing that need no model or data: schedules, registry, sharding,
 metrics, checkpoints, the loss."""
+
 import os
 
 import jax
@@ -13,15 +14,30 @@ from curvopt import train
 
 
 def _schedule_cfg(name, warmup=10, final=0.1, decay=0.2):
-  return ml_collections.ConfigDict(dict(name=name, warmup_steps=warmup, final_fraction=final,
-                                        decay_fraction=decay))
+  return ml_collections.ConfigDict(
+    dict(name=name, warmup_steps=warmup, final_fraction=final, decay_fraction=decay)
+  )
 
 
 def _optimizer_cfg(name='adamw', **kw):
-  cfg = dict(name=name, learning_rate=1e-2, adam_learning_rate=None, weight_decay=0.0, b1=0.9,
-             b2=0.95, eps=1e-8, momentum=0.95, consistent_rms=None, grad_clip_norm=0.0,
-             lanton_mapping='min_ratio', lanton_embed_head_scale=1.0, lanton_noise_every=None,
-             lanton_noise_ns_steps=None, lanton_vector=None, lanton_vector_scale=None)
+  cfg = dict(
+    name=name,
+    learning_rate=1e-2,
+    adam_learning_rate=None,
+    weight_decay=0.0,
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    momentum=0.95,
+    consistent_rms=None,
+    grad_clip_norm=0.0,
+    lanton_mapping='min_ratio',
+    lanton_embed_head_scale=1.0,
+    lanton_noise_every=None,
+    lanton_noise_ns_steps=None,
+    lanton_vector=None,
+    lanton_vector_scale=None,
+  )
   cfg.update(kw)
   return ml_collections.ConfigDict(cfg)
 
@@ -37,17 +53,21 @@ def test_warmup_cosine_schedule_shape():
 
 def test_wsd_schedule_is_stable_then_decays():
   lr = train.make_schedule(2.0, 100, _schedule_cfg('wsd', warmup=10, final=0.0, decay=0.2))
-  np.testing.assert_allclose([float(lr(s)) for s in (5, 10, 50, 80)], [1.0, 2.0, 2.0, 2.0],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    [float(lr(s)) for s in (5, 10, 50, 80)], [1.0, 2.0, 2.0, 2.0], rtol=1e-6
+  )
   np.testing.assert_allclose(float(lr(90)), 1.0, rtol=1e-6)
   np.testing.assert_allclose(float(lr(100)), 0.0, atol=1e-7)
 
 
-@pytest.mark.parametrize('bad, match', [
+@pytest.mark.parametrize(
+  'bad, match',
+  [
     (dict(name='linear_warmup'), 'unknown schedule'),
     (dict(name='wsd', warmup=-1), 'warmup_steps=-1'),
     (dict(name='wsd', final=1.5), 'final_fraction=1.5'),
-])
+  ],
+)
 def test_bad_schedule_raises(bad, match):
   kwargs = dict(name=bad.pop('name'), **bad)
   with pytest.raises(ValueError, match=match):
@@ -58,9 +78,13 @@ def test_bad_schedule_raises(bad, match):
 def test_every_registered_optimizer_reduces_a_quadratic(name):
   # A full-rank matrix: orthogonalizing optimizers move a rank-1 one along one direction only.
   params = {'w': jax.random.normal(jax.random.key(0), (8, 8)), 'b': jnp.ones((8,))}
-  tx = train.make_optimizer(_optimizer_cfg(name, learning_rate=0.05), 100,
-                            _schedule_cfg('constant', warmup=0)).tx
-  loss = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+  tx = train.make_optimizer(
+    _optimizer_cfg(name, learning_rate=0.05), 100, _schedule_cfg('constant', warmup=0)
+  ).tx
+
+  def loss(p):
+    return sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+
   state = tx.init(params)
 
   @jax.jit
@@ -84,13 +108,17 @@ def test_non_positive_learning_rate_raises():
     train.make_optimizer(_optimizer_cfg(learning_rate=-1.0), 10, _schedule_cfg('constant'))
 
 
-@pytest.mark.parametrize('vector, scale, on_lanton', [
-    (None, None, False), ('adamw', None, False), ('bias_rms', None, True), ('bias_rms', 0.2, True)])
+@pytest.mark.parametrize(
+  'vector, scale, on_lanton',
+  [(None, None, False), ('adamw', None, False), ('bias_rms', None, True), ('bias_rms', 0.2, True)],
+)
 def test_lanton_vector_option_puts_vectors_on_lanton_or_adamw(vector, scale, on_lanton):
   params = {'w': jax.random.normal(jax.random.key(0), (8, 8)), 'b': jnp.ones((8,))}
-  opt = train.make_optimizer(_optimizer_cfg('lanton_mean', lanton_vector=vector,
-                                            lanton_vector_scale=scale), 10,
-                             _schedule_cfg('constant', warmup=0))
+  opt = train.make_optimizer(
+    _optimizer_cfg('lanton_mean', lanton_vector=vector, lanton_vector_scale=scale),
+    10,
+    _schedule_cfg('constant', warmup=0),
+  )
   state = opt.tx.init(params)
   updates, state = opt.tx.update(params, state, params)
   stats = opt.stats(state)
@@ -101,23 +129,29 @@ def test_lanton_vector_option_puts_vectors_on_lanton_or_adamw(vector, scale, on_
     np.testing.assert_allclose(updates['b'], -1e-2 * (scale or 1.0), rtol=1e-5)
 
 
-@pytest.mark.parametrize('fields, match', [
+@pytest.mark.parametrize(
+  'fields, match',
+  [
     (dict(lanton_vector='rms'), "unknown vector option 'rms'"),
     (dict(lanton_vector_scale=0.2), r"group_lr_scales\['vector'\].*bias_rms"),
-])
+  ],
+)
 def test_bad_lanton_vector_fields_raise(fields, match):
   with pytest.raises(ValueError, match=match):
     train.make_optimizer(_optimizer_cfg('lanton', **fields), 10, _schedule_cfg('constant'))
 
 
-@pytest.mark.parametrize('shape, fsdp, expected', [
+@pytest.mark.parametrize(
+  'shape, fsdp, expected',
+  [
     ((384, 128), 4, jax.sharding.PartitionSpec('fsdp', None)),
     ((128, 384), 4, jax.sharding.PartitionSpec(None, 'fsdp')),
     ((6, 10), 4, jax.sharding.PartitionSpec()),
     ((128,), 4, jax.sharding.PartitionSpec('fsdp')),
     ((), 4, jax.sharding.PartitionSpec()),
     ((384, 128), 1, jax.sharding.PartitionSpec()),
-])
+  ],
+)
 def test_fsdp_spec_shards_largest_divisible_dim(shape, fsdp, expected):
   assert train.fsdp_spec(shape, fsdp) == expected
 
@@ -157,9 +191,10 @@ def test_metric_writer_jsonl_and_tensorboard(tmp_path):
   writer.write(2, {'loss': 2.0, 'eval_loss': 2.2})
   writer.close()
   assert train.read_metrics(str(tmp_path)) == [
-      {'step': 1, 'loss': 2.5}, {'step': 2, 'loss': 2.0, 'eval_loss': 2.2}]
-  assert any(f.startswith('events.out.tfevents')
-             for f in os.listdir(tmp_path / 'tensorboard'))
+    {'step': 1, 'loss': 2.5},
+    {'step': 2, 'loss': 2.0, 'eval_loss': 2.2},
+  ]
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tensorboard'))
 
 
 def test_progress_line_has_rate_and_eta():
@@ -168,15 +203,19 @@ def test_progress_line_has_rate_and_eta():
   line = progress.line(1, {'loss': 2.0})
   assert line.startswith('step 1/100') and 'loss 2' in line
   import time
+
   time.sleep(0.01)
   assert 'ETA' in progress.line(11, {'loss': 1.5}) and 'tok/s' in progress.line(11, {})
 
 
 def test_checkpointer_roundtrip_into_shardings(tmp_path, mesh8):
   params = {'w': jnp.arange(32.0).reshape(8, 4), 'b': jnp.ones((3,))}
-  state = train.TrainState(step=jnp.array(7, jnp.int32), params=params,
-                           opt_state=optax.adam(1e-3).init(params),
-                           rng=jax.random.key_data(jax.random.key(3)))
+  state = train.TrainState(
+    step=jnp.array(7, jnp.int32),
+    params=params,
+    opt_state=optax.adam(1e-3).init(params),
+    rng=jax.random.key_data(jax.random.key(3)),
+  )
   shardings = train.fsdp_shardings(state, mesh8)
   ckpt = train.Checkpointer(str(tmp_path), keep=2, save_every=10)
   ckpt.save(7, state, {'epoch': 1, 'rows': [1, 2]}, {'seed': 0})
@@ -194,8 +233,10 @@ def test_checkpointer_roundtrip_into_shardings(tmp_path, mesh8):
 def test_checkpointer_names_the_step_when_the_state_does_not_fit(tmp_path):
   ckpt = train.Checkpointer(str(tmp_path), keep=1, save_every=1, async_save=False)
   ckpt.save(3, {'x': jnp.zeros(2), 'y': jnp.ones(3)}, {}, {})
-  other = {'x': jax.ShapeDtypeStruct((2,), jnp.float32),
-           'z': jax.ShapeDtypeStruct((3,), jnp.float32)}
+  other = {
+    'x': jax.ShapeDtypeStruct((2,), jnp.float32),
+    'z': jax.ShapeDtypeStruct((3,), jnp.float32),
+  }
   with pytest.raises(ValueError, match='checkpoint step 3 in .* does not fit'):
     ckpt.restore(3, other)
   ckpt.close()
@@ -222,26 +263,37 @@ _KEYS = ('optimizer',)
 
 def test_resume_check_ignores_fields_added_later_but_not_changed_ones():
   from curvopt.train import _setup  # pylint: disable=g-import-not-at-top
+
   saved = {'optimizer': {'name': 'lanton', 'learning_rate': 0.03}}
   _setup.check_resume_compatible(  # a new field at its unset default: same run
-      saved, {'optimizer': {'name': 'lanton', 'learning_rate': 0.03, 'lanton_noise_every': None}},
-      _KEYS)
+    saved,
+    {'optimizer': {'name': 'lanton', 'learning_rate': 0.03, 'lanton_noise_every': None}},
+    _KEYS,
+  )
   with pytest.raises(ValueError, match='config.optimizer differs'):
     _setup.check_resume_compatible(
-        saved, {'optimizer': {'name': 'lanton', 'learning_rate': 0.03, 'lanton_noise_every': 4}},
-        _KEYS)
+      saved,
+      {'optimizer': {'name': 'lanton', 'learning_rate': 0.03, 'lanton_noise_every': 4}},
+      _KEYS,
+    )
 
 
 def test_resume_check_ignores_fields_the_optimizer_does_not_read():
   from curvopt.train import _setup  # pylint: disable=g-import-not-at-top
+
   adamw = {'name': 'adamw', 'learning_rate': 3e-3, 'lanton_mapping': 'min_ratio', 'momentum': 0.9}
   # A later default of a LANTON or Muon field does not change an AdamW run.
-  _setup.check_resume_compatible({'optimizer': adamw}, {'optimizer': {
-      **adamw, 'lanton_mapping': 'mean_ratio', 'momentum': 0.95}}, _KEYS)
+  _setup.check_resume_compatible(
+    {'optimizer': adamw},
+    {'optimizer': {**adamw, 'lanton_mapping': 'mean_ratio', 'momentum': 0.95}},
+    _KEYS,
+  )
   lanton = {**adamw, 'name': 'lanton'}
   with pytest.raises(ValueError, match="lanton_mapping: saved 'min_ratio', config 'mean_ratio'"):
-    _setup.check_resume_compatible({'optimizer': lanton},
-                                  {'optimizer': {**lanton, 'lanton_mapping': 'mean_ratio'}}, _KEYS)
+    _setup.check_resume_compatible(
+      {'optimizer': lanton}, {'optimizer': {**lanton, 'lanton_mapping': 'mean_ratio'}}, _KEYS
+    )
   with pytest.raises(ValueError, match='learning_rate: saved 0.003, config 0.001'):
-    _setup.check_resume_compatible({'optimizer': adamw},
-                                  {'optimizer': {**adamw, 'learning_rate': 1e-3}}, _KEYS)
+    _setup.check_resume_compatible(
+      {'optimizer': adamw}, {'optimizer': {**adamw, 'learning_rate': 1e-3}}, _KEYS
+    )
