@@ -28,8 +28,10 @@ from curvopt.optim._lmo import rownorm
 from curvopt.optim._lmo import sign
 from curvopt.optim._lmo import spectral
 from curvopt.optim._mapping import MAPPING_NAMES
+from curvopt.optim._mapping import NORMALISERS
 from curvopt.optim._mapping import mean_ratio
 from curvopt.optim._mapping import min_ratio
+from curvopt.optim._mapping import ones
 from curvopt.optim._matrix import MuonDimensionNumbers
 from curvopt.optim._matrix import default_dimension_numbers
 from curvopt.optim._newton_schulz import DEFAULT_NS_COEFFS
@@ -45,6 +47,7 @@ __all__ = (
   'LMO_NAMES',
   'MAPPING_NAMES',
   'MuonDimensionNumbers',
+  'NORMALISERS',
   'NewtonSchulz',
   'ScaleByDmuonState',
   'ScaleByLantonState',
@@ -60,6 +63,7 @@ __all__ = (
   'min_ratio',
   'newton_schulz',
   'nuclear_norms_many',
+  'ones',
   'orthogonalize_many',
   'param_groups',
   'rownorm',
