@@ -15,26 +15,27 @@ extra argument `noise_grads` (noise='independent'). The mapping sees the
 bias-corrected H^ = H / (1 - b2^n), n = number of samples the leaf has had;
 until every leaf of a group has a sample, the group's scales are 1. A step
 whose gradients (or noise_grads) hold a non-finite value changes no state and
-returns zero updates.
+returns zero updates. With relative=True the mapping sees H^ relative to the
+squared dual norm of the momentum (a scale-free variant, see
+`scale_by_lanton`). The noise estimate is shared with `noise_adaptive`
+(`_noise.py`).
 `scale_by_lanton` returns s_t (-O_t + wd X_t); `lanton` chains it with the
 learning rate and gives vector leaves to AdamW (or to the bias_rms LMO, or to
 any optax transformation).
 """
 
-import collections
 from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from curvopt.optim import _batched
 from curvopt.optim import _groups
 from curvopt.optim import _lmo
 from curvopt.optim import _mapping
 from curvopt.optim import _matrix
 from curvopt.optim import _newton_schulz
+from curvopt.optim import _noise
 from curvopt.optim import _paths
 
 NOISE_OPTIONS = ('previous', 'independent')
@@ -61,13 +62,9 @@ class ScaleByLantonState(NamedTuple):
   noise: jax.Array  # [leaves] H: EMA of the squared dual norm of noise samples
   noise_count: jax.Array  # [leaves] noise samples taken (int32)
   lr_scale: jax.Array  # [leaves] s used by the last step
-
-
-class _Leaf(NamedTuple):
-  path: tuple[Any, ...]
-  group: str
-  lmo: _lmo.LMO
-  view: _matrix.MatrixView | None  # matrix LMOs only
+  # {group: [2]} fractions of the group's leaves at the mapping's s_min and
+  # s_max on the last step (zeros if the mapping has no `bounds`).
+  clip: dict[str, jax.Array]
 
 
 def scale_by_lanton(
@@ -77,6 +74,7 @@ def scale_by_lanton(
   nesterov: bool = False,
   noise: str = 'previous',
   mapping: str | _mapping.Mapping = 'mean_ratio',
+  relative: bool = False,
   weight_decay: float = 0.0,
   weight_decay_mask: Any = None,
   group_lmos: Mapping[str, str | _lmo.LMO] | None = None,
@@ -102,9 +100,18 @@ def scale_by_lanton(
     noise: 'previous' (G~ = previous gradient; one extra buffer) or
       'independent' (G~ passed as `update(..., noise_grads=tree)`, a gradient
       at the same parameters from an independent minibatch).
-    mapping: 'mean_ratio' (default), 'min_ratio' or a callable h_N -> s_N
-      applied to each group's bias-corrected H on every step (see
-      docs/lm_experiments.md for how the default was chosen).
+    mapping: 'mean_ratio' (default), 'min_ratio', 'ones' (s = 1: the
+      ablation), a mapping built with options (`mean_ratio(exponent=0.25,
+      normaliser='geometric')`, ...) or a callable h_N -> s_N applied to each
+      group's bias-corrected H on every step (see docs/lm_experiments.md for
+      how the default was chosen).
+    relative: the scale-free variant: the mapping sees each leaf's noise
+      relative to its momentum, H^_l / (dual_norm_l(B_l)^2 + 1e-12), with B_l
+      the momentum the LMO steps along (Nesterov's look-ahead with nesterov)
+      on this step, instead of H^_l. The dual norm measures gradient size,
+      so H^ alone gives more rate to layers with small gradients; the ratio
+      compares noise-to-signal across layers. It costs no extra
+      Newton-Schulz: a spectral momentum's nuclear norm is <B, polar(B)>.
     weight_decay: decoupled weight decay, scaled by the layer's s (and by the
       learning rate downstream).
     weight_decay_mask: None (all leaves), or a bool tree / callable
@@ -159,27 +166,12 @@ def scale_by_lanton(
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype is not None else None
   noise_buffer_dtype = jnp.dtype(noise_buffer_dtype) if noise_buffer_dtype is not None else None
 
-  def plan(tree) -> list[_Leaf]:
+  def plan(tree) -> list[_noise.Leaf]:
     labeled = _groups.resolve_labels(tree, param_labels)
-    leaves = [x for _, x in _paths.leaves_with_paths(tree)]
-    matrix_paths = [p for (p, g) in labeled if lmos[g].matrix]
-    dims = dict(
-      zip(
-        matrix_paths,
-        _matrix.resolve_dimension_numbers(tree, weight_dimension_numbers, matrix_paths),
-      )
-    )
-    out = []
-    for (path, group), x in zip(labeled, leaves):
-      lmo = lmos[group]
-      view = None
-      if lmo.matrix:
-        view = _matrix.matrix_view(x.shape, dims[path], path=_paths.path_str(path))
-      out.append(_Leaf(path, group, lmo, view))
-    return out
+    return _noise.plan(tree, labeled, lmos, weight_dimension_numbers)
 
   def init_fn(params):
-    plan(params)  # Checks labels and ranks early, naming the leaf.
+    leaves = plan(params)  # Checks labels and ranks early, naming the leaf.
     num = len(jax.tree.leaves(params))
     return ScaleByLantonState(
       count=jnp.zeros([], jnp.int32),
@@ -190,6 +182,7 @@ def scale_by_lanton(
       noise=jnp.zeros([num], jnp.float32),
       noise_count=jnp.zeros([num], jnp.int32),
       lr_scale=jnp.ones([num], jnp.float32),
+      clip=_noise.init_clip([(leaf.path, leaf.group) for leaf in leaves]),
     )
 
   def update_fn(updates, state, params=None, *, noise_grads=None, **extra_args):
@@ -219,7 +212,7 @@ def scale_by_lanton(
       has_prev = state.count > 0
     decay = _weight_decay_terms(updates, params, paths, weight_decay, weight_decay_mask)
 
-    finite = _all_finite(grads + (tilde if noise == 'independent' else []))
+    finite = _noise.all_finite(grads + (tilde if noise == 'independent' else []))
 
     momentum = [
       ((1 - b1) * g + b1 * b).astype(b.dtype) for g, b in zip(grads, flat(state.momentum))
@@ -228,7 +221,7 @@ def scale_by_lanton(
       ahead = [b1 * b + (1 - b1) * g for g, b in zip(grads, momentum)]
     else:
       ahead = momentum
-    directions, duals, sampled = _directions_and_duals(
+    directions, duals, sampled, ahead_duals = _directions_and_duals(
       leaves,
       ahead,
       grads,
@@ -237,6 +230,7 @@ def scale_by_lanton(
       noise_ns_steps=noise_ns_steps,
       noise_every=noise_every,
       ns_sharding=newton_schulz.sharding,
+      relative=relative,
     )
 
     square = jnp.square(jnp.stack([jnp.asarray(d, jnp.float32) for d in duals]))
@@ -244,7 +238,12 @@ def scale_by_lanton(
     take = has_prev & jnp.stack(sampled) & jnp.isfinite(square)
     noise_new = jnp.where(take, b2 * state.noise + (1 - b2) * square, state.noise)
     count_new = state.noise_count + take.astype(jnp.int32)
-    scales = _group_scales(leaves, noise_new, count_new, b2, map_fn, lr_scales)
+    relative_to = None
+    if relative:
+      relative_to = jnp.square(jnp.stack([jnp.asarray(d, jnp.float32) for d in ahead_duals]))
+    scales, clip = _noise.group_scales(
+      leaves, noise_new, count_new, b2, map_fn, lr_scales, relative_to=relative_to
+    )
     out = []
     for i, (g, d, wd_x) in enumerate(zip(grads, directions, decay)):
       step = -d if wd_x is None else wd_x - d
@@ -269,23 +268,12 @@ def scale_by_lanton(
       noise=jnp.where(finite, noise_new, state.noise),
       noise_count=jnp.where(finite, count_new, state.noise_count),
       lr_scale=jnp.where(finite, scales, state.lr_scale),
+      clip={g: jnp.where(finite, c, state.clip[g]) for g, c in clip.items()},
     )
     new_state = new_state._replace(count=jnp.where(finite, new_state.count, state.count))
     return jax.tree.unflatten(treedef, out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _all_finite(arrays: list[jax.Array]) -> jax.Array:
-  """Whether every entry of every array is finite, as one bool.
-
-  x * 0 is 0 for finite x and NaN for inf or NaN, so a float sum of it is
-  exact (no overflow) and XLA reduces it in one fused pass per array, where
-  jnp.all(jnp.isfinite(x)) took three on XLA CPU (a bool mask, a partial and
-  a final reduction).
-  """
-  total = sum(jnp.sum(x * jnp.zeros([], x.dtype), dtype=jnp.float32) for x in arrays)
-  return jnp.isfinite(total)
 
 
 def _resolve_lmos(group_lmos, newton_schulz) -> dict[str, _lmo.LMO]:
@@ -323,65 +311,26 @@ def _weight_decay_terms(updates, params, paths, weight_decay, mask):
   return [weight_decay * x if m else None for x, m in zip(xs, decayed)]
 
 
-def _bucket_of(leaves: list[_Leaf], spectral: list[int], k: int) -> dict[int, int]:
-  """Round-robin buckets: a 1/k share of every oriented shape per bucket."""
-  seen = collections.Counter()
-  bucket = {}
-  for i in spectral:
-    v = leaves[i].view
-    key = (v.batch_rank, tuple(sorted((v.d_in, v.d_out))), v.flat_shape[0])
-    bucket[i] = seen[key] % k
-    seen[key] += 1
-  return bucket
-
-
-def _polars(leaves, items, *, steps_override, ns_sharding, nuclear=False):
-  """Polar factors of (leaf index, matrix) items, batched per LMO options.
-
-  With `nuclear`, their nuclear norms <X, polar(X)> instead (fp32 scalars).
-  The stacks are laid out by the optimizer's `ns_sharding`, whatever the
-  LMO's own.
-  """
-  many = _batched.nuclear_norms_many if nuclear else _batched.orthogonalize_many
-  by_options = collections.defaultdict(list)
-  for pos, (i, _) in enumerate(items):
-    by_options[id(leaves[i].lmo)].append(pos)
-  out = [None] * len(items)
-  for positions in by_options.values():
-    ns = leaves[items[positions[0]][0]].lmo.options['newton_schulz']
-    ns = ns._replace(sharding=ns_sharding)
-    if steps_override is not None:
-      ns = ns._replace(steps=steps_override)
-    results = many([items[p][1] for p in positions], newton_schulz=ns)
-    for p, r in zip(positions, results):
-      out[p] = r
-  return out
-
-
-def _noise_sample(g, t):
-  """D = G - G~ in fp32."""
-  return g.astype(jnp.float32) - t.astype(jnp.float32)
-
-
 def _directions_and_duals(
-  leaves, ahead, grads, tilde, count, *, noise_ns_steps, noise_every, ns_sharding
+  leaves, ahead, grads, tilde, count, *, noise_ns_steps, noise_every, ns_sharding, relative
 ):
-  """LMO directions O, dual norms of the noise samples, and which are fresh."""
+  """LMO directions O, dual norms of the noise samples, which are fresh, and
+  (with `relative`) the dual norms of the stepped momenta `ahead` (else None).
+
+  A spectral momentum's nuclear norm is <B, polar(B)>, from the polar factor
+  its direction needs anyway.
+  """
   n = len(leaves)
   directions: list[Any] = [None] * n
   duals: list[Any] = [None] * n
   sampled: list[Any] = [jnp.array(True)] * n
-  spectral = [
-    i
-    for i, leaf in enumerate(leaves)
-    if leaf.lmo.name == 'spectral'
-    and isinstance(leaf.lmo.options.get('newton_schulz'), _newton_schulz.NewtonSchulz)
-  ]
+  ahead_duals: list[Any] | None = [None] * n if relative else None
+  spectral = [i for i, leaf in enumerate(leaves) if _noise.is_spectral(leaf)]
 
   for i, leaf in enumerate(leaves):
     if i in spectral:
       continue
-    sample = _noise_sample(grads[i], tilde[i])
+    sample = _noise.noise_sample(grads[i], tilde[i])
     if leaf.view is None:
       directions[i] = leaf.lmo.direction(ahead[i])
       duals[i] = leaf.lmo.dual_norm(sample)
@@ -390,15 +339,17 @@ def _directions_and_duals(
         leaf.lmo.direction(leaf.view.to_matrices(ahead[i])), like=ahead[i]
       )
       duals[i] = leaf.lmo.dual_norm(leaf.view.to_matrices(sample))
+    if relative:
+      ahead_duals[i] = _noise.dual_of(leaf, ahead[i])
 
   if not spectral:
-    return directions, duals, sampled
+    return directions, duals, sampled, ahead_duals
 
   b_mats = [(i, leaves[i].view.to_matrices(ahead[i])) for i in spectral]
   # Separate calls for momenta and noise samples: stacking both into one
   # call measured ~15% slower on CPU (twice the working set per matmul).
-  b_polars = _polars(leaves, b_mats, steps_override=None, ns_sharding=ns_sharding)
-  noise_duals, fresh = _round_robin_duals(
+  b_polars = _noise.polars(leaves, b_mats, steps_override=None, ns_sharding=ns_sharding)
+  noise_duals, fresh = _noise.round_robin_duals(
     leaves,
     spectral,
     [grads[i] for i in spectral],
@@ -415,67 +366,10 @@ def _directions_and_duals(
     directions[i] = -scale * view.from_matrices(b_polars[j], like=ahead[i])
     duals[i] = scale * noise_duals[j]
     sampled[i] = fresh[j]
-  return directions, duals, sampled
-
-
-def _round_robin_duals(
-  leaves, spectral, grads, tilde, count, *, noise_ns_steps, noise_every, ns_sharding
-):
-  """Nuclear norms of one round-robin bucket of noise samples per step.
-
-  The samples are formed inside each branch, so a step only computes its
-  bucket's (the switch's operands are the gradients as they are).
-  """
-  bucket = _bucket_of(leaves, spectral, noise_every)
-
-  def branch(b):
-    members = [j for j, i in enumerate(spectral) if bucket[i] == b]
-
-    def run(operands):
-      gs, ts = operands
-      mats = [
-        (spectral[j], leaves[spectral[j]].view.to_matrices(_noise_sample(gs[j], ts[j])))
-        for j in members
-      ]
-      norms = _polars(
-        leaves, mats, steps_override=noise_ns_steps, ns_sharding=ns_sharding, nuclear=True
-      )
-      values = [jnp.zeros([], jnp.float32)] * len(spectral)
-      for j, norm in zip(members, norms):
-        values[j] = norm
-      hit = [jnp.array(j in members) for j in range(len(spectral))]
-      return values, hit
-
-    return run
-
-  if noise_every == 1:
-    return branch(0)((grads, tilde))
-  return jax.lax.switch(
-    count % noise_every, [branch(b) for b in range(noise_every)], (grads, tilde)
-  )
-
-
-def _group_scales(leaves, noise, counts, b2, map_fn, lr_scales):
-  """[leaves] scales: the mapping of each group's bias-corrected H."""
-  members = collections.defaultdict(list)
-  for i, leaf in enumerate(leaves):
-    members[leaf.group].append(i)
-  scales = jnp.ones(noise.shape, jnp.float32)
-  for group, idx in members.items():
-    idx = np.asarray(idx)
-    h, n = noise[idx], counts[idx]
-    correction = jnp.where(n > 0, 1 - b2 ** n.astype(jnp.float32), 1.0)
-    h_hat = jnp.where(n > 0, h / correction, 0.0)
-    s = jnp.asarray(map_fn(h_hat), jnp.float32)
-    if s.shape != h_hat.shape:
-      raise ValueError(
-        f'the learning-rate mapping returned shape {s.shape} '
-        f'for the {len(idx)} leaves of group {group!r}; it '
-        f'must return one scale per leaf {h_hat.shape}'
-      )
-    ready = jnp.all(n > 0)
-    scales = scales.at[idx].set(jnp.where(ready, s, 1.0) * lr_scales.get(group, 1.0))
-  return scales
+    if relative:
+      b = b_mats[j][1].astype(jnp.float32)
+      ahead_duals[i] = scale * jnp.sum(b * b_polars[j].astype(jnp.float32))
+  return directions, duals, sampled, ahead_duals
 
 
 def lanton(
@@ -486,6 +380,7 @@ def lanton(
   nesterov: bool = False,
   noise: str = 'previous',
   mapping: str | _mapping.Mapping = 'mean_ratio',
+  relative: bool = False,
   weight_decay: float = 0.1,
   weight_decay_mask: Any = None,
   hidden_lmo: str | _lmo.LMO = 'spectral',
@@ -509,6 +404,8 @@ def lanton(
     nesterov: Nesterov momentum (`scale_by_lanton`).
     noise: 'previous' or 'independent' (`scale_by_lanton`).
     mapping: the group's H -> scales mapping (`scale_by_lanton`).
+    relative: noise relative to the momentum's squared dual norm
+      (`scale_by_lanton`).
     weight_decay: decoupled weight decay of LANTON's leaves, and of the
       default AdamW of the vector leaves.
     weight_decay_mask: mask of LANTON's weight decay (`scale_by_lanton`).
@@ -574,6 +471,7 @@ def lanton(
     nesterov=nesterov,
     noise=noise,
     mapping=mapping,
+    relative=relative,
     weight_decay=weight_decay,
     weight_decay_mask=weight_decay_mask,
     group_lmos={
@@ -604,13 +502,28 @@ def lanton(
   return optax.partition(transforms, partition_labels, mask_compatible_extra_args=True)
 
 
-def _find_states(tree: Any) -> list[ScaleByLantonState]:
-  is_state = lambda x: isinstance(x, ScaleByLantonState)  # noqa: E731
+def _find_states(tree: Any, kind: type = ScaleByLantonState) -> list[Any]:
+  def is_state(x):
+    return isinstance(x, kind)
+
   return [x for x in jax.tree.leaves(tree, is_leaf=is_state) if is_state(x)]
 
 
+def stats_of(states: list[Any], paths_of) -> dict[str, dict[str, jax.Array]]:
+  """The stats dict of `lanton_stats` / `noise_adaptive_stats` from their states."""
+  out: dict[str, dict[str, jax.Array]] = {'h': {}, 'lr_scale': {}, 'clip_low': {}, 'clip_high': {}}
+  for state in states:
+    for i, path in enumerate(paths_of(state)):
+      out['h'][_paths.path_str(path)] = state.noise[i]
+      out['lr_scale'][_paths.path_str(path)] = state.lr_scale[i]
+    for group, fractions in state.clip.items():
+      out['clip_low'][group] = fractions[0]
+      out['clip_high'][group] = fractions[1]
+  return out
+
+
 def lanton_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
-  """Per-leaf noise estimate H and learning-rate scale s, for logging.
+  """Per-leaf noise estimate H and learning-rate scale s, and clip telemetry, for logging.
 
   Finds every `ScaleByLantonState` inside `opt_state` (through chains,
   partitions, inject_hyperparams, MultiSteps, ...).
@@ -619,8 +532,11 @@ def lanton_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
     opt_state: an optimizer state.
 
   Returns:
-    {'h': {leaf path: H}, 'lr_scale': {leaf path: s}}, leaf paths like
-    'layers_0/attn/q/kernel'. Jit-able.
+    {'h': {leaf path: H}, 'lr_scale': {leaf path: s}, 'clip_low': {group:
+    fraction of its leaves at the mapping's s_min}, 'clip_high': {group:
+    fraction at s_max}}, leaf paths like 'layers_0/attn/q/kernel', groups
+    like 'hidden'; the fractions are those of the last step (0 when the
+    mapping does not clip). Jit-able.
 
   Raises:
     ValueError: opt_state holds no LANTON state.
@@ -630,9 +546,4 @@ def lanton_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
     raise ValueError(
       f'no ScaleByLantonState found in the optimizer state (of type {type(opt_state).__name__})'
     )
-  out: dict[str, dict[str, jax.Array]] = {'h': {}, 'lr_scale': {}}
-  for state in states:
-    for i, (path, _) in enumerate(_paths.leaves_with_paths(state.momentum)):
-      out['h'][_paths.path_str(path)] = state.noise[i]
-      out['lr_scale'][_paths.path_str(path)] = state.lr_scale[i]
-  return out
+  return stats_of(states, lambda state: [p for p, _ in _paths.leaves_with_paths(state.momentum)])
