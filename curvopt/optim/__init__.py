@@ -2,11 +2,13 @@
 
 D-Muon (Moonlight, "Muon is Scalable for LLM Training", arXiv 2502.16982) and
 LANTON (noise-adaptive layerwise learning rates, arXiv 2510.14009), on LMOs,
-Newton-Schulz and parameter groups usable on any pytree.
+Newton-Schulz and parameter groups usable on any pytree; `noise_adaptive` adds
+LANTON's noise adaptation alone to any optax transformation.
 """
 
 from curvopt.optim._batched import nuclear_norms_many
 from curvopt.optim._batched import orthogonalize_many
+from curvopt.optim._clip import clip_by_global_norm
 from curvopt.optim._dmuon import ScaleByDmuonState
 from curvopt.optim._dmuon import dmuon
 from curvopt.optim._dmuon import scale_by_dmuon
@@ -37,6 +39,9 @@ from curvopt.optim._matrix import default_dimension_numbers
 from curvopt.optim._newton_schulz import DEFAULT_NS_COEFFS
 from curvopt.optim._newton_schulz import NewtonSchulz
 from curvopt.optim._newton_schulz import newton_schulz
+from curvopt.optim._noise_adaptive import NoiseAdaptiveState
+from curvopt.optim._noise_adaptive import noise_adaptive
+from curvopt.optim._noise_adaptive import noise_adaptive_stats
 
 __all__ = (
   'DEFAULT_NS_COEFFS',
@@ -49,10 +54,12 @@ __all__ = (
   'MuonDimensionNumbers',
   'NORMALISERS',
   'NewtonSchulz',
+  'NoiseAdaptiveState',
   'ScaleByDmuonState',
   'ScaleByLantonState',
   'VECTOR',
   'bias_rms',
+  'clip_by_global_norm',
   'colnorm',
   'default_dimension_numbers',
   'dmuon',
@@ -62,6 +69,8 @@ __all__ = (
   'mean_ratio',
   'min_ratio',
   'newton_schulz',
+  'noise_adaptive',
+  'noise_adaptive_stats',
   'nuclear_norms_many',
   'ones',
   'orthogonalize_many',

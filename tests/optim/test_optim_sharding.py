@@ -66,6 +66,10 @@ def _fp32(sharding='batch'):
 _OPTIMIZERS = {
   'dmuon': lambda s: optim.dmuon(0.1, newton_schulz=_fp32(s)),
   'lanton': lambda s: optim.lanton(0.1, newton_schulz=_fp32(s)),
+  # min_ratio: after the second step every leaf has a sample and non-trivial factors.
+  'dmuon_noise': lambda s: optim.noise_adaptive(
+    optim.dmuon(0.1, newton_schulz=_fp32(s)), mapping='min_ratio', newton_schulz=_fp32(s)
+  ),
 }
 
 
@@ -100,10 +104,16 @@ def _check_sharded(name, ns_sharding, mesh):
 
 
 # The layout strategies are shared code (orthogonalize_many): all of them on
-# D-Muon, LANTON on the default.
+# D-Muon, LANTON and noise_adaptive(D-Muon) on the default.
 @pytest.mark.parametrize(
   'name, ns_sharding',
-  [('dmuon', 'batch'), ('dmuon', 'replicated'), ('dmuon', 'none'), ('lanton', 'batch')],
+  [
+    ('dmuon', 'batch'),
+    ('dmuon', 'replicated'),
+    ('dmuon', 'none'),
+    ('lanton', 'batch'),
+    ('dmuon_noise', 'batch'),
+  ],
 )
 def test_sharded_update_equals_unsharded(mesh8, name, ns_sharding):
   _check_sharded(name, ns_sharding, mesh8)
