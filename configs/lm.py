@@ -4,7 +4,9 @@ Launch (tiny runs in minutes on 2 CPU cores):
   python experiments/train_lm.py --config=configs/lm.py:tiny --workdir=/tmp/lm_tiny
   python experiments/train_lm.py --config=configs/lm.py:tiny --workdir=/tmp/lm \
       --config.total_steps=200 --config.optimizer.name=optax_muon
-Variants: tiny (CPU), small (CPU, ~10M params), gpt2s (GPU, ~124M params, bf16 compute).
+Variants: tiny (CPU), small (CPU, ~10M params), gpt2s (GPU, ~124M params, bf16 compute);
+tiny_untied and small_untied: the same with a separate output head (the embedding / head group
+then has two members, as in the LLaMA models of the LANTON paper).
 """
 
 import ml_collections
@@ -16,12 +18,15 @@ _VARIANTS = {
   'small': ('small', 32, 256, 2000, 16),
   'gpt2s': ('gpt2s', 64, 1024, 5000, 16),
 }
+_UNTIED = {'tiny_untied': 'tiny', 'small_untied': 'small'}
 
 
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
-  if arg not in _VARIANTS:
-    raise ValueError(f'unknown configs/lm.py variant {arg!r}; valid: {sorted(_VARIANTS)}')
-  model_name, batch_size, seq_len, total_steps, eval_batches = _VARIANTS[arg]
+  if arg not in _VARIANTS and arg not in _UNTIED:
+    raise ValueError(
+      f'unknown configs/lm.py variant {arg!r}; valid: {sorted(_VARIANTS) + sorted(_UNTIED)}'
+    )
+  model_name, batch_size, seq_len, total_steps, eval_batches = _VARIANTS[_UNTIED.get(arg, arg)]
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.total_steps = total_steps
@@ -37,6 +42,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   for field in ('d_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'vocab_size', 'max_len'):
     config.model[field] = config_dict.placeholder(int)
   config.model.tie_embeddings = config_dict.placeholder(bool)
+  if arg in _UNTIED:
+    config.model.tie_embeddings = False
   config.model.remat = config_dict.placeholder(bool)
 
   config.data = ml_collections.ConfigDict()
@@ -48,7 +55,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.data.eval_batches = eval_batches
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'adamw'  # or optax_muon, dmuon, lanton, lanton_mean
+  config.optimizer.name = 'adamw'  # or optax_muon, dmuon, dmuon_noise, lanton, lanton_mean
   config.optimizer.learning_rate = 3e-3
   config.optimizer.adam_learning_rate = config_dict.placeholder(float)  # muon's Adam leaves
   config.optimizer.weight_decay = 0.1
@@ -57,7 +64,8 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.optimizer.eps = 1e-8
   config.optimizer.momentum = 0.95
   config.optimizer.consistent_rms = config_dict.placeholder(float)  # optax_muon only
-  config.optimizer.lanton_mapping = 'mean_ratio'  # or 'min_ratio'
+  config.optimizer.lanton_mapping = 'mean_ratio'  # or 'min_ratio', 'ones' (no adaptation)
+  config.optimizer.lanton_nesterov = config_dict.placeholder(bool)  # None: False
   # The sign LMO moves every embedding / head entry by the full step: a smaller share of the
   # schedule keeps it in line with the hidden matrices' spectral steps (1.0: the full schedule).
   config.optimizer.lanton_embed_head_scale = 1.0
@@ -69,6 +77,17 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   # at lanton_vector_scale of the schedule (None: 1; only with 'bias_rms').
   config.optimizer.lanton_vector = config_dict.placeholder(str)
   config.optimizer.lanton_vector_scale = config_dict.placeholder(float)
+  # Noise adaptation of dmuon_noise (D-Muon times optim.noise_adaptive's factors); lanton and
+  # lanton_mean read the options too (their mapping is lanton_mapping's). None keeps defaults.
+  config.optimizer.noise_mapping = config_dict.placeholder(str)  # None: 'mean_ratio'; or
+  # 'min_ratio', 'ones'
+  config.optimizer.noise_exponent = config_dict.placeholder(float)  # None: 0.5 (e.g. 0.25)
+  config.optimizer.noise_normaliser = config_dict.placeholder(str)  # mean_ratio: 'arithmetic'
+  # (None) or 'geometric'
+  config.optimizer.noise_s_min = config_dict.placeholder(float)  # mean_ratio's clip; None: 0.1
+  config.optimizer.noise_s_max = config_dict.placeholder(float)  # None: 3.0
+  # True: the scale-free variant, noise relative to the momentum's squared dual norm (None: False)
+  config.optimizer.noise_relative = config_dict.placeholder(bool)
   config.optimizer.grad_clip_norm = 1.0
 
   config.schedule = ml_collections.ConfigDict()

@@ -62,6 +62,7 @@ def make_lm_steps(
       pad_id=tokenizer.pad_id,
       learning_rate=optimizer.learning_rate,
       optimizer_stats=optimizer.stats,
+      grad_clip_norm=optimizer.grad_clip_norm,
     ),
     in_shardings=(state_shardings, batch_sharding),
     out_shardings=(state_shardings, None),

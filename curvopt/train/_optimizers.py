@@ -18,6 +18,7 @@ class Optimizer(NamedTuple):
   tx: optax.GradientTransformation
   learning_rate: Callable[[jax.Array], jax.Array]  # the main schedule, for logging
   stats: Optional[StatsFn] = None
+  grad_clip_norm: Optional[float] = None  # the global-norm clip inside tx (None: none)
 
 
 def _adamw(cfg, lr, adam_lr):
@@ -49,6 +50,41 @@ def _dmuon(cfg, lr, adam_lr):
   )
 
 
+# The noise mapping's option fields, and the mappings that read each (others raise if it is set).
+_MAPPING_OPTIONS = {
+  'noise_exponent': ('min_ratio', 'mean_ratio'),
+  'noise_normaliser': ('mean_ratio',),
+  'noise_s_min': ('mean_ratio',),
+  'noise_s_max': ('mean_ratio',),
+}
+
+
+def _noise_mapping(cfg, name):
+  """The mapping `name` with the options of the noise_* fields (None: the mapping's defaults).
+
+  With every option field unset it is the name itself, so the optimizer builds its default.
+  """
+  if name not in optim.MAPPING_NAMES:
+    raise ValueError(f'unknown noise mapping {name!r}; valid: {list(optim.MAPPING_NAMES)}')
+  given = {f: cfg.get(f) for f in _MAPPING_OPTIONS if cfg.get(f) is not None}
+  for field in given:
+    if name not in _MAPPING_OPTIONS[field]:
+      raise ValueError(
+        f'optimizer.{field}={given[field]!r} does not apply to the {name!r} mapping '
+        f'(only to {list(_MAPPING_OPTIONS[field])}); unset it'
+      )
+  if not given:
+    return name
+  options = {
+    'exponent': given.get('noise_exponent'),
+    'normaliser': given.get('noise_normaliser'),
+    's_min': given.get('noise_s_min'),
+    's_max': given.get('noise_s_max'),
+  }
+  options = {k: v for k, v in options.items() if v is not None}
+  return {'min_ratio': optim.min_ratio, 'mean_ratio': optim.mean_ratio}[name](**options)
+
+
 def _lanton(cfg, lr, adam_lr, *, mapping=None):
   scales = {'embed_head': cfg.lanton_embed_head_scale}
   if cfg.lanton_vector_scale is not None:
@@ -57,7 +93,9 @@ def _lanton(cfg, lr, adam_lr, *, mapping=None):
   return optim.lanton(
     lr,
     b1=cfg.momentum,
-    mapping=mapping or cfg.lanton_mapping,
+    nesterov=bool(cfg.get('lanton_nesterov')),
+    mapping=_noise_mapping(cfg, mapping or cfg.lanton_mapping),
+    relative=bool(cfg.get('noise_relative')),
     group_lr_scales=scales,
     noise_every=cfg.lanton_noise_every,
     noise_ns_steps=cfg.lanton_noise_ns_steps,
@@ -66,14 +104,33 @@ def _lanton(cfg, lr, adam_lr, *, mapping=None):
   )
 
 
-def lanton_metrics(opt_state: Any) -> dict[str, jax.Array]:
-  """Every LANTON leaf's noise estimate H and learning-rate scale, as flat metric names."""
-  stats = optim.lanton_stats(opt_state)
+def _dmuon_noise(cfg, lr, adam_lr):
+  """D-Muon exactly as 'dmuon' builds it, times the noise factors of `optim.noise_adaptive`."""
+  return optim.noise_adaptive(
+    _dmuon(cfg, lr, adam_lr),
+    mapping=_noise_mapping(cfg, cfg.get('noise_mapping') or 'mean_ratio'),
+    relative=bool(cfg.get('noise_relative')),
+  )
+
+
+def _flat_metrics(prefix: str, stats: dict) -> dict[str, jax.Array]:
   return {
-    f'lanton/{kind}/{path}': value
-    for kind in ('lr_scale', 'h')
-    for path, value in stats[kind].items()
+    f'{prefix}/{kind}/{name}': value
+    for kind in ('lr_scale', 'h', 'clip_low', 'clip_high')
+    for name, value in stats[kind].items()
   }
+
+
+def lanton_metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """Every LANTON leaf's noise estimate H and learning-rate scale, and the fraction of each
+  group's leaves at the mapping's clip bounds, as flat metric names:
+  'lanton/{lr_scale,h}/<leaf path>', 'lanton/{clip_low,clip_high}/<group>'."""
+  return _flat_metrics('lanton', optim.lanton_stats(opt_state))
+
+
+def noise_metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """Like `lanton_metrics` for `optim.noise_adaptive` ('dmuon_noise'), under 'noise/'."""
+  return _flat_metrics('noise', optim.noise_adaptive_stats(opt_state))
 
 
 # name -> (optimizer config, lr schedule, Adam lr schedule) -> transform.
@@ -81,12 +138,18 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
   'adamw': _adamw,
   'optax_muon': _optax_muon,
   'dmuon': _dmuon,
+  'dmuon_noise': _dmuon_noise,
   'lanton': _lanton,
   'lanton_mean': functools.partial(_lanton, mapping='mean_ratio'),
 }
-_STATS: dict[str, StatsFn] = {'lanton': lanton_metrics, 'lanton_mean': lanton_metrics}
+_STATS: dict[str, StatsFn] = {
+  'lanton': lanton_metrics,
+  'lanton_mean': lanton_metrics,
+  'dmuon_noise': noise_metrics,
+}
 
-_MUON_FAMILY = ('optax_muon', 'dmuon', 'lanton', 'lanton_mean')
+_MUON_FAMILY = ('optax_muon', 'dmuon', 'dmuon_noise', 'lanton', 'lanton_mean')
+_NOISE_READERS = ('dmuon_noise', 'lanton', 'lanton_mean')
 # Fields of config.optimizer that only some optimizers read: a change in one (e.g. a new default)
 # does not change a run of another optimizer, so resuming that run ignores it.
 _READ_ONLY_BY = {
@@ -99,6 +162,13 @@ _READ_ONLY_BY = {
   'lanton_noise_ns_steps': ('lanton', 'lanton_mean'),
   'lanton_vector': ('lanton', 'lanton_mean'),
   'lanton_vector_scale': ('lanton', 'lanton_mean'),
+  'lanton_nesterov': ('lanton', 'lanton_mean'),
+  'noise_mapping': ('dmuon_noise',),  # lanton reads lanton_mapping
+  'noise_exponent': _NOISE_READERS,
+  'noise_normaliser': _NOISE_READERS,
+  'noise_relative': _NOISE_READERS,
+  'noise_s_min': _NOISE_READERS,
+  'noise_s_max': _NOISE_READERS,
 }
 
 
@@ -121,6 +191,9 @@ def make_optimizer(
     adam_peak = cfg.learning_rate
   adam_lr = _schedules.make_schedule(adam_peak, total_steps, schedule_cfg)
   tx = OPTIMIZERS[cfg.name](cfg, lr, adam_lr)
-  if cfg.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
-  return Optimizer(tx, lr, _STATS.get(cfg.name))
+  clip = cfg.grad_clip_norm or None
+  if clip:
+    # Clips G and an independent noise gradient (update(..., noise_grads=)) alike; its state
+    # is that of optax.chain(optax.clip_by_global_norm(clip), tx), which older runs saved.
+    tx = optim.clip_by_global_norm(clip, tx)
+  return Optimizer(tx, lr, _STATS.get(cfg.name), clip)

@@ -150,6 +150,7 @@ def _make_policy_steps(config, run: _setup.RunSetup, optimizer) -> _PolicySteps:
       learning_rate=optimizer.learning_rate,
       loss_options=loss_options,
       capo_options=_capo_options(config.capo),
+      grad_clip_norm=optimizer.grad_clip_norm,
     ),
     in_shardings=(state_shardings, batch_sharding),
     out_shardings=(state_shardings, None),

@@ -70,6 +70,7 @@ def make_rl_step(
   learning_rate: Callable[[jax.Array], jax.Array],
   loss_options: dict,
   capo_options: Optional[dict] = None,
+  grad_clip_norm: Optional[float] = None,
 ):
   """Returns step(state, batch) -> (state, metrics), pure and ready for jax.jit.
 
@@ -78,7 +79,8 @@ def make_rl_step(
   is exactly 1 and the clip fractions 0, as in TRL with one iteration).
   With `capo_options` (tau_H, tau_F, symmetric, top_k, b1, b2, eps, chunk_size) tokens whose
   predicted objective / policy change is too large leave the loss, and the shadow Adam advances
-  on the kept ones.
+  on the kept ones. With `grad_clip_norm` (the clip inside `optimizer`) the metric
+  'grad_clipped' is 1.0 on steps whose gradient it scales down, else 0.0.
   """
   use_capo = capo_options is not None
   stats_options = dict(capo_options or {})
@@ -146,6 +148,8 @@ def make_rl_step(
       learning_rate=lr,
       update_norm=optax.global_norm(updates),
     )
+    if grad_clip_norm:
+      metrics['grad_clipped'] = 1.0 - (metrics['grad_norm'] < grad_clip_norm).astype(jnp.float32)
     return RLState(step=state.step + 1, params=params, opt_state=opt_state, shadow=shadow), metrics
 
   return step

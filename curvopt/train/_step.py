@@ -43,6 +43,11 @@ def _batch_loss(logits_fn: LogitsFn, params, batch, pad_id: int):
   return lm_loss(logits_fn(params, batch[:, :-1]), batch[:, 1:], pad_id)
 
 
+def grad_clipped(grad_norm: jax.Array, max_norm: float) -> jax.Array:
+  """1.0 where optax.clip_by_global_norm(max_norm) scales a gradient of this norm down."""
+  return 1.0 - (grad_norm < max_norm).astype(jnp.float32)
+
+
 def make_init_state(model, optimizer: optax.GradientTransformation, *, seq_len: int):
   """Returns init(rng) -> TrainState for a flax `model` that maps tokens_BxT to (logits, ...)."""
 
@@ -66,6 +71,7 @@ def make_train_step(
   pad_id: int,
   learning_rate: Callable[[jax.Array], jax.Array],
   optimizer_stats: Optional[Callable[[Any], dict]] = None,
+  grad_clip_norm: Optional[float] = None,
 ):
   """Returns step(state, batch) -> (state, metrics), pure and ready for jax.jit.
 
@@ -73,7 +79,9 @@ def make_train_step(
   'loss_mask' aligned with them (loss on targets tokens[:, 1:] where loss_mask[:, 1:] is 1,
   e.g. completion tokens only; other keys are ignored).
   `optimizer_stats(opt_state)` adds optimizer-specific scalars (e.g. LANTON's per-layer
-  learning-rate scales) to the metrics.
+  learning-rate scales) to the metrics. With `grad_clip_norm` (the global-norm clip inside
+  `optimizer`) the metric 'grad_clipped' is 1.0 on steps whose gradient it scales down (global
+  norm >= grad_clip_norm, optax's rule), else 0.0: its mean is the fraction of clipped steps.
   """
 
   def train_step(state: _state.TrainState, batch):
@@ -91,6 +99,8 @@ def make_train_step(
       'param_norm': optax.global_norm(params),
       'learning_rate': learning_rate(state.step),
     }
+    if grad_clip_norm:
+      metrics['grad_clipped'] = grad_clipped(metrics['grad_norm'], grad_clip_norm)
     if optimizer_stats is not None:
       metrics.update(optimizer_stats(opt_state))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

@@ -243,3 +243,5 @@ def test_lanton_run_logs_per_layer_learning_rate_scales(lm_test_config, tmp_path
   assert all(0.0 < v <= 1.0 + 1e-6 for v in scales.values())
   hidden = [v for k, v in scales.items() if '/layers_' in k]
   assert max(hidden) == pytest.approx(1.0, abs=1e-3)  # min_ratio: the least noisy layer gets 1
+  assert last['lanton/clip_low/hidden'] == last['lanton/clip_high/hidden'] == 0.0  # no clip
+  assert last['grad_clipped'] in (0.0, 1.0)  # the config's grad_clip_norm is set

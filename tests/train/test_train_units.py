@@ -297,3 +297,169 @@ def test_resume_check_ignores_fields_the_optimizer_does_not_read():
     _setup.check_resume_compatible(
       {'optimizer': adamw}, {'optimizer': {**adamw, 'learning_rate': 1e-3}}, _KEYS
     )
+
+
+def _two_leaf_params():
+  return {
+    'layers_0': {'kernel': jax.random.normal(jax.random.key(0), (8, 8))},
+    'embed': {'embedding': jax.random.normal(jax.random.key(1), (16, 8))},
+    'head': {'kernel': jax.random.normal(jax.random.key(2), (8, 16))},
+    'norm': {'scale': jnp.ones((8,))},
+  }
+
+
+def _run(opt, params, steps=3, scale=1.0):
+  state = opt.tx.init(params)
+  update = jax.jit(opt.tx.update)
+  out = []
+  for t in range(steps):
+    grads = jax.tree.map(lambda x, t=t: scale * jnp.sin(x * (t + 1.0)), params)
+    updates, state = update(grads, state, params)
+    out.append(updates)
+  return out, state
+
+
+@pytest.mark.parametrize('clip', [0.0, 0.5])
+def test_dmuon_noise_with_ones_is_dmuon(clip):
+  params = _two_leaf_params()
+  schedule = _schedule_cfg('constant', warmup=0)
+  dmuon = train.make_optimizer(_optimizer_cfg('dmuon', grad_clip_norm=clip), 10, schedule)
+  noise = train.make_optimizer(
+    _optimizer_cfg('dmuon_noise', grad_clip_norm=clip, noise_mapping='ones'), 10, schedule
+  )
+  assert noise.grad_clip_norm == (clip or None)
+  (u0, _), (u1, state) = _run(dmuon, params), _run(noise, params)
+  for a, b in zip(u0, u1):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  stats = noise.stats(state)
+  # Both the embedding and the untied head are adapted (the embed_head group of two).
+  assert {
+    'noise/h/embed/embedding',
+    'noise/h/head/kernel',
+    'noise/lr_scale/layers_0/kernel',
+  } <= set(stats)
+  assert 'noise/clip_low/hidden' in stats and 'noise/h/norm/scale' not in stats
+
+
+@pytest.mark.parametrize(
+  'name, fields, kind, expected',
+  [
+    ('dmuon_noise', {}, 'mean_ratio', None),
+    ('dmuon_noise', dict(noise_mapping='min_ratio', noise_exponent=0.25), 'min_ratio', None),
+    ('dmuon_noise', dict(noise_normaliser='geometric', noise_s_max=2.0), 'mean_ratio', (0.1, 2.0)),
+    ('lanton', dict(lanton_mapping='ones'), 'ones', None),
+    ('lanton_mean', dict(noise_relative=True, lanton_nesterov=True), 'mean_ratio', None),
+  ],
+)
+def test_noise_fields_reach_the_optimizers(name, fields, kind, expected, monkeypatch):
+  from curvopt import optim  # pylint: disable=g-import-not-at-top
+
+  seen = {}
+  for mapping in ('min_ratio', 'mean_ratio', 'ones'):
+    real = getattr(optim, mapping)
+
+    def spy(*, _real=real, _name=mapping, **kw):
+      seen['mapping'] = (_name, kw)
+      return _real(**kw)
+
+    monkeypatch.setattr(optim, mapping, spy)
+  real_lanton = optim.lanton
+
+  def lanton_spy(*args, **kw):
+    seen['lanton'] = kw
+    return real_lanton(*args, **kw)
+
+  monkeypatch.setattr(optim, 'lanton', lanton_spy)
+  opt = train.make_optimizer(
+    _optimizer_cfg(name, **fields), 10, _schedule_cfg('constant', warmup=0)
+  )
+  _run(opt, _two_leaf_params(), steps=2)
+  if name.startswith('lanton'):
+    assert seen['lanton']['nesterov'] == bool(fields.get('lanton_nesterov'))
+    assert seen['lanton']['relative'] == bool(fields.get('noise_relative'))
+    if not any(k.startswith('noise_') and k != 'noise_relative' for k in fields):
+      assert seen['lanton']['mapping'] == (fields.get('lanton_mapping') or 'mean_ratio')
+  elif 'mapping' in seen:
+    got_name, kw = seen['mapping']
+    assert got_name == kind
+    if expected is not None:
+      assert (kw.get('s_min', 0.1), kw['s_max']) == expected
+      assert kw['normaliser'] == 'geometric'
+
+
+@pytest.mark.parametrize(
+  'fields, match',
+  [
+    (dict(noise_mapping='max_ratio'), r"unknown noise mapping 'max_ratio'.*ones"),
+    (dict(noise_mapping='ones', noise_exponent=0.25), 'noise_exponent=0.25 does not apply'),
+    (dict(noise_mapping='min_ratio', noise_s_min=0.2), 'noise_s_min=0.2 does not apply'),
+    (dict(noise_normaliser='harmonic'), "'harmonic'"),
+  ],
+)
+def test_bad_noise_fields_raise(fields, match):
+  with pytest.raises(ValueError, match=match):
+    train.make_optimizer(_optimizer_cfg('dmuon_noise', **fields), 10, _schedule_cfg('constant'))
+
+
+def test_new_fields_are_ignored_by_the_optimizers_that_do_not_read_them():
+  from curvopt.train import _optimizers  # pylint: disable=g-import-not-at-top
+
+  for field in ('noise_mapping', 'noise_exponent', 'noise_relative', 'lanton_nesterov'):
+    assert field in _optimizers.fields_ignored_by('adamw')
+    assert field in _optimizers.fields_ignored_by('dmuon')
+  assert 'noise_exponent' not in _optimizers.fields_ignored_by('lanton')
+  assert 'lanton_nesterov' in _optimizers.fields_ignored_by('dmuon_noise')
+  assert 'noise_mapping' not in _optimizers.fields_ignored_by('dmuon_noise')
+
+
+def test_train_step_reports_clipped_steps():
+  params = {'w': jnp.ones((4,))}
+  opt = train.make_optimizer(
+    _optimizer_cfg('adamw', grad_clip_norm=1.0), 10, _schedule_cfg('constant', warmup=0)
+  )
+
+  def logits_fn(p, tokens):
+    return jnp.broadcast_to(p['w'], tokens.shape + (4,)) * tokens[..., None]
+
+  step = jax.jit(
+    train.make_train_step(
+      logits_fn,
+      opt.tx,
+      pad_id=-1,
+      learning_rate=opt.learning_rate,
+      grad_clip_norm=opt.grad_clip_norm,
+    )
+  )
+  state = train.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=opt.tx.init(params),
+    rng=jax.random.key_data(jax.random.key(0)),
+  )
+  small = jnp.zeros((2, 3), jnp.int32)  # logits all 0 at scale 0: gradient 0
+  big = 50 * jnp.ones((2, 3), jnp.int32).at[:, 1:].set(jnp.array([3, 1]))
+  _, m_small = step(state, small)
+  _, m_big = step(state, big)
+  assert float(m_small['grad_clipped']) == 0.0
+  assert float(m_big['grad_norm']) > 1.0 and float(m_big['grad_clipped']) == 1.0
+
+
+@pytest.mark.parametrize('arg, base', [('tiny_untied', 'tiny'), ('small_untied', 'small')])
+def test_untied_lm_configs_put_embedding_and_head_in_embed_head(arg, base):
+  from curvopt import models  # pylint: disable=g-import-not-at-top
+  from curvopt import optim  # pylint: disable=g-import-not-at-top
+
+  configs = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), 'configs')
+  untied = train.load_config(os.path.join(configs, 'lm.py'), arg)
+  tied = train.load_config(os.path.join(configs, 'lm.py'), base)
+  assert untied.model.tie_embeddings is False and tied.model.tie_embeddings is None
+  untied.model.tie_embeddings = None
+  assert untied.to_dict() == tied.to_dict()  # everything else as the base variant
+  model = models.Decoder(models.model_config('tiny', tie_embeddings=False))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  labels = optim.param_groups(shapes)
+  assert labels['embed']['embedding'] == labels['head']['kernel'] == 'embed_head'
+  # The new optimizer fields default to None, so older runs resume unchanged.
+  for field in ('noise_mapping', 'noise_exponent', 'noise_normaliser', 'noise_relative'):
+    assert tied.optimizer[field] is None
+  assert tied.optimizer.lanton_nesterov is None
