@@ -11,10 +11,16 @@ import pytest
 
 from curvopt import optim
 
+
+def _dmuon_noise(learning_rate):
+  return optim.noise_adaptive(optim.dmuon(learning_rate, weight_decay=0.0), mapping='min_ratio')
+
+
 # Factories of the learning rate (partials keep the signature that
 # optax.inject_hyperparams inspects).
 _OPTIMIZERS = {
   'dmuon': functools.partial(optim.dmuon, weight_decay=0.0),
+  'dmuon_noise': _dmuon_noise,
   'lanton_min': functools.partial(optim.lanton, weight_decay=0.0),
   'lanton_mean': functools.partial(optim.lanton, weight_decay=0.0, mapping='mean_ratio'),
   'lanton_bias_rms': functools.partial(optim.lanton, weight_decay=0.0, vector='bias_rms'),
