@@ -410,3 +410,37 @@ def test_clip_state_is_optax_chains_and_refuses_noise_grads_without_inner():
   assert float(optax.global_norm(clipped)) == pytest.approx(1.0, rel=1e-5)
   with pytest.raises(ValueError, match='noise_grads'):
     alone.update(grads, alone.init(params), noise_grads=grads)
+
+
+def test_noise_adaptive_independent_noise_and_non_finite_steps():
+  params = _random(9)
+  tx = optim.noise_adaptive(
+    optax.sgd(LR), mapping=optim.min_ratio(eps=EPS), b2=B2, noise='independent', newton_schulz=_SVD
+  )
+  update = jax.jit(tx.update)
+  grads, tilde = _random(90), _random(91)
+  state = tx.init(params)
+  assert state.prev_grad == ()
+  _, state = update(grads, state, params, noise_grads=tilde)
+  stats = optim.noise_adaptive_stats(state)
+  g, t = _flat(grads), _flat(tilde)
+  h = {p: (1 - B2) * _dual(_GROUP[p], g[p].astype(np.float64) - t[p]) ** 2 for p in stats['h']}
+  for p in stats['h']:  # sampled on the first step; the factors use H^ = H / (1 - b2)
+    np.testing.assert_allclose(float(stats['h'][p]), h[p], rtol=1e-4, err_msg=p)
+  for group in ('hidden', 'embed_head'):
+    members = [p for p in stats['h'] if _GROUP[p] == group]
+    expected = _np_min(np.array([h[p] for p in members]), 0.5)
+    got = [float(stats['lr_scale'][p]) for p in members]
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+  with pytest.raises(ValueError, match='noise_grads'):
+    tx.update(grads, state, params)
+  # A non-finite noise gradient: the noise state stays, the last factors are applied.
+  bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), tilde)
+  updates, after = update(grads, state, params, noise_grads=bad)
+  chex.assert_trees_all_equal(
+    (after.count, after.noise, after.noise_count, after.lr_scale, after.clip),
+    (state.count, state.noise, state.noise_count, state.lr_scale, state.clip),
+  )
+  s = {p: float(v) for p, v in stats['lr_scale'].items()}
+  for p, u in _flat(updates).items():
+    np.testing.assert_allclose(u, -LR * s.get(p, 1.0) * g[p], rtol=1e-5, err_msg=p)
