@@ -376,7 +376,9 @@ _CORES = {
     optim.lanton_stats,
   ),
   'noise_adaptive': (
-    lambda: optim.noise_adaptive(_dmuon(), mapping='min_ratio', noise='independent'),
+    lambda: optim.noise_adaptive(
+      optax.sgd(LR), mapping='min_ratio', noise='independent', newton_schulz=_SVD
+    ),
     optim.noise_adaptive_stats,
   ),
 }
