@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project, in one go (about 7 minutes on one H100/H200; the
-# sections' limits add up to 10).
+# Every GPU measurement of the project, in one go (about 9 minutes on one H100/H200). The device
+# tool stops a command at 10 minutes, so the suite keeps to SUITE_BUDGET (570 s) by construction:
+# each section runs under its own limit cut to what the budget has left (a section with under
+# 10 s left is skipped, and says so); the LANTON study, last, gets the rest.
 # XLA's GPU compile of one gpt2s step takes ~35 s on an H200 (2026-11-27), so each section times
 # few programs: the limits below leave the other sections their time.
 #   On the device machine, from the repository root:  bash benchmarks/gpu_suite.sh
@@ -20,9 +22,20 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 
+SUITE_BUDGET="${SUITE_BUDGET:-570}"
+RESERVE=0  # seconds a section leaves to the sections after it (the study's report)
+SUITE_SECTIONS="${SUITE_SECTIONS:-}"  # e.g. "lanton_study lanton_report": only these (default all)
+
 section() {  # section NAME SECONDS COMMAND...: run it, log it, report its status and time
-  local name=$1 limit=$2 start=$SECONDS rc
+  local name=$1 limit=$2 start=$SECONDS rc left
   shift 2
+  if [[ -n "$SUITE_SECTIONS" && " $SUITE_SECTIONS " != *" $name "* ]]; then return 0; fi
+  left=$((SUITE_BUDGET - SECONDS - RESERVE))
+  if ((left < limit)); then limit=$left; fi
+  if ((limit < 10)); then
+    echo "== $name: skipped, ${left}s of the suite's ${SUITE_BUDGET}s budget left"
+    return 124
+  fi
   echo "== $name (limit ${limit}s): $*"
   timeout "$limit" "$@" 2>&1 | grep -v -e '^I[0-9]\{4\} ' -e 'libtpu' | tee "$LOG_DIR/$name.log"
   rc=${PIPESTATUS[0]}
@@ -30,7 +43,7 @@ section() {  # section NAME SECONDS COMMAND...: run it, log it, report its statu
   return "$rc"
 }
 
-section env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+section env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "
 import importlib
 for m in (\"jax\", \"jaxlib\", \"flax\", \"optax\", \"orbax.checkpoint\", \"chex\", \"numpy\",
@@ -49,9 +62,11 @@ section train_step 230 python3 benchmarks/bench_train_step.py --models=gpt2s --b
   --seq_len=1024 --steps=5 --repeats=3 --attention_impl=cudnn \
   --optimizers=dmuon,lanton,lanton+lanton_noise_every=8
 
-# Update only, GPT-2-small shapes (bf16 Newton-Schulz; target dmuon <= 0.25x optax muon).
-section optim 120 python3 benchmarks/bench_optim.py --nocollectives --reps=20 \
-  --variants=adamw,optax_muon,dmuon,dmuon_fp32,lanton,lanton_ns2,lanton_every4,lanton_every8,lanton_every4_ns2
+# Update only, GPT-2-small shapes (bf16 Newton-Schulz; target dmuon <= 0.25x optax muon). adamw,
+# dmuon_fp32, lanton_ns2 and lanton_every4 were measured on an H200 on 2026-11-27
+# (benchmarks/RESULTS.md): the anchors, lanton and the two estimates not yet measured run here.
+section optim 90 python3 benchmarks/bench_optim.py --nocollectives --reps=20 \
+  --variants=optax_muon,dmuon,lanton,lanton_every8,lanton_every4_ns2
 
 # CAPO's share of the RL update step (target <= 1.03x).
 section capo 150 python3 benchmarks/bench_capo.py --model=gpt2s --batch_size=32 --prompt_len=64 \
@@ -60,4 +75,42 @@ section capo 150 python3 benchmarks/bench_capo.py --model=gpt2s --batch_size=32 
 # In-memory OTA + FFG of 5 experts against the bandwidth anchor (target >= 0.5x).
 section merge 40 python3 benchmarks/bench_merge.py --memory_params_m=32 --disk_params_m=0 \
   --repeats=3
+
+# LANTON study (docs/lm_experiments.md, "Isolating the noise adaptation"): D-Muon (A) and D-Muon
+# with noise factors (E) on untied `small`, bf16, 64 x 256 tokens, 2,000 steps, seed 0 of each
+# (configs/lm_sweep.py:noise_gpu:M; M = the probe's mapping, g4 or rel: LANTON_ARM). A runs
+# first, so a stop at the limit still leaves A. The report (sweep.md, sweep.json: the final eval
+# losses and E - A) and each run's metrics.jsonl go to $LOG_DIR/lanton_study/; the runs
+# themselves (checkpoints) stay in /tmp. For a check of these lines on a CPU:
+#   SUITE_SECTIONS="lanton_study lanton_report" LANTON_CONFIG=noise_smoke LANTON_STEPS=4 \
+#     OUT=/tmp/suite bash benchmarks/gpu_suite.sh
+# (LANTON_CONFIG=smoke LANTON_ARM= runs the older smoke sweep through the same lines.)
+LANTON_CONFIG="${LANTON_CONFIG:-noise_gpu}"
+LANTON_ARM="${LANTON_ARM-g4}"  # empty: a variant without a mapping suffix (e.g. smoke)
+LANTON_VARIANT="$LANTON_CONFIG${LANTON_ARM:+:$LANTON_ARM}"
+LANTON_DIR="${LANTON_DIR:-/tmp/lanton_study}"
+lanton_overrides=()
+if [[ -n "${LANTON_STEPS:-}" ]]; then
+  lanton_overrides=(--config.base.total_steps="$LANTON_STEPS" --config.base.eval_every=0)
+fi
+RESERVE=25
+section lanton_study 240 python3 experiments/sweep_lm.py \
+  --config="configs/lm_sweep.py:$LANTON_VARIANT" --workdir="$LANTON_DIR" \
+  "${lanton_overrides[@]}"
+RESERVE=0
+section lanton_report 25 bash -c 'python3 experiments/sweep_lm.py --report_only \
+    --config="configs/lm_sweep.py:$0" --workdir="$1" "${@:3}" > /dev/null
+  mkdir -p "$2/lanton_study"
+  cp "$1"/sweep.md "$1"/sweep.json "$1"/sweep_eval_loss.png "$2/lanton_study/" 2> /dev/null
+  (cd "$1" && find . -name metrics.jsonl -exec cp --parents {} "$2/lanton_study/" \;)
+  python3 -c "
+import json, sys
+s = json.load(open(sys.argv[1] + \"/sweep.json\"))
+for name, e in s[\"entries\"].items():
+  for p in e[\"points\"]:
+    print(name, \"lr\", p[\"learning_rate\"], \"final eval loss\", p[\"final_eval_loss\"])
+for c in s[\"comparisons\"]:
+  print(c[\"arm\"], \"-\", c[\"reference\"], c[\"differences\"], c[\"decision\"])
+" "$2/lanton_study"' "$LANTON_VARIANT" "$LANTON_DIR" "$LOG_DIR" \
+  "${lanton_overrides[@]}"
 exit 0

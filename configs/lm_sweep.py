@@ -6,6 +6,17 @@ r"""Learning-rate sweep of AdamW, D-Muon and LANTON (both mappings) on the code 
 Stage one: each entry at each learning rate, seed 0; stage two: each entry's best learning rate
 with the other seeds, one seed at a time across the entries. Variants: tiny (~2 min a run on 2 CPU
 cores), small (10M params; a reduced budget, see below), smoke (seconds, for tests).
+
+The noise-adaptation study (docs/lm_experiments.md, "Isolating the noise adaptation"; its
+decision rule is written there): D-Muon (A), D-Muon with noise factors (E), LANTON mean_ratio
+(C) and LANTON with s = 1 (B).
+
+  python experiments/sweep_lm.py --config=configs/lm_sweep.py:noise_probe --workdir=DIR_PROBE
+  python experiments/sweep_lm.py --config=configs/lm_sweep.py:noise_tiny:g4 --workdir=DIR
+
+noise_probe picks E's mapping; noise_tiny:M, noise_small_untied:M and noise_gpu:M take the
+probe's choice M: 'g4' (p = 1/4, geometric-mean normaliser) or 'rel' (the same, on the
+scale-free noise relative to the momentum's squared dual norm). noise_smoke: seconds, for tests.
 """
 
 import os
@@ -43,7 +54,32 @@ _ENTRIES = {
   'lanton_mean_bias_rms_scaled': dict(
     _LANTON, name='lanton_mean', lanton_vector='bias_rms', lanton_vector_scale=0.2
   ),
+  # The noise-adaptation study. E: D-Muon unchanged (directions, step sizes, Nesterov, AdamW
+  # embedding / head) times per-layer noise factors s = (geometric mean_j H_j / H_l)^(1/4), the
+  # clip at the library's defaults; 'rel': the same on H relative to the momentum's squared dual
+  # norm. B: LANTON exactly as lanton_mean (C) but s = 1, so C - B is the adaptation alone.
+  'dmuon_noise_g4': dict(
+    _ADAM,
+    name='dmuon_noise',
+    noise_mapping='mean_ratio',
+    noise_exponent=0.25,
+    noise_normaliser='geometric',
+  ),
+  'dmuon_noise_rel': dict(
+    _ADAM,
+    name='dmuon_noise',
+    noise_mapping='mean_ratio',
+    noise_exponent=0.25,
+    noise_normaliser='geometric',
+    noise_relative=True,
+  ),
+  'lanton_ones': dict(_LANTON, name='lanton', lanton_mapping='ones'),
 }
+# E's mapping as the probe (noise_probe) chose it: variant suffix -> entry.
+_NOISE_ARMS = {'g4': 'dmuon_noise_g4', 'rel': 'dmuon_noise_rel'}
+# E with its own full schedule over 0.67x the steps, a separate run: the "reaches A's final
+# loss in 0.67x the steps" test (the paper's ~1.5x speed-up), read off run ends, not off a curve.
+_SHORT_FRACTION = 0.67
 
 
 def _grid(**learning_rates: list[float]) -> ml_collections.ConfigDict:
@@ -56,7 +92,138 @@ def _grid(**learning_rates: list[float]) -> ml_collections.ConfigDict:
   )
 
 
+# The noise study's learning-rate check: the same relative grid (x 1/2, 1, 2) for every arm,
+# centred on the arm's best in the sweeps above (D-Muon 1e-2, LANTON mean_ratio 1.5e-2; E at
+# D-Muon's, B at LANTON's: they differ from them only by the factors).
+def _around(centre: float) -> list[float]:
+  return [centre / 2, centre, centre * 2]
+
+
+def _noise_study(
+  base: ml_collections.ConfigDict,
+  arms: dict[str, list[float]],
+  *,
+  seeds: tuple[int, ...],
+  short_arm: str | None = None,
+  comparisons: list[tuple[str, str]] = (),
+) -> ml_collections.ConfigDict:
+  """A noise-study sweep: `arms` (entry -> rates) on `base`; `short_arm` also at 0.67x the steps."""
+  grid = _grid(**arms)
+  if short_arm is not None:
+    grid[_short(short_arm, base)] = dict(
+      grid[short_arm].to_dict(), base_overrides={'total_steps': _short_steps(base)}
+    )
+  config = ml_collections.ConfigDict()
+  config.anchor = 'dmuon'
+  config.seeds = seeds
+  config.base = base
+  config.grid = grid
+  config.comparisons = ','.join(f'{a}-{b}' for a, b in comparisons)
+  return config
+
+
+def _short_steps(base: ml_collections.ConfigDict) -> int:
+  return round(_SHORT_FRACTION * base.total_steps)
+
+
+def _short(entry: str, base: ml_collections.ConfigDict) -> str:
+  """The name of `entry` run over 0.67x base's steps, e.g. dmuon_noise_g4_670."""
+  return f'{entry}_{_short_steps(base)}'
+
+
+def _noise_base(lm_variant: str, *, steps: int, warmup: int, eval_every: int):
+  """A study base: `steps` of warm-up + cosine, 64 eval batches (the last eval is the result)."""
+  base = _lm(lm_variant)
+  base.update(total_steps=steps, eval_every=eval_every)
+  base.schedule.update(name='warmup_cosine', warmup_steps=warmup)
+  base.data.eval_batches = 64
+  return base
+
+
+def _noise_variant(arg: str) -> ml_collections.ConfigDict:
+  variant, _, arm = arg.partition(':')
+  if variant == 'noise_probe':
+    if arm:
+      raise ValueError(f'noise_probe takes no mapping suffix, got {arg!r}')
+    # Half the study's steps, seed 0, at D-Muon's best rate of the sweeps above (1e-2); D-Muon
+    # itself as the reference. The decision rule (docs/lm_experiments.md) reads the two E
+    # candidates' final eval losses.
+    base = _noise_base('tiny', steps=500, warmup=25, eval_every=100)
+    base.checkpoint.every = 250
+    return _noise_study(
+      base,
+      {'dmuon': [1e-2], 'dmuon_noise_g4': [1e-2], 'dmuon_noise_rel': [1e-2]},
+      seeds=(0,),
+      comparisons=[('dmuon_noise_g4', 'dmuon'), ('dmuon_noise_rel', 'dmuon')],
+    )
+  if arm not in _NOISE_ARMS:
+    raise ValueError(
+      f'{variant} needs the mapping the probe chose (configs/lm_sweep.py:noise_probe): '
+      f'{variant}:M with M in {sorted(_NOISE_ARMS)}, got {arg!r}'
+    )
+  e = _NOISE_ARMS[arm]
+  if variant == 'noise_tiny':
+    # A 64-batch eval costs ~3 s here against ~0.4 s a step: every 100 steps is ~7% of a run.
+    base = _noise_base('tiny', steps=1000, warmup=50, eval_every=100)
+    base.checkpoint.every = 250  # a stopped chunk loses at most 250 steps of a run
+    return _noise_study(
+      base,
+      {
+        'dmuon': _around(1e-2),
+        e: _around(1e-2),
+        'lanton_mean': _around(1.5e-2),
+        'lanton_ones': _around(1.5e-2),
+      },
+      seeds=(0, 1, 2, 3),
+      short_arm=e,
+      comparisons=[(e, 'dmuon'), (_short(e, base), 'dmuon'), ('lanton_mean', 'lanton_ones')],
+    )
+  if variant == 'noise_small_untied':
+    # 10M parameters, untied embedding / head, 16 x 256 tokens: too slow here for a learning-rate
+    # check, so both arms at D-Muon's best on `small` (2e-2); 2 seeds.
+    base = _noise_base('small_untied', steps=1000, warmup=50, eval_every=250)
+    base.data.update(batch_size=16, seq_len=256)
+    base.checkpoint.every = 100
+    return _noise_study(
+      base, {'dmuon': [2e-2], e: [2e-2]}, seeds=(0, 1), comparisons=[(e, 'dmuon')]
+    )
+  if variant == 'noise_gpu':
+    # benchmarks/gpu_suite.sh: untied `small`, bf16 compute (model.dtype 'auto'), 64 x 256
+    # tokens, 2,000 steps, one seed of each arm at D-Muon's `small` rate (no learning-rate check
+    # fits the suite's time limit).
+    base = _noise_base('small_untied', steps=2000, warmup=100, eval_every=500)
+    base.data.update(batch_size=64, seq_len=256)
+    base.checkpoint.every = 2000
+    base.tensorboard = False
+    return _noise_study(base, {'dmuon': [2e-2], e: [2e-2]}, seeds=(0,), comparisons=[(e, 'dmuon')])
+  if variant == 'noise_smoke':
+    base = _noise_base('tiny', steps=6, warmup=1, eval_every=3)
+    base.model.update(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64)
+    base.data.name = 'code_corpus/mini'
+    base.data.update(batch_size=8, seq_len=32, eval_batches=2)
+    base.update(log_every=3)
+    base.checkpoint.every = 6
+    return _noise_study(
+      base,
+      {
+        'dmuon': [0.01, 0.02],
+        e: [0.02],
+        'lanton_mean': [0.03],
+        'lanton_ones': [0.03],
+      },
+      seeds=(0, 1),
+      short_arm=e,
+      comparisons=[(e, 'dmuon'), (_short(e, base), 'dmuon'), ('lanton_mean', 'lanton_ones')],
+    )
+  raise ValueError(f'unknown noise-study variant {arg!r}')
+
+
+_NOISE_VARIANTS = ('noise_gpu', 'noise_probe', 'noise_small_untied', 'noise_smoke', 'noise_tiny')
+
+
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  if arg.partition(':')[0] in _NOISE_VARIANTS:
+    return _noise_variant(arg)
   config = ml_collections.ConfigDict()
   config.anchor = 'dmuon'  # steps-to-loss ratios are against this entry's final eval loss
   config.seeds = (0, 1, 2)
@@ -109,7 +276,6 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
     config.seeds = (0, 1)
     config.grid = _grid(adamw=[1e-3, 3e-3], dmuon=[0.02], lanton_min=[0.1], lanton_mean=[0.03])
   else:
-    raise ValueError(
-      f"unknown configs/lm_sweep.py variant {arg!r}; valid: ['small', 'smoke', 'tiny']"
-    )
+    valid = sorted(['small', 'smoke', 'tiny', *_NOISE_VARIANTS])
+    raise ValueError(f'unknown configs/lm_sweep.py variant {arg!r}; valid: {valid}')
   return config

@@ -1,12 +1,14 @@
-r"""Learning-rate sweep over optimizers; writes DIR/sweep.md and DIR/sweep_eval_loss.png.
+r"""Learning-rate sweep over optimizers; writes DIR/sweep.md, sweep.json and sweep_eval_loss.png.
 
   python experiments/sweep_lm.py --config=configs/lm_sweep.py:tiny --workdir=/tmp/sweep_tiny
 
 Rerun with the same workdir to resume: finished runs are reused, interrupted ones resume.
 With --report_only it runs nothing and reports the runs finished so far (e.g. while the sweep
-runs in another process).
+runs in another process). A config's `comparisons` ('arm-reference,...') adds paired differences
+by seed with 95% t-intervals; sweep.json holds the report's numbers.
 """
 
+import json
 import os
 
 from absl import app
@@ -29,6 +31,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   train.quiet_library_logs()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
+  comparisons = studies.parse_comparisons(config.get('comparisons') or '', valid=list(config.grid))
   train_fn = (lambda config, workdir: None) if _REPORT_ONLY.value else train.train_lm
   results = studies.run_sweep(config.base, config.grid, config.seeds, workdir, train_fn=train_fn)
   if config.anchor not in results:  # only a report can get here
@@ -50,15 +53,27 @@ def main(argv):
     ylabel='eval loss (nats/token)',
   )
   base = config.base
+  overrides = {
+    name: entry.base_overrides.to_dict()
+    for name, entry in config.grid.items()
+    if entry.get(studies.BASE_OVERRIDES)
+  }
   text = (
     f'# Sweep: {base.model.name} decoder on {base.data.name}\n\n{base.total_steps} steps '
-    f'of {base.data.batch_size}x{base.data.seq_len} tokens, {base.schedule.name} schedule, '
-    f'seeds {list(config.seeds)}.\n\n'
-    + studies.sweep_report(results, config.anchor)
+    f'({base.schedule.warmup_steps} warm-up) of {base.data.batch_size}x{base.data.seq_len} '
+    f'tokens, {base.schedule.name} schedule, {base.data.eval_batches} eval batches, '
+    f'seeds {list(config.seeds)}.'
+    + ''.join(f' {name}: {o}.' for name, o in overrides.items())
+    + '\n\n'
+    + studies.sweep_report(results, config.anchor, comparisons)
     + f'\n\n![eval loss]({os.path.basename(plot)})\n'
   )
   path = os.path.join(workdir, 'sweep.md')
   studies.write_text(path, text)
+  studies.write_text(
+    os.path.join(workdir, 'sweep.json'),
+    json.dumps(studies.sweep_summary(results, comparisons), indent=1) + '\n',
+  )
   print(text, flush=True)
 
 

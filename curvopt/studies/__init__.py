@@ -1,4 +1,4 @@
-"""Studies: LM learning-rate sweeps, the RL regime study, the merging study, and their reports."""
+"""Studies: LM sweeps with paired seed statistics, the RL and merging studies, their reports."""
 
 from curvopt.studies._merge_study import MergeStudy
 from curvopt.studies._merge_study import cosine_similarity
@@ -19,17 +19,28 @@ from curvopt.studies._rl_study import is_collapsed
 from curvopt.studies._rl_study import rl_study_report
 from curvopt.studies._rl_study import run_rl_study
 from curvopt.studies._rl_study import study_run_dir
+from curvopt.studies._stats import PairedDifference
+from curvopt.studies._stats import paired_difference
+from curvopt.studies._stats import t_quantile
+from curvopt.studies._sweep import BASE_OVERRIDES
 from curvopt.studies._sweep import SweepPoint
 from curvopt.studies._sweep import best_point
+from curvopt.studies._sweep import comparison_table
+from curvopt.studies._sweep import paired_comparisons
+from curvopt.studies._sweep import parse_comparisons
 from curvopt.studies._sweep import run_sweep
 from curvopt.studies._sweep import steps_to_reach
 from curvopt.studies._sweep import sweep_report
 from curvopt.studies._sweep import sweep_run_dir
+from curvopt.studies._sweep import sweep_summary
 
 __all__ = (
+  'BASE_OVERRIDES',
   'MergeStudy',
+  'PairedDifference',
   'SweepPoint',
   'best_point',
+  'comparison_table',
   'cosine_similarity',
   'curve',
   'curves',
@@ -40,6 +51,9 @@ __all__ = (
   'mask_jaccard',
   'merge_study_report',
   'normalized_scores',
+  'paired_comparisons',
+  'paired_difference',
+  'parse_comparisons',
   'plot_curves',
   'plot_heatmap',
   'rl_study_report',
@@ -51,5 +65,7 @@ __all__ = (
   'study_run_dir',
   'sweep_report',
   'sweep_run_dir',
+  'sweep_summary',
+  't_quantile',
   'write_text',
 )

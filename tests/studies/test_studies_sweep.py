@@ -1,5 +1,6 @@
 """The learning-rate sweep: two stages, best-point selection, steps-to-loss, report."""
 
+import json
 import math
 import os
 import shutil
@@ -157,3 +158,124 @@ def test_sweep_configs_name_registry_optimizers(arg):
   for entry in config.grid.values():
     assert entry.name in train.OPTIMIZERS
     assert len(entry.learning_rate) >= 1
+
+
+# Fake runs for the paired comparisons: arm 'c' ends 0.02-0.04 below 'a' on every seed, 'd' is
+# 'a' give or take 0.03; each entry's best rate is 0.02; the run's own total_steps is logged.
+_OFFSETS = {'a': (0.0, 0.0, 0.0, 0.0), 'c': (-0.03, -0.02, -0.04, -0.01), 'd': (0.03, -0.03, 0, 0)}
+
+
+def _fake_train_offsets(config, workdir):
+  tag = config.optimizer.tag
+  final = (
+    1.0
+    + abs(math.log(config.optimizer.learning_rate / 0.02))
+    + 0.1 * config.seed
+    + _OFFSETS[tag][config.seed]
+  )
+  writer = train.MetricWriter(workdir, tensorboard=False)
+  for step in range(10, config.total_steps + 1, 10):
+    writer.write(step, {'eval_loss': final + (config.total_steps - step) / 10})
+  writer.close()
+  _fake_train_offsets.calls.append((tag, config.optimizer.learning_rate, config.seed))
+  _fake_train_offsets.steps.append(config.total_steps)
+
+
+def _paired_sweep(tmp_path, train_fn=_fake_train_offsets):
+  base = ml_collections.ConfigDict(
+    {
+      'seed': 0,
+      'total_steps': 40,
+      'data': {'data_dir': None},
+      'optimizer': {'learning_rate': 0.0, 'tag': ''},
+    }
+  )
+  grid = ml_collections.ConfigDict(
+    {
+      'a': {'tag': 'a', 'learning_rate': [0.01, 0.02]},
+      'c': {'tag': 'c', 'learning_rate': [0.02, 0.04]},
+      'c_20': {'tag': 'c', 'learning_rate': [0.02], 'base_overrides': {'total_steps': 20}},
+      'd': {'tag': 'd', 'learning_rate': [0.02]},
+    }
+  )
+  _fake_train_offsets.calls, _fake_train_offsets.steps = [], []
+  return studies.run_sweep(base, grid, (0, 1, 2, 3), str(tmp_path), train_fn=train_fn)
+
+
+def test_an_entry_runs_with_its_own_total_steps_and_is_read_back(tmp_path):
+  results = _paired_sweep(tmp_path)
+  calls = list(zip(_fake_train_offsets.calls, _fake_train_offsets.steps))
+  assert [s for (tag, _, _), s in calls if tag == 'c' and s == 20] == [20] * 4
+  assert studies.best_point(results['c_20']).mean_curve[0] == [10, 20]
+  # Finished at its own 20 steps: a rerun trains nothing.
+  _paired_sweep(tmp_path)
+  assert _fake_train_offsets.calls == []
+
+
+def test_base_overrides_must_name_existing_fields(tmp_path):
+  base = ml_collections.ConfigDict(
+    {'seed': 0, 'total_steps': 40, 'data': {'data_dir': None}, 'optimizer': {'learning_rate': 0.0}}
+  )
+  for overrides, match in [
+    ({'total_step': 20}, "'total_step' is not in the base config"),
+    ({'data': {'eval_batch': 2}}, "'data.eval_batch' is not in the base config"),
+    ({'seed': {'x': 1}}, "'seed' is not a section"),
+  ]:
+    grid = ml_collections.ConfigDict({'a': {'learning_rate': [0.1], 'base_overrides': overrides}})
+    with pytest.raises(ValueError, match=match):
+      studies.run_sweep(base, grid, (0,), str(tmp_path), train_fn=_fake_train)
+
+
+def test_sweep_report_paired_differences_and_decisions(tmp_path):
+  results = _paired_sweep(tmp_path)
+  text = studies.sweep_report(results, 'a', 'c-a, c_20-a,d-a')
+  rows = {
+    line.split(' | ')[0].strip('| '): line.split(' | ')
+    for line in text.split('Paired differences')[1].splitlines()
+    if line.startswith('| ') and ' - ' in line.split(' | ')[0]
+  }
+  assert sorted(rows) == ['c - a', 'c_20 - a', 'd - a']
+  # c - a: -0.03, -0.02, -0.04, -0.01 (hand-computed in test_studies_stats).
+  c = rows['c - a']
+  assert c[1:5] == ['4', '0 / 1 / 2 / 3', '-0.0300 / -0.0200 / -0.0400 / -0.0100', '-0.0250']
+  assert c[6] == '[-0.0455, -0.0045]'
+  assert c[7].strip(' |') == 'lower'
+  # The 20-step run ends at the same loss as its 40-step one (the fake's curve ends at `final`).
+  assert rows['c_20 - a'][7].strip(' |') == 'lower'
+  assert rows['d - a'][7].strip(' |') == 'no effect measured'
+  pairs = studies.paired_comparisons(results, [('c', 'a')])
+  assert pairs[0][2].mean == pytest.approx(-0.025)
+
+
+def test_comparisons_of_arms_without_finished_runs_measure_nothing(tmp_path):
+  results = _paired_sweep(tmp_path)
+  del results['d']
+  ((_, _, d),) = studies.paired_comparisons(results, 'd-a')
+  assert d.n == 0 and d.decision == 'no effect measured'
+  assert 'n/a (< 2 seeds)' in studies.sweep_report(results, 'a', 'd-a')
+  # No comparisons: no table.
+  assert 'Paired differences' not in studies.sweep_report(results, 'a')
+
+
+def test_parse_comparisons():
+  assert studies.parse_comparisons('e-a, c-b,') == [('e', 'a'), ('c', 'b')]
+  assert studies.parse_comparisons('') == []
+  assert studies.parse_comparisons([('e', 'a')], valid=['a', 'e']) == [('e', 'a')]
+  with pytest.raises(ValueError, match="'arm-reference'"):
+    studies.parse_comparisons('e-a-b')
+  with pytest.raises(ValueError, match="'arm-reference'"):
+    studies.parse_comparisons('e')
+  with pytest.raises(ValueError, match=r"unknown entries \['x'\]"):
+    studies.parse_comparisons('x-a', valid=['a', 'e'])
+
+
+def test_sweep_summary_is_plain_json_data(tmp_path):
+  results = _paired_sweep(tmp_path)
+  summary = json.loads(json.dumps(studies.sweep_summary(results, 'c-a,c_20-a')))
+  assert summary['entries']['c']['best_learning_rate'] == 0.02
+  point = summary['entries']['c_20']['points'][0]
+  assert point['final_step'] == {'0': 20, '1': 20, '2': 20, '3': 20}
+  assert point['final_eval_loss']['1'] == pytest.approx(1.08)
+  first = summary['comparisons'][0]
+  assert (first['arm'], first['reference'], first['n'], first['decision']) == ('c', 'a', 4, 'lower')
+  assert first['low'] == pytest.approx(-0.045543, abs=1e-6)
