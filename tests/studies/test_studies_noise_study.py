@@ -1,22 +1,13 @@
-"""configs/lm_sweep.py's noise-adaptation study: its arms, schedules and a smoke run.
-
-The E arm (registry `dmuon_noise`), LANTON with `lanton_mapping='ones'` and the untied model
-variants come with the library half of the study; tests that need them skip until it is there.
-"""
+"""configs/lm_sweep.py's noise-adaptation study: its arms, schedules and a smoke run."""
 
 import os
 
-import ml_collections
 import pytest
 
 from curvopt import studies
 from curvopt import train
 
 _CONFIGS = os.path.join(os.path.dirname(__file__), '..', '..', 'configs')
-_HAS_NOISE = 'dmuon_noise' in train.OPTIMIZERS
-_NEEDS_LIBRARY = pytest.mark.skipif(
-  not _HAS_NOISE, reason="needs the library half (registry 'dmuon_noise', the noise fields)"
-)
 
 # E's candidates: the probe's p = 1/4 geometric-mean mapping, and the same on the scale-free noise.
 _E_FIELDS = {
@@ -39,12 +30,7 @@ _LANTON = {'adam_learning_rate': 3e-3, 'lanton_embed_head_scale': 0.1}
 
 
 def _config(arg):
-  try:
-    return train.load_config(os.path.join(_CONFIGS, 'lm_sweep.py'), arg)
-  except ValueError as e:
-    if 'untied' in str(e) and 'configs/lm.py' in str(e):
-      pytest.skip(f'needs the untied configs/lm.py variants of the library half: {e}')
-    raise
+  return train.load_config(os.path.join(_CONFIGS, 'lm_sweep.py'), arg)
 
 
 def _fields(entry):
@@ -151,9 +137,11 @@ def _lm_optimizer(entry):
   return optimizer, unknown
 
 
-@_NEEDS_LIBRARY
-@pytest.mark.parametrize('arg', ['noise_probe', 'noise_tiny:g4', 'noise_tiny:rel'])
-def test_noise_entries_build_with_the_library_half(arg):
+@pytest.mark.parametrize(
+  'arg',
+  ['noise_probe', 'noise_tiny:g4', 'noise_tiny:rel', 'noise_small_untied:g4', 'noise_gpu:rel'],
+)
+def test_noise_entries_build(arg):
   config = _config(arg)
   schedule = config.base.schedule
   for name, entry in config.grid.items():
@@ -162,31 +150,15 @@ def test_noise_entries_build_with_the_library_half(arg):
     train.make_optimizer(optimizer, config.base.total_steps, schedule)
 
 
-def _builds_here(entry, base):
-  optimizer, unknown = _lm_optimizer(entry)
-  if unknown or optimizer.name not in train.OPTIMIZERS:
-    return False
-  try:
-    train.make_optimizer(optimizer, base.total_steps, base.schedule)
-  except ValueError:  # e.g. lanton_mapping='ones' before the library half
-    return False
-  return True
-
-
 @pytest.mark.parametrize('arm', ['g4'])
 def test_noise_smoke_sweep_trains_and_reports(tmp_path, mini_data_dir, arm):
-  """The smoke study end to end: every entry whose optimizer exists on this branch trains."""
+  """The smoke study end to end: every arm trains, the 670-step arm on its own schedule."""
   config = _config(f'noise_smoke:{arm}')
   base = config.base
   base.data.data_dir = mini_data_dir
   base.mesh.num_devices = 1
   base.tensorboard = False
-  grid = ml_collections.ConfigDict(
-    {name: entry for name, entry in config.grid.items() if _builds_here(entry, base)}
-  )
-  assert {'dmuon', 'lanton_mean'} <= set(grid)
-  if _HAS_NOISE:
-    assert set(grid) == set(config.grid)
+  grid = config.grid
   results = studies.run_sweep(base, grid, config.seeds, str(tmp_path))
   assert set(results) == set(grid)
   for name, points in results.items():
@@ -196,4 +168,4 @@ def test_noise_smoke_sweep_trains_and_reports(tmp_path, mini_data_dir, arm):
     assert all(s[-1] == steps for s, _ in best.curves.values()), name
   text = studies.sweep_report(results, config.anchor, config.comparisons)
   assert 'Paired differences' in text
-  assert f'dmuon_noise_{arm} - dmuon' in text  # a row even before E has runs (n = 0)
+  assert f'dmuon_noise_{arm} - dmuon' in text
