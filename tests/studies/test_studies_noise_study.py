@@ -150,6 +150,9 @@ def test_noise_entries_build(arg):
     train.make_optimizer(optimizer, config.base.total_steps, schedule)
 
 
+# ~1 minute. Fast tests cover its pieces: every entry builds (above); per-entry total_steps,
+# paired comparisons and the report in test_studies_sweep.py; the optimizers' steps in tests/train).
+@pytest.mark.slow
 @pytest.mark.parametrize('arm', ['g4'])
 def test_noise_smoke_sweep_trains_and_reports(tmp_path, mini_data_dir, arm):
   """The smoke study end to end: every arm trains, the 670-step arm on its own schedule."""
