@@ -151,7 +151,7 @@ def test_noise_entries_build(arg):
 
 
 # ~1 minute. Fast tests cover its pieces: every entry builds (above); per-entry total_steps,
-# paired comparisons and the report in test_studies_sweep.py; the optimizers' steps in tests/train).
+# paired comparisons and the report in test_studies_sweep.py; the optimizers' steps in tests/train.
 @pytest.mark.slow
 @pytest.mark.parametrize('arm', ['g4'])
 def test_noise_smoke_sweep_trains_and_reports(tmp_path, mini_data_dir, arm):
