@@ -173,7 +173,8 @@ def _noise_variant(arg: str) -> ml_collections.ConfigDict:
         # The edge rule (docs/lm_experiments.md): E's seed-0 best was the grid's low edge (5e-3,
         # g4: 1.391 at 1,000 steps, 1.420 at 670), so one more point below it, for both E arms.
         e: [2.5e-3, *_around(1e-2)],
-        'lanton_mean': _around(1.5e-2),
+        # The same rule for C: its seed-0 best was its low edge (7.5e-3: 1.408).
+        'lanton_mean': [3.75e-3, *_around(1.5e-2)],
         'lanton_ones': _around(1.5e-2),
       },
       seeds=(0, 1, 2, 3),

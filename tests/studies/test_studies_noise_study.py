@@ -44,10 +44,10 @@ def test_noise_tiny_arms_grids_and_schedule(arm):
   assert list(config.grid) == ['dmuon', e, f'{e}_670', 'lanton_mean', 'lanton_ones']  # sorted
   expected = {
     'dmuon': (dict(_ADAM, name='dmuon'), [5e-3, 1e-2, 2e-2]),
-    # E's grid has the edge rule's extra point below 5e-3 (its seed-0 best was the low edge).
+    # E's and C's grids have the edge rule's extra point below (their seed-0 best was the low edge).
     e: (dict(_ADAM, **_E_FIELDS[arm]), [2.5e-3, 5e-3, 1e-2, 2e-2]),
     f'{e}_670': (dict(_ADAM, **_E_FIELDS[arm]), [2.5e-3, 5e-3, 1e-2, 2e-2]),
-    'lanton_mean': (dict(_LANTON, name='lanton_mean'), [7.5e-3, 1.5e-2, 3e-2]),
+    'lanton_mean': (dict(_LANTON, name='lanton_mean'), [3.75e-3, 7.5e-3, 1.5e-2, 3e-2]),
     # B: C exactly, with s = 1.
     'lanton_ones': (dict(_LANTON, name='lanton', lanton_mapping='ones'), [7.5e-3, 1.5e-2, 3e-2]),
   }
