@@ -4,8 +4,10 @@ r"""Learning-rate sweep over optimizers; writes DIR/sweep.md, sweep.json and swe
 
 Rerun with the same workdir to resume: finished runs are reused, interrupted ones resume.
 With --report_only it runs nothing and reports the runs finished so far (e.g. while the sweep
-runs in another process). A config's `comparisons` ('arm-reference,...') adds paired differences
-by seed with 95% t-intervals; sweep.json holds the report's numbers.
+runs in another process). With --entries it runs and reports only those grid entries, so that
+processes sharing one --workdir can split a sweep between them (a final run without it, or with
+--report_only, reports them all). A config's `comparisons` ('arm-reference,...') adds paired
+differences by seed with 95% t-intervals; sweep.json holds the report's numbers.
 """
 
 import json
@@ -13,6 +15,7 @@ import os
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 from curvopt import studies
@@ -23,6 +26,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Runs, sweep.md and the plot go 
 _REPORT_ONLY = flags.DEFINE_bool(
   'report_only', False, 'Run nothing: report the runs finished so far.'
 )
+_ENTRIES = flags.DEFINE_list(
+  'entries', None, "Only these grid entries (comma-separated names); default: the config's all."
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -32,11 +38,19 @@ def main(argv):
   train.quiet_library_logs()
   config, workdir = _CONFIG.value, os.path.abspath(_WORKDIR.value)
   comparisons = studies.parse_comparisons(config.get('comparisons') or '', valid=list(config.grid))
+  grid, anchor = config.grid, config.anchor
+  if _ENTRIES.value:
+    unknown = sorted(set(_ENTRIES.value) - set(grid))
+    if unknown:
+      raise app.UsageError(f'--entries {unknown} are not in the grid; valid: {sorted(grid)}')
+    grid = ml_collections.ConfigDict({name: grid[name] for name in _ENTRIES.value})
+    comparisons = [pair for pair in comparisons if set(pair) <= set(grid)]
+    anchor = anchor if anchor in grid else _ENTRIES.value[0]
   train_fn = (lambda config, workdir: None) if _REPORT_ONLY.value else train.train_lm
-  results = studies.run_sweep(config.base, config.grid, config.seeds, workdir, train_fn=train_fn)
-  if config.anchor not in results:  # only a report can get here
+  results = studies.run_sweep(config.base, grid, config.seeds, workdir, train_fn=train_fn)
+  if anchor not in results:  # only a report can get here
     print(
-      f'no finished run of the anchor {config.anchor!r} yet in {workdir}; entries with '
+      f'no finished run of the anchor {anchor!r} yet in {workdir}; entries with '
       f'finished runs: {sorted(results)}',
       flush=True,
     )
@@ -55,7 +69,7 @@ def main(argv):
   base = config.base
   overrides = {
     name: entry.base_overrides.to_dict()
-    for name, entry in config.grid.items()
+    for name, entry in grid.items()
     if entry.get(studies.BASE_OVERRIDES)
   }
   text = (
@@ -65,7 +79,7 @@ def main(argv):
     f'seeds {list(config.seeds)}.'
     + ''.join(f' {name}: {o}.' for name, o in overrides.items())
     + '\n\n'
-    + studies.sweep_report(results, config.anchor, comparisons)
+    + studies.sweep_report(results, anchor, comparisons)
     + f'\n\n![eval loss]({os.path.basename(plot)})\n'
   )
   path = os.path.join(workdir, 'sweep.md')
