@@ -164,9 +164,16 @@ def test_resume_with_a_different_model_is_refused(lm_test_config, tmp_path):
     train.train_lm(lm_test_config(**{'model.d_model': 64}), workdir)
 
 
-# LANTON: its per-leaf state vectors are sharded by the trainer's FSDP rule too.
+# LANTON: its per-leaf state vectors are sharded by the trainer's FSDP rule too (slow; the
+# transform's own sharded test, tests/optim/test_optim_sharding.py, covers its state on 8 devices).
 @pytest.mark.parametrize(
-  'optimizer', [{}, {'optimizer.name': 'lanton', 'optimizer.learning_rate': 0.02}]
+  'optimizer',
+  [
+    {},
+    pytest.param(
+      {'optimizer.name': 'lanton', 'optimizer.learning_rate': 0.02}, marks=pytest.mark.slow
+    ),
+  ],
 )
 def test_eight_devices_match_one_device(lm_test_config, tmp_path, optimizer):
   one = str(tmp_path / 'one')
