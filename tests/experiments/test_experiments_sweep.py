@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIG = os.path.join(REPO, 'configs', 'lm_sweep.py')
 
 
-def _report(workdir):
+def _report(workdir, *flags):
   return subprocess.run(
     [
       sys.executable,
@@ -19,6 +19,7 @@ def _report(workdir):
       f'--config={CONFIG}:smoke',
       f'--workdir={workdir}',
       '--report_only',
+      *flags,
     ],
     capture_output=True,
     text=True,
@@ -57,3 +58,16 @@ def test_report_only_reports_finished_runs_and_runs_nothing(tmp_path):
   # It ran nothing: no run directories beyond the ones written here.
   assert sorted(os.listdir(tmp_path / 'adamw')) == ['lr0.001', 'lr0.003']
   assert not os.path.exists(tmp_path / 'lanton')
+
+
+def test_entries_reports_only_those_and_rejects_unknown_names(tmp_path):
+  _finished_run(tmp_path, 'dmuon', 0.02, 0, 2.0)
+  _finished_run(tmp_path, 'adamw', 0.001, 0, 2.5)
+  done = _report(tmp_path, '--entries=adamw')
+  assert done.returncode == 0, done.stderr[-3000:]
+  rows = [line for line in done.stdout.splitlines() if line.startswith('| ')]
+  assert any(line.startswith('| adamw | 0.001') for line in rows)
+  assert not any(line.startswith('| dmuon') for line in rows)  # finished, but not asked for
+  done = _report(tmp_path, '--entries=adamw,nope')
+  assert done.returncode != 0
+  assert "--entries ['nope'] are not in the grid" in done.stderr
