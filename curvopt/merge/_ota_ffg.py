@@ -6,7 +6,7 @@ OTA and FFG: Mahdavi et al. 2025 (arXiv 2509.11167).
 reads every input twice. `ota_ffg` computes each expert's cutoff first, then one jit'd pass per
 tensor recomputes every expert's saliency, compares it with that expert's cutoff and merges: no
 mask is written and the merge reads its inputs once. With quantile='exact' the cutoff is
-`ffg_mask`'s (a bisection over all saliencies, ~20 counting passes); with 'sampled' it is the
+`ffg_mask`'s (a radix select over all saliencies, two histogram passes); with 'sampled' it is the
 matching quantile of a strided sample of ~65k saliencies (a sampled quantile for large
 models): one strided pass, and the kept fraction is the density to within a few parts per
 thousand of it (binomial spread of the sample's rank, ~1 / sqrt(65k * d)).
@@ -74,16 +74,8 @@ def _cutoffs(bases, experts_T, moments_T, densities, *, quantile, score):
     return _ffg.sampled_cutoffs_kernel(
       bases, experts_T, moments_T, ranks, score=score, stride=stride
     )
-  cutoffs = []
-  for experts, moments, density in zip(experts_T, moments_T, densities):
-    if density == 0:
-      cutoffs.append(jnp.float32(jnp.inf))
-      continue
-    args, stride = _ffg.density_plan(bases, float(density))
-    cutoffs.append(
-      _ffg.global_cutoff_kernel(bases, experts, moments, *args, score=score, stride=stride)
-    )
-  return jnp.stack(cutoffs)
+  # All experts' histograms in one computation per radix stage.
+  return jnp.asarray(_ffg.exact_cutoffs(bases, experts_T, moments_T, densities, score=score))
 
 
 def ota_ffg(
@@ -118,7 +110,7 @@ def ota_ffg(
       threshold.
     threshold: saliency cutoffs, a scalar or one per expert.
     quantile: 'exact' (the k-th largest saliency) or 'sampled' (as
-      `ffg_threshold`'s: one strided pass instead of ~20 counting passes).
+      `ffg_threshold`'s: one strided pass instead of two histogram passes).
     score: 'fisher' (v tau^2) or 'magnitude' (|tau|).
     power, eps, normalise, fallback_to_base, bias_correction, scales: as in
       `ota`.
