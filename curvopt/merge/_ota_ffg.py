@@ -78,6 +78,55 @@ def _cutoffs(bases, experts_T, moments_T, densities, *, quantile, score):
   return jnp.asarray(_ffg.exact_cutoffs(bases, experts_T, moments_T, densities, score=score))
 
 
+def ota_ffg_leaf(
+  base: Any,
+  experts: Sequence[Any],
+  second_moments: Sequence[Any],
+  *,
+  cutoffs: Sequence[float],
+  score: str = 'fisher',
+  power: float = 0.5,
+  eps: float = 1e-8,
+  normalise: str = 'none',
+  fallback_to_base: bool = True,
+  bias_correction: Any = None,
+  scales: Any = None,
+  name: str = 'leaf',
+):
+  """`ota_ffg`'s fused pass on one tensor, given each expert's saliency
+  cutoff (+inf keeps nothing): what a streaming merge calls once the global
+  cutoffs are known. Equals `ota_leaf` over `ffg_mask_leaf(threshold=...)`
+  masks, without writing them."""
+  if base is None:
+    raise ValueError('ota_ffg needs the base: FFG prunes task vectors theta_t - theta0')
+  _options.choice(score, _ffg.SCORES, what='score')
+  reference = _tree.check_leaf_group(base, experts, name=name)
+  num = len(experts)
+  _tree.check_moment_group(
+    second_moments, num, tuple(reference.shape), name=name, what='second moment'
+  )
+  power, eps, normalise, corrections, scales = _ota.options_for(
+    num, power, eps, normalise, bias_correction, scales
+  )
+  out, ok = _ota_ffg_kernel(
+    base,
+    tuple(experts),
+    tuple(second_moments),
+    jnp.asarray(np.asarray(cutoffs, np.float32)),
+    power,
+    eps,
+    scales,
+    corrections,
+    score=score,
+    normalise=normalise,
+    fallback_to_base=bool(fallback_to_base),
+  )
+  checks = _tree.ValueChecks()
+  _ota.add_moment_check(checks, out, ok, second_moments, name)
+  checks.raise_if_failed()
+  return out
+
+
 def ota_ffg(
   base: Any,
   experts: Sequence[Any],

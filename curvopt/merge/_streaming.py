@@ -33,6 +33,7 @@ from curvopt.merge import _fisher_merge
 from curvopt.merge import _linear
 from curvopt.merge import _options
 from curvopt.merge import _ota
+from curvopt.merge import _ota_ffg
 from curvopt.merge import _radix
 from curvopt.merge import _rank1
 from curvopt.merge import _sources
@@ -427,6 +428,17 @@ def _merge_leaf(plan, name, got, options, keep, ffg, kind, values, cutoffs):
     return _dare.dare_leaf(base, experts, key=_dare.leaf_key(key, name), name=name, **opts)
   if method == 'fisher':
     return _fisher_merge.fisher_leaf(experts, moments, name=name, **opts)
+  if method == 'ota' and cutoffs is not None:
+    # The masks fused into the merge's pass: no bool mask per expert.
+    return _ota_ffg.ota_ffg_leaf(
+      base,
+      experts,
+      moments,
+      cutoffs=[cutoffs[t] for t in keep],
+      score=ffg.get('score', 'fisher'),
+      name=name,
+      **opts,
+    )
   masks = _leaf_masks(name, base, experts, moments, ffg, kind, values, cutoffs, keep)
   if method == 'ffg_graft':
     return _ffg.ffg_graft_leaf(base, experts[0], masks[0], name=name)
