@@ -330,7 +330,8 @@ def _exact_cutoffs(plan, names, totals, densities, score, batch_bytes, prefetch)
           )
           for i, t in enumerate(keep):
             counts.add_host(t, rows[i])
-          ok = _tree.moments_ok(moments) if score == 'fisher' else np.ones(len(keep), bool)
+          checked = stage == 0 and score == 'fisher'
+          ok = _tree.moments_ok(moments) if checked else np.ones(len(keep), bool)
         else:
           device, ok = _ffg.leaf_histograms_into(
             counts.device(entries),
