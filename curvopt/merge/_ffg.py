@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from curvopt.merge import _options
+from curvopt.merge import _radix
 from curvopt.merge import _rank1
 from curvopt.merge import _topk
 from curvopt.merge import _tree
@@ -57,7 +58,9 @@ def _saliency_kernel(base, expert, moment, *, score):
 @functools.partial(jax.jit, static_argnames=('score',))
 def _threshold_mask_kernel(base, expert, moment, threshold, *, score):
   s = saliency(base, expert, moment, score=score)
-  return s >= threshold, _valid(moment, score)
+  # A cutoff of +inf (density 0) keeps nothing, even a saliency that
+  # overflowed to inf.
+  return (s >= threshold) & (threshold < jnp.inf), _valid(moment, score)
 
 
 @functools.partial(jax.jit, static_argnames=('score',))
@@ -87,50 +90,8 @@ def _graft_kernel(base, expert, mask):
   return jnp.where(mask != 0, expert, base)
 
 
-_INF_BITS = int(np.float32(np.inf).view(np.int32))
-# Counts are fp32 sums of 0/1, exact while a sum covers at most 2^24
-# entries; fp32 sums vectorize on the CPU where int32 ones do not (5x).
-_EXACT_F32_COUNT = 1 << 24
-_SAMPLE = 1 << 16  # entries sampled to bracket the cutoff
-_SAMPLE_SIGMAS = 5.0
-
-
-def _leaf_count(s, t):
-  """#(s >= t) in one leaf, exact, as an int32 scalar."""
-  ones = jnp.where(s >= t, 1.0, 0.0)
-  shape = tuple(s.shape)
-  split, inner = len(shape), 1
-  while split > 0 and inner * shape[split - 1] <= _EXACT_F32_COUNT:
-    inner *= shape[split - 1]
-    split -= 1
-  if split == 0:
-    return jnp.sum(ones).astype(jnp.int32)
-  if split < len(shape):
-    rows = jnp.sum(ones, axis=tuple(range(split, len(shape))))
-    return jnp.sum(rows.astype(jnp.int32))
-  # The last axis alone is too long: count it in chunks.
-  flat = jnp.ravel(ones)
-  full = flat.size // _EXACT_F32_COUNT * _EXACT_F32_COUNT
-  chunks = jnp.sum(flat[:full].reshape(-1, _EXACT_F32_COUNT), axis=1)
-  return jnp.sum(chunks.astype(jnp.int32)) + jnp.sum(flat[full:]).astype(jnp.int32)
-
-
-def _split16(x):
-  return x >> 16, x & 0xFFFF
-
-
-def _at_least_k(leaves, t, k_hi, k_lo):
-  """#(s >= t) over all leaves >= k, with k = k_hi * 2^16 + k_lo < 2^47.
-
-  Totals are kept as two int32 halves so that models beyond 2^31 entries
-  count exactly without x64.
-  """
-  hi, lo = jnp.int32(0), jnp.int32(0)
-  for s in leaves:
-    c_hi, c_lo = _split16(_leaf_count(s, t))
-    hi, lo = hi + c_hi, lo + c_lo
-  hi, lo = hi + (lo >> 16), lo & 0xFFFF
-  return (hi > k_hi) | ((hi == k_hi) & (lo >= k_lo))
+_INF_BITS = _radix.INF_BITS
+_SAMPLE = 1 << 16  # entries sampled by quantile='sampled'
 
 
 def _bisect(passes, lo, hi):
@@ -160,52 +121,10 @@ def _sample(leaves, stride):
   return jnp.where(sample > 0, sample, 0.0)  # NaN, -0.0 -> 0
 
 
-def _bits(x):
-  return jax.lax.bitcast_convert_type(x, jnp.int32)
-
-
-def _kth_largest_bits(leaves, k_hi, k_lo, rank_hi, rank_lo, *, stride):
-  """The bits of `ffg_threshold`'s density cutoff, in one traced computation.
-
-  The same bisection as `largest_passing`, but started from a bracket:
-  the rank_hi-th and rank_lo-th largest of a strided sample straddle the
-  k-th largest of all entries with high probability. One counting pass at
-  each end checks that; where a check fails, the range widens to the side
-  that holds the answer. The predicate is monotone, so the result is the
-  one a bisection over all of [0, inf] finds, only in fewer passes
-  (~log2 of the bracket's width in bit patterns instead of 31).
-  """
-
-  def passes(t):
-    return _at_least_k(leaves, t, k_hi, k_lo)
-
-  lo, hi = 0, _INF_BITS
-  if stride:
-    sample = _sample(leaves, stride)
-
-    def sample_passes(rank):
-      return lambda t: jnp.sum(jnp.where(sample >= t, 1.0, 0.0)) >= rank
-
-    # Rank < 1 asks for more than the largest: +inf (also density 0).
-    top = jnp.where(
-      rank_hi >= 1, _bisect(sample_passes(rank_hi.astype(F32)), 0, _INF_BITS) + 1, _INF_BITS
-    )
-    top = jnp.minimum(top, _INF_BITS)
-    bottom = jnp.where(
-      rank_lo <= sample.size, _bisect(sample_passes(rank_lo.astype(F32)), 0, _INF_BITS), 0
-    )
-    bottom = jnp.minimum(bottom, top)
-    top_passes = passes(jax.lax.bitcast_convert_type(top, F32))
-    bottom_passes = passes(jax.lax.bitcast_convert_type(bottom, F32))
-    lo = jnp.where(top_passes, top, jnp.where(bottom_passes, bottom, 0))
-    hi = jnp.where(top_passes, _INF_BITS, jnp.where(bottom_passes, top - 1, bottom - 1))
-  return _bisect(passes, lo, hi)
-
-
 def sample_stride(leaves) -> int:
   """The stride of the ~65k-entry saliency sample over `leaves`; 0 where
   there is no sample: small models, and Explicit-sharded leaves, which
-  cannot be strided (the cutoff then bisects over all of [0, inf])."""
+  cannot be strided (the cutoff is then exact)."""
   total = sum(int(np.size(s)) for s in leaves)
   sampled = total > 4 * _SAMPLE and not any(
     _topk.explicit_spec(s) is not None for s in leaves if isinstance(s, jax.Array)
@@ -213,49 +132,71 @@ def sample_stride(leaves) -> int:
   return total // _SAMPLE if sampled else 0
 
 
-def density_plan(leaves, density):
-  """Host-side integers for `_kth_largest_bits`: k, the sample stride and
-  the sample ranks bracketing k (static stride, traced ranks)."""
-  sizes = [int(np.size(s)) for s in leaves]
-  total = sum(sizes)
-  k = int(_topk.num_kept(density, total)) if density > 0 else 0
-  stride = sample_stride(leaves)
-  rank_hi = rank_lo = 0
-  if stride:
-    m = sum(-(-n // stride) for n in sizes)
-    rank = k * m / total
-    margin = _SAMPLE_SIGMAS * np.sqrt(rank * max(0.0, 1 - rank / m)) + 8
-    rank_hi = int(np.floor(rank - margin)) if k else 0
-    rank_lo = int(np.ceil(rank + margin))
-  k_hi, k_lo = divmod(k, 1 << 16)
-  return (np.int32(k_hi), np.int32(k_lo), np.int32(rank_hi), np.int32(rank_lo)), stride
+@functools.partial(jax.jit, static_argnames=('stage',))
+def _value_histograms(leaves, prefixes, *, stage):
+  """[1, r, bins] radix-stage histograms of saliencies given as arrays."""
+  return _radix.histograms(
+    [_radix.bin_index(s, prefixes[0], stage=stage) for s in leaves], stage=stage
+  )[None]
 
 
-@functools.partial(jax.jit, static_argnames=('stride',))
-def _threshold_kernel(leaves, k_hi, k_lo, rank_hi, rank_lo, *, stride):
-  return jax.lax.bitcast_convert_type(
-    _kth_largest_bits(leaves, k_hi, k_lo, rank_hi, rank_lo, stride=stride), F32
+@functools.partial(jax.jit, static_argnames=('score', 'stage'))
+def _saliency_histograms(bases, experts_T, moments_T, prefixes_T, *, score, stage):
+  """[T, r, bins] radix-stage histograms of T experts' saliencies, computed
+  from their weights and moments inside the counting pass (never stored)."""
+  return jnp.stack(
+    [
+      _radix.histograms(
+        [
+          _radix.bin_index(saliency(b, e, v, score=score), prefixes_T[t], stage=stage)
+          for b, e, v in zip(bases, experts, moments)
+        ],
+        stage=stage,
+      )
+      for t, (experts, moments) in enumerate(zip(experts_T, moments_T))
+    ]
   )
 
 
-def _global_cutoff_bits(bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, *, score, stride):
-  """(saliencies, the bits of their global density cutoff) of one expert."""
-  # Materialized once: fused into each counting pass they would be
-  # recomputed from three inputs per pass.
-  saliencies = jax.lax.optimization_barrier(
-    [saliency(b, e, v, score=score) for b, e, v in zip(bases, experts, moments)]
-  )
-  return saliencies, _kth_largest_bits(saliencies, k_hi, k_lo, rank_hi, rank_lo, stride=stride)
+@functools.partial(jax.jit, static_argnames=('score', 'stage', 'keep'), donate_argnums=0)
+def leaf_histograms_into(totals, base, experts, moments, prefixes_T, *, score, stage, keep):
+  """One step of a streamed radix stage: the histograms of one tensor's
+  saliencies for the experts `keep` (whose leaves `experts` and `moments`
+  are), added to their rows of totals [T, bins]; with the moments'
+  validity flags in stage 0 (the pass that checks them). The tensor has at
+  most `_radix.MAX_ROW` entries."""
+  for i, t in enumerate(keep):
+    index = _radix.bin_index(
+      saliency(base, experts[i], moments[i], score=score), prefixes_T[t], stage=stage
+    )
+    totals = totals.at[t].add(_radix.histograms([index], stage=stage)[0])
+  if stage:
+    return totals, jnp.ones(len(keep), bool)
+  return totals, jnp.stack([_valid(v, score) for v in moments])
 
 
-@functools.partial(jax.jit, static_argnames=('score', 'stride'))
-def global_cutoff_kernel(bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, *, score, stride):
-  """One expert's exact global density cutoff (fp32; +inf keeps nothing),
-  with `density_plan`'s arguments."""
-  _, bits = _global_cutoff_bits(
-    bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, score=score, stride=stride
+def saliency_histograms(bases, experts_T, moments_T, prefixes_T, *, score, stage):
+  """`_saliency_histograms`: [T, r, bins] radix-stage histograms of T
+  experts' saliencies over `bases`' leaves (any number of entries)."""
+  return _saliency_histograms(
+    tuple(bases), experts_T, moments_T, prefixes_T, score=score, stage=stage
   )
-  return jax.lax.bitcast_convert_type(bits, F32)
+
+
+def exact_cutoffs(bases, experts_T, moments_T, densities, *, score: str) -> np.ndarray:
+  """Each of T experts' global density cutoff: the k-th largest saliency
+  over all its leaves, k = `num_kept(d, N)` (+inf for k = 0), by the
+  two-pass radix select (`_radix`): [T] float32, a sort's k-th largest bit
+  for bit. Leaves may be sharded in any way."""
+  total = sum(int(np.size(b)) for b in bases)
+  ks = [int(_topk.num_kept(float(d), total)) for d in densities]
+  return _radix.kth_largest(
+    lambda prefixes, stage: _saliency_histograms(
+      tuple(bases), experts_T, moments_T, prefixes, score=score, stage=stage
+    ),
+    ks,
+    [total] * len(ks),
+  )
 
 
 def _sampled_kth_largest(saliencies, rank, *, stride):
@@ -314,20 +255,6 @@ def sampled_rank(leaves, density: float, stride: int) -> np.int32:
   return np.int32(0 if k == 0 else max(1, round(k * sample / sum(sizes))))
 
 
-@functools.partial(jax.jit, static_argnames=('score', 'stride'))
-def _global_mask_kernel(bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, *, score, stride):
-  """Saliencies, validity flags, the global density cutoff and the masks
-  of one expert in one computation: no host round trip between them."""
-  saliencies, bits = _global_cutoff_bits(
-    bases, experts, moments, k_hi, k_lo, rank_hi, rank_lo, score=score, stride=stride
-  )
-  oks = jnp.stack([_valid(v, score) for v in moments])
-  cutoff = jax.lax.bitcast_convert_type(bits, F32)
-  # A cutoff of +inf keeps nothing, even a saliency that overflowed to inf.
-  masks = [(s >= cutoff) & (bits < _INF_BITS) for s in saliencies]
-  return masks, oks
-
-
 def largest_passing(passes: Callable[[float], bool]) -> float:
   """The largest fp32 t in [0, inf] with passes(t), for a monotone test.
 
@@ -381,8 +308,10 @@ def ffg_threshold(
   """The global FFG cutoff over all leaves of `saliencies`.
 
   With density d: the k-th largest saliency, k = round(d * N) over all N
-  entries (at least 1 when d > 0). With mass m: the largest t such that the
-  saliencies >= t sum to at least m times the total. Keeping s >= t then
+  entries (at least 1 when d > 0), exact (a sort's k-th largest bit for
+  bit, NaN and -0.0 counted as 0) in two histogram passes over the fp32
+  bits. With mass m: the largest t such that the saliencies >= t sum to at
+  least m times the total. Keeping s >= t then
   keeps k entries (or mass m), or more where saliencies tie at the cutoff.
   Density or mass 0, or an all-zero total for mass, give +inf: keep nothing.
 
@@ -392,8 +321,8 @@ def ffg_threshold(
     density: the fraction of entries to keep, in [0, 1].
     mass: the fraction of total saliency to keep, in [0, 1].
     quantile: 'exact', or 'sampled' for a density: the matching quantile of
-      every (N / 65536)-th entry, one strided pass instead of a bisection
-      over all entries; it keeps d * N entries to within a few parts per
+      every (N / 65536)-th entry, one strided pass instead of two
+      histogram passes over all entries; it keeps d * N entries to within a few parts per
       thousand (binomial spread of the sample). Exact anyway below ~262k
       entries or on Explicit-sharded leaves, which cannot be strided.
 
@@ -419,8 +348,13 @@ def ffg_threshold(
       return float(
         _sampled_threshold_kernel(leaves, sampled_rank(leaves, value, stride), stride=stride)
       )
-    args, stride = density_plan(leaves, value)
-    return float(_threshold_kernel(leaves, *args, stride=stride))
+    total = sum(int(np.size(s)) for s in leaves)
+    cutoff = _radix.kth_largest(
+      lambda prefixes, stage: _value_histograms(leaves, prefixes, stage=stage),
+      [int(_topk.num_kept(value, total))],
+      [total],
+    )
+    return float(cutoff[0])
   else:
 
     def mass_at_least(t):
@@ -549,6 +483,12 @@ def ffg_mask(
     moments = [m[0] for m in _tree.gather_moments(gathered, [second_moment], what='second moments')]
   else:
     moments = [None] * len(names)
+  if kind == 'density' and scope == 'global':
+    # The exact cutoff first; the masks then as for a given threshold.
+    kind = 'threshold'
+    value = float(
+      exact_cutoffs(gathered.base, (tuple(experts),), (tuple(moments),), [value], score=score)[0]
+    )
   checks = _tree.ValueChecks()
   if kind == 'threshold' or scope == 'per_tensor':
     masks = []
@@ -557,18 +497,6 @@ def ffg_mask(
       checks.add(ok, _tree.moment_message(name, 'second moment'))
       masks.append(mask)
     checks.raise_if_failed()
-    return gathered.reference.unflatten(masks)
-  if kind == 'density':
-    # Plan from the weights: saliencies have their shapes and shardings.
-    if not names:
-      return gathered.reference.unflatten([])
-    args, stride = density_plan(gathered.reference.leaves, value)
-    masks, oks = _global_mask_kernel(
-      tuple(gathered.base), tuple(experts), tuple(moments), *args, score=score, stride=stride
-    )
-    bad = np.flatnonzero(~np.asarray(jax.device_get(oks)))
-    if bad.size:
-      raise ValueError(_tree.moment_message(names[bad[0]], 'second moment')(0))
     return gathered.reference.unflatten(masks)
   saliencies = []
   for name, b, e, v in zip(names, gathered.base, experts, moments):

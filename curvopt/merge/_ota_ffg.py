@@ -6,7 +6,7 @@ OTA and FFG: Mahdavi et al. 2025 (arXiv 2509.11167).
 reads every input twice. `ota_ffg` computes each expert's cutoff first, then one jit'd pass per
 tensor recomputes every expert's saliency, compares it with that expert's cutoff and merges: no
 mask is written and the merge reads its inputs once. With quantile='exact' the cutoff is
-`ffg_mask`'s (a bisection over all saliencies, ~20 counting passes); with 'sampled' it is the
+`ffg_mask`'s (a radix select over all saliencies, two histogram passes); with 'sampled' it is the
 matching quantile of a strided sample of ~65k saliencies (a sampled quantile for large
 models): one strided pass, and the kept fraction is the density to within a few parts per
 thousand of it (binomial spread of the sample's rank, ~1 / sqrt(65k * d)).
@@ -74,16 +74,57 @@ def _cutoffs(bases, experts_T, moments_T, densities, *, quantile, score):
     return _ffg.sampled_cutoffs_kernel(
       bases, experts_T, moments_T, ranks, score=score, stride=stride
     )
-  cutoffs = []
-  for experts, moments, density in zip(experts_T, moments_T, densities):
-    if density == 0:
-      cutoffs.append(jnp.float32(jnp.inf))
-      continue
-    args, stride = _ffg.density_plan(bases, float(density))
-    cutoffs.append(
-      _ffg.global_cutoff_kernel(bases, experts, moments, *args, score=score, stride=stride)
-    )
-  return jnp.stack(cutoffs)
+  # All experts' histograms in one computation per radix stage.
+  return jnp.asarray(_ffg.exact_cutoffs(bases, experts_T, moments_T, densities, score=score))
+
+
+def ota_ffg_leaf(
+  base: Any,
+  experts: Sequence[Any],
+  second_moments: Sequence[Any],
+  *,
+  cutoffs: Sequence[float],
+  score: str = 'fisher',
+  power: float = 0.5,
+  eps: float = 1e-8,
+  normalise: str = 'none',
+  fallback_to_base: bool = True,
+  bias_correction: Any = None,
+  scales: Any = None,
+  name: str = 'leaf',
+):
+  """`ota_ffg`'s fused pass on one tensor, given each expert's saliency
+  cutoff (+inf keeps nothing): what a streaming merge calls once the global
+  cutoffs are known. Equals `ota_leaf` over `ffg_mask_leaf(threshold=...)`
+  masks, without writing them."""
+  if base is None:
+    raise ValueError('ota_ffg needs the base: FFG prunes task vectors theta_t - theta0')
+  _options.choice(score, _ffg.SCORES, what='score')
+  reference = _tree.check_leaf_group(base, experts, name=name)
+  num = len(experts)
+  _tree.check_moment_group(
+    second_moments, num, tuple(reference.shape), name=name, what='second moment'
+  )
+  power, eps, normalise, corrections, scales = _ota.options_for(
+    num, power, eps, normalise, bias_correction, scales
+  )
+  out, ok = _ota_ffg_kernel(
+    base,
+    tuple(experts),
+    tuple(second_moments),
+    jnp.asarray(np.asarray(cutoffs, np.float32)),
+    power,
+    eps,
+    scales,
+    corrections,
+    score=score,
+    normalise=normalise,
+    fallback_to_base=bool(fallback_to_base),
+  )
+  checks = _tree.ValueChecks()
+  _ota.add_moment_check(checks, out, ok, second_moments, name)
+  checks.raise_if_failed()
+  return out
 
 
 def ota_ffg(
@@ -118,7 +159,7 @@ def ota_ffg(
       threshold.
     threshold: saliency cutoffs, a scalar or one per expert.
     quantile: 'exact' (the k-th largest saliency) or 'sampled' (as
-      `ffg_threshold`'s: one strided pass instead of ~20 counting passes).
+      `ffg_threshold`'s: one strided pass instead of two histogram passes).
     score: 'fisher' (v tau^2) or 'magnitude' (|tau|).
     power, eps, normalise, fallback_to_base, bias_correction, scales: as in
       `ota`.

@@ -33,10 +33,14 @@ from curvopt.merge import _fisher_merge
 from curvopt.merge import _linear
 from curvopt.merge import _options
 from curvopt.merge import _ota
+from curvopt.merge import _ota_ffg
+from curvopt.merge import _radix
 from curvopt.merge import _rank1
 from curvopt.merge import _sources
 from curvopt.merge import _stream_cutoff
 from curvopt.merge import _ties
+from curvopt.merge import _topk
+from curvopt.merge import _tree
 
 METHODS = ('linear', 'task_arithmetic', 'ties', 'dare', 'fisher', 'ota', 'ffg_graft')
 # Methods that read a base model, and those that read second moments.
@@ -282,6 +286,75 @@ def _sampled_cutoffs(plan, names, densities, score, batch_bytes, prefetch):
   return cutoffs, 1, nbytes
 
 
+def _exact_cutoffs(plan, names, totals, densities, score, batch_bytes, prefetch):
+  """Per-expert global density cutoffs by the two-pass radix select
+  (`_radix`): each pass reads every tensor once, computes every expert's
+  saliencies and adds their histograms up on the device; the host only
+  picks a bin between the passes. Exact: `ffg_threshold`'s cutoff."""
+  num = len(plan.experts)
+  selects = [
+    _radix.Select(
+      int(_topk.num_kept(_options.density(densities[t], 1, what='density')[0], totals[t])),
+      totals[t],
+    )
+    for t in range(num)
+  ]
+  passes, nbytes = 0, 0
+  for stage in (0, 1):
+    if all(s.done for s in selects):
+      break
+    passes += 1
+    prefixes = np.asarray([s.prefix for s in selects], np.int32)
+    counts = _radix.Totals(num, _radix.bins(stage))
+    for batch, got, size in _stream(
+      plan, names, moments=score == 'fisher', batch_bytes=batch_bytes, prefetch=prefetch
+    ):
+      nbytes += size
+      checks = _tree.ValueChecks()
+      for name in batch:
+        keep = tuple(t for t in plan.experts_of[name] if not selects[t].done)
+        if not keep:
+          continue
+        base = plan.place(name, got['base'][name])
+        experts = tuple(plan.place(name, got['experts'][t][name]) for t in keep)
+        moments = tuple(_moment(plan, got, t, name) if score == 'fisher' else None for t in keep)
+        entries = int(np.size(base))
+        if entries > _radix.MAX_ROW:
+          rows = _ffg.saliency_histograms(
+            (base,),
+            tuple((e,) for e in experts),
+            tuple((v,) for v in moments),
+            prefixes[list(keep)],
+            score=score,
+            stage=stage,
+          )
+          for i, t in enumerate(keep):
+            counts.add_host(t, rows[i])
+          checked = stage == 0 and score == 'fisher'
+          ok = _tree.moments_ok(moments) if checked else np.ones(len(keep), bool)
+        else:
+          device, ok = _ffg.leaf_histograms_into(
+            counts.device(entries),
+            base,
+            experts,
+            moments,
+            prefixes,
+            score=score,
+            stage=stage,
+            keep=keep,
+          )
+          counts.update(device)
+        checks.add(
+          ok, lambda i, name=name, keep=keep: _tree.moment_message(name, 'second moment')(keep[i])
+        )
+      # Once per batch: a bad moment stops the pass early, and the device
+      # work of a batch is dispatched before the host waits on it.
+      checks.raise_if_failed()
+    for select, hist in zip(selects, counts.result()):
+      select.feed(hist)
+  return [float(s.value) for s in selects], passes, nbytes
+
+
 def _global_cutoffs(plan, kind, values, score, batch_bytes, prefetch, quantile):
   """Per-expert global cutoffs, streamed (two passes unless trivial; one
   with quantile='sampled')."""
@@ -295,6 +368,8 @@ def _global_cutoffs(plan, kind, values, score, batch_bytes, prefetch, quantile):
   for name in plan.merged:
     for t in plan.experts_of[name]:
       totals[t] += int(np.prod(plan.experts[t].spec(name).shape, dtype=np.int64))
+  if kind == 'density':
+    return _exact_cutoffs(plan, names, totals, values, score, batch_bytes, prefetch)
   cutoffs = [
     _stream_cutoff.StreamedCutoff(total=totals[t], **{kind: values[t]}) for t in range(num)
   ]
@@ -354,6 +429,17 @@ def _merge_leaf(plan, name, got, options, keep, ffg, kind, values, cutoffs):
     return _dare.dare_leaf(base, experts, key=_dare.leaf_key(key, name), name=name, **opts)
   if method == 'fisher':
     return _fisher_merge.fisher_leaf(experts, moments, name=name, **opts)
+  if method == 'ota' and cutoffs is not None:
+    # The masks fused into the merge's pass: no bool mask per expert.
+    return _ota_ffg.ota_ffg_leaf(
+      base,
+      experts,
+      moments,
+      cutoffs=[cutoffs[t] for t in keep],
+      score=ffg.get('score', 'fisher'),
+      name=name,
+      **opts,
+    )
   masks = _leaf_masks(name, base, experts, moments, ffg, kind, values, cutoffs, keep)
   if method == 'ffg_graft':
     return _ffg.ffg_graft_leaf(base, experts[0], masks[0], name=name)
