@@ -189,7 +189,7 @@ def _moment(plan, values, t, name):
     return v
   v = plan.place(name, v)
   if plan.rank1 and np.ndim(v) == 2:
-    return _rank1.rank1_compress_leaf(v, name=name)
+    return _rank1.rank1_compress_leaf(v, name=name, index=t)
   return v
 
 
@@ -249,7 +249,12 @@ def _each_saliency(plan, names, score, batch_bytes, prefetch, wanted, use):
         use(
           t,
           _ffg.ffg_saliency(
-            base, plan.place(name, got['experts'][t][name]), moment, score=score, name=name
+            base,
+            plan.place(name, got['experts'][t][name]),
+            moment,
+            score=score,
+            name=name,
+            index=t,
           ),
         )
   return nbytes
@@ -330,7 +335,9 @@ def _leaf_masks(name, base, experts, moments, ffg, kind, values, cutoffs, keep):
       selector = {'threshold': cutoffs[t]}
     else:
       selector = {kind: resolve(values[t], name, what=f'ffg {kind}')}
-    masks.append(_ffg.ffg_mask_leaf(base, experts[i], moment, score=score, name=name, **selector))
+    masks.append(
+      _ffg.ffg_mask_leaf(base, experts[i], moment, score=score, name=name, index=t, **selector)
+    )
   return masks
 
 
