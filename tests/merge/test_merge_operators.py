@@ -104,22 +104,34 @@ def ref_top_density(score, density):
   return keep.reshape(np.shape(score))
 
 
+def ref_top_truncated(score, density):
+  """mergekit's TIES trim: the int(d n) largest (all for d >= 1), ties by flat index."""
+  flat = list(np.ravel(score))
+  n = len(flat)
+  k = n if density >= 1 else int(density * n)
+  order = sorted(range(n), key=lambda i: (-flat[i], i))
+  keep = np.zeros(n, bool)
+  keep[order[:k]] = True
+  return keep.reshape(np.shape(score))
+
+
 def ref_consensus(taus, weights):
+  """mergekit's election: '+' where the weighted sum is exactly 0; a zero divisor counts as 1."""
   total = sum(w * x for w, x in zip(weights, taus))
-  elected = np.sign(total)
+  elected = 1.0 if total >= 0 else -1.0
   num = den = 0.0
   for w, x in zip(weights, taus):
-    if w * x != 0 and np.sign(w * x) == elected:
+    if np.sign(w * x) == elected:
       num += w * x
       den += w
-  return num / den if den != 0 else 0.0
+  return num / (den if den != 0 else 1.0)
 
 
 def ref_ties(base, experts, densities, weights, scale):
   base, experts = _np(base), _np(experts)
   trimmed = [
     jax.tree.map(
-      lambda b, e, d=d: np.where(ref_top_density(np.abs(e - b), d), e - b, 0.0), base, expert
+      lambda b, e, d=d: np.where(ref_top_truncated(np.abs(e - b), d), e - b, 0.0), base, expert
     )
     for expert, d in zip(experts, densities)
   ]
