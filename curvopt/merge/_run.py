@@ -45,17 +45,65 @@ OUTPUT_FORMATS = ('safetensors', 'orbax')
 _PER_EXPERT = {'weight': 'weights', 'density': 'density', 'drop': 'drop', 'scale': 'scales'}
 
 
+# PyTorch pickles: weights curvopt does not read (unpickling runs code).
+_PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt')
+_CONVERT_HINT = (
+  'convert it to safetensors first, e.g. python -c "from transformers import '
+  "AutoModelForCausalLM as M; M.from_pretrained('{path}').save_pretrained('{path}-safetensors', "
+  'safe_serialization=True)" (then copy its tokenizer files beside it)'
+)
+
+
+def _listing(path: str, limit: int = 12) -> str:
+  entries = sorted(os.listdir(path))
+  shown = [e + '/' if os.path.isdir(os.path.join(path, e)) else e for e in entries[:limit]]
+  more = f' and {len(entries) - limit} more' if len(entries) > limit else ''
+  return f'{shown}{more}' if entries else 'nothing (an empty directory)'
+
+
 def detect_format(path: str) -> str:
-  """'safetensors' or 'orbax' for what lies at `path`."""
+  """'safetensors' or 'orbax' for what lies at `path`.
+
+  Raises:
+    ValueError: nothing there, a PyTorch pickle (`pytorch_model.bin`: the
+      message says how to convert it), or a directory holding neither
+      safetensors files nor an orbax checkpoint (the message lists what it
+      holds).
+  """
   path = os.fspath(path)
-  if path.endswith('.safetensors') or path.endswith('.json'):
-    return 'safetensors'
-  if os.path.isdir(path):
-    files = os.listdir(path)
-    if any(f.endswith('.safetensors') or f.endswith('.safetensors.index.json') for f in files):
+  if not os.path.exists(path):
+    raise ValueError(f'no model at {path}: it does not exist')
+  if os.path.isfile(path):
+    if path.endswith('.safetensors') or path.endswith('.json'):
       return 'safetensors'
+    if path.endswith(_PICKLE_SUFFIXES):
+      raise ValueError(
+        f'{path} is a PyTorch pickle, a format curvopt does not read; '
+        + _CONVERT_HINT.format(path=os.path.dirname(path) or '.')
+      )
+    raise ValueError(f'{path} is neither a safetensors file nor a model directory')
+  files = os.listdir(path)
+  if any(f.endswith('.safetensors') or f.endswith(_io_safetensors.INDEX_SUFFIX) for f in files):
+    return 'safetensors'
+  try:
+    _io_orbax.pytree_directory(path)
     return 'orbax'
-  raise ValueError(f'no model at {path}')
+  except ValueError:
+    pass
+  pickles = sorted(
+    (f for f in files if f.endswith(_PICKLE_SUFFIXES) or '.bin.index' in f),
+    key=lambda f: (not f.startswith('pytorch_model'), f),
+  )
+  if pickles:
+    raise ValueError(
+      f'{path} holds PyTorch pickle weights ({", ".join(pickles[:3])}), a format curvopt does '
+      'not read; ' + _CONVERT_HINT.format(path=path)
+    )
+  raise ValueError(
+    f'no model at {path}: it holds neither safetensors files (model.safetensors or shards with '
+    'model.safetensors.index.json) nor an orbax checkpoint (_METADATA, step directories or '
+    f'checkpoints/); it holds {_listing(path)}'
+  )
 
 
 def open_reader(path: str, fmt: str = 'auto') -> _sources.LeafReader:

@@ -20,6 +20,7 @@ such value per expert. `include` / `exclude` choose the merged tensors
 
 import concurrent.futures
 import dataclasses
+import inspect
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,6 +39,7 @@ from curvopt.merge import _sources
 from curvopt.merge import _stream_cutoff
 from curvopt.merge import _ties
 
+EXTRA_TENSORS = ('error', 'drop')
 METHODS = ('linear', 'task_arithmetic', 'ties', 'dare', 'fisher', 'ota', 'ffg_graft')
 # Methods that read a base model, and those that read second moments.
 _NEEDS_BASE = ('task_arithmetic', 'ties', 'dare', 'ffg_graft')
@@ -63,6 +65,7 @@ class StreamResult:
   thresholds: tuple[float | None, ...] | None  # global FFG cutoffs
   passes: int  # reads of the inputs (1, or 3 with a global FFG density)
   bytes_read: int
+  dropped: tuple[tuple[str, ...], ...] = ()  # per expert, tensors the reference lacks
 
 
 class MemoryWriter:
@@ -76,6 +79,59 @@ class MemoryWriter:
 
   def tree(self) -> dict[str, Any]:
     return _sources.unflatten_names(self.values)
+
+
+# Each method's per-leaf core: its keyword options are the method's options.
+_LEAF_CORES = {
+  'linear': _linear.linear_leaf,
+  'task_arithmetic': _linear.task_arithmetic_leaf,
+  'ties': _ties.ties_leaf,
+  'dare': _dare.dare_leaf,
+  'fisher': _fisher_merge.fisher_leaf,
+  'ota': _ota.ota_leaf,
+  'ffg_graft': None,  # options through ffg=
+}
+# Leaf-core arguments a streaming merge supplies itself.
+_SUPPLIED = ('name', 'masks', 'index')
+REQUIRED = inspect.Parameter.empty
+
+
+def method_options(method: str) -> dict[str, Any]:
+  """The options a streaming merge accepts for `method`, with their defaults
+  (`REQUIRED` where the method has none, e.g. ties' density).
+
+  Raises:
+    ValueError: an unknown method.
+  """
+  _options.choice(method, METHODS, what='method')
+  core = _LEAF_CORES[method]
+  if core is None:
+    return {}
+  return {
+    name: param.default
+    for name, param in inspect.signature(core).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in _SUPPLIED
+  }
+
+
+def check_options(method: str, options: Mapping[str, Any], *, renamed=None) -> None:
+  """Unknown option names fail with the method's valid ones.
+
+  `renamed` maps an option name as the caller spells it to the leaf core's
+  (e.g. {'seed': 'key'} for dare in a spec)."""
+  valid = dict(method_options(method))
+  for outer, inner in (renamed or {}).items():
+    if inner in valid:
+      valid[outer] = valid.pop(inner)
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise ValueError(
+      f'unknown option{"s" if len(unknown) > 1 else ""} {", ".join(map(repr, unknown))} for '
+      f'method {method!r}; valid: {sorted(valid) or "none (ffg_graft takes ffg options)"}'
+    )
+  missing = sorted(k for k, v in valid.items() if v is REQUIRED and k not in options)
+  if missing:
+    raise ValueError(f'method {method!r} needs the option(s) {missing}')
 
 
 def _is_rules(value: Any) -> bool:
@@ -118,7 +174,14 @@ def _matches(patterns: Sequence[str] | None, name: str) -> bool:
   return any(re.search(p, name) for p in patterns or ())
 
 
+def _is_float(dtype) -> bool:
+  return jnp.issubdtype(np.dtype(dtype), jnp.floating)
+
+
 def _check_specs(reference, reader, names, *, what, moment=False):
+  """Checks `reader`'s shapes (and dtypes) against `reference`; returns the
+  names whose floating dtype differs (merged after a cast to fp32)."""
+  mixed = set()
   for name in names:
     try:
       got = reader.spec(name)
@@ -131,10 +194,28 @@ def _check_specs(reference, reader, names, *, what, moment=False):
         f'{tuple(got.shape)}, the reference has '
         f'{tuple(want.shape)}'
       )
-    if not moment and np.dtype(got.dtype) != np.dtype(want.dtype):
-      raise ValueError(
-        f'{what} at tensor {name!r} has dtype {got.dtype}, the reference has {want.dtype}'
-      )
+    if moment or np.dtype(got.dtype) == np.dtype(want.dtype):
+      continue
+    if _is_float(got.dtype) and _is_float(want.dtype):
+      mixed.add(name)
+      continue
+    raise ValueError(
+      f'{what} at tensor {name!r} has dtype {got.dtype}, the reference has {want.dtype}'
+    )
+  return mixed
+
+
+def _extra_tensors(reference, reader, *, what, reference_what, extra):
+  """The tensors of `reader` that the reference lacks: an error, or dropped."""
+  names = set(reference.names)
+  found = [n for n in reader.names if n not in names]
+  if found and extra == 'error':
+    raise ValueError(
+      f'{what} ({reader.description}) has {len(found)} tensors that {reference_what} lacks, '
+      f'e.g. {found[:5]}; the merge would lose them: drop them explicitly with '
+      "extra_tensors='drop' (--config.extra_tensors=drop), or merge without that expert"
+    )
+  return found
 
 
 def _batches(names, sizes, batch_bytes):
@@ -160,6 +241,13 @@ class _Plan:
   moments: tuple | None
   rank1: bool
   place: Callable[[str, Any], Any]
+  mixed: frozenset = frozenset()  # tensors whose inputs differ in float dtype
+
+  def load(self, name: str, value: Any) -> Any:
+    """A base or expert tensor, placed; in fp32 where the inputs' float
+    dtypes differ (the operators compute in fp32 anyway)."""
+    value = self.place(name, value)
+    return value.astype(jnp.float32) if name in self.mixed else value
 
 
 def _read_batch(plan: _Plan, batch: list[str], *, moments: bool):
@@ -241,7 +329,7 @@ def _each_saliency(plan, names, score, batch_bytes, prefetch, wanted, use):
   ):
     nbytes += size
     for name in batch:
-      base = plan.place(name, got['base'][name])
+      base = plan.load(name, got['base'][name])
       for t in plan.experts_of[name]:
         if not wanted(t):
           continue
@@ -250,7 +338,7 @@ def _each_saliency(plan, names, score, batch_bytes, prefetch, wanted, use):
           t,
           _ffg.ffg_saliency(
             base,
-            plan.place(name, got['experts'][t][name]),
+            plan.load(name, got['experts'][t][name]),
             moment,
             score=score,
             name=name,
@@ -345,8 +433,8 @@ def _merge_leaf(plan, name, got, options, keep, ffg, kind, values, cutoffs):
   num = len(plan.experts)
   opts = _leaf_options(options, name, keep, num)
   method = plan.method
-  base = plan.place(name, got['base'][name]) if plan.base is not None else None
-  experts = [plan.place(name, got['experts'][t][name]) for t in keep]
+  base = plan.load(name, got['base'][name]) if plan.base is not None else None
+  experts = [plan.load(name, got['experts'][t][name]) for t in keep]
   moments = None
   if method in _NEEDS_MOMENTS or (ffg is not None and ffg.get('score', 'fisher') == 'fisher'):
     moments = [_moment(plan, got, t, name) for t in keep]
@@ -393,6 +481,8 @@ def merge_streaming(
   batch_bytes: int = 1 << 28,
   prefetch: bool = True,
   progress: Callable[[str], None] | None = None,
+  dtype: Any = None,
+  extra_tensors: str = 'error',
 ) -> StreamResult:
   """Merges models tensor by tensor from readers into a writer.
 
@@ -403,7 +493,9 @@ def merge_streaming(
   Args:
     method: one of METHODS.
     experts: T >= 1 readers (`SafetensorsReader`, `orbax_params_reader`,
-      `TreeReader`) with the same tensor names, shapes and dtypes.
+      `TreeReader`) with the same tensor names and shapes. Floating dtypes
+      may differ between the inputs: a tensor whose inputs differ is merged
+      from their fp32 values and written in the output dtype.
     writer: anything with `write(name, array)` (`SafetensorsWriter`,
       `OrbaxWriter`, `MemoryWriter`); it receives every tensor of the
       reference (base, else expert 0), in the reference's order.
@@ -434,6 +526,11 @@ def merge_streaming(
     batch_bytes: bytes read per batch (over all inputs); at least one tensor.
     prefetch: read the next batch on a thread while merging this one.
     progress: called with each tensor's name once it is written.
+    dtype: the dtype of every floating output tensor (merged or copied);
+      None: the reference's dtype, tensor by tensor.
+    extra_tensors: what to do with an expert's tensors that the reference
+      lacks (e.g. an untied `lm_head.weight` beside a tied base): 'error'
+      (default, naming them) or 'drop' (listed in `StreamResult.dropped`).
 
   Returns:
     A `StreamResult`.
@@ -468,6 +565,7 @@ def merge_streaming(
   options = dict(options or {})
   if method == 'dare' and 'key' not in options:
     raise ValueError("dare needs options['key'], a jax PRNG key")
+  check_options(method, options)
   reference = base if base is not None else experts[0]
   names = reference.names
   merged = [
@@ -487,11 +585,27 @@ def merge_streaming(
     if keep:
       experts_of[name] = keep
   merged = [n for n in merged if n in experts_of]
+  _options.choice(extra_tensors, EXTRA_TENSORS, what='extra_tensors')
+  out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+  if out_dtype is not None and not _is_float(out_dtype):
+    raise ValueError(f'the output dtype must be a floating dtype, got {dtype!r}')
+  mixed, dropped = set(), []
   for t, reader in enumerate(experts):
     mine = [n for n in merged if t in experts_of[n]]
     if base is None and t == 0:
       mine = list(names)
-    _check_specs(reference, reader, mine, what=f'expert {t}')
+    mixed |= _check_specs(reference, reader, mine, what=f'expert {t}')
+    dropped.append(
+      tuple(
+        _extra_tensors(
+          reference,
+          reader,
+          what=f'expert {t}',
+          reference_what='the base' if base is not None else 'expert 0',
+          extra=extra_tensors,
+        )
+      )
+    )
     if needs_moments:
       _check_specs(
         reference,
@@ -510,6 +624,7 @@ def merge_streaming(
     tuple(moments) if needs_moments else None,
     bool(rank1),
     _placer(sharding),
+    frozenset(mixed),
   )
 
   kind = values = cutoffs = None
@@ -542,9 +657,17 @@ def merge_streaming(
       else:
         source = got['base'] if base is not None else got['experts'][0]
         out = source[name]
+      want = out_dtype if out_dtype is not None else np.dtype(reference.spec(name).dtype)
+      if _is_float(want) and np.dtype(out.dtype) != want:
+        out = out.astype(want)
       writer.write(name, out)
       if progress is not None:
         progress(name)
   return StreamResult(
-    tuple(names), tuple(merged), None if cutoffs is None else tuple(cutoffs), passes, nbytes
+    tuple(names),
+    tuple(merged),
+    None if cutoffs is None else tuple(cutoffs),
+    passes,
+    nbytes,
+    tuple(dropped),
   )
