@@ -43,6 +43,8 @@ from curvopt.merge._linear import linear
 from curvopt.merge._linear import linear_leaf
 from curvopt.merge._linear import task_arithmetic
 from curvopt.merge._linear import task_arithmetic_leaf
+from curvopt.merge._lowrank import lowrank_moment
+from curvopt.merge._lowrank import lowrank_moment_leaf
 from curvopt.merge._ota import NORMALISE
 from curvopt.merge._ota import ota
 from curvopt.merge._ota import ota_expert_weight
@@ -59,15 +61,18 @@ from curvopt.merge._run import open_reader
 from curvopt.merge._sources import LeafReader
 from curvopt.merge._sources import TreeReader
 from curvopt.merge._stream_cutoff import StreamedCutoff
+from curvopt.merge._streaming import EXTRA_TENSORS
 from curvopt.merge._streaming import METHODS
 from curvopt.merge._streaming import MemoryWriter
 from curvopt.merge._streaming import StreamResult
 from curvopt.merge._streaming import merge_streaming
+from curvopt.merge._streaming import method_options
 from curvopt.merge._ties import ties
 from curvopt.merge._ties import ties_leaf
 
 __all__ = (
   'COMBINES',
+  'EXTRA_TENSORS',
   'LeafReader',
   'METHODS',
   'MemoryWriter',
@@ -100,8 +105,11 @@ __all__ = (
   'leaf_key',
   'linear',
   'linear_leaf',
+  'lowrank_moment',
+  'lowrank_moment_leaf',
   'merge_from_spec',
   'merge_streaming',
+  'method_options',
   'open_moments',
   'open_reader',
   'orbax_moments_reader',

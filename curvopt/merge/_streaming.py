@@ -32,6 +32,7 @@ from curvopt.merge import _dare
 from curvopt.merge import _ffg
 from curvopt.merge import _fisher_merge
 from curvopt.merge import _linear
+from curvopt.merge import _lowrank
 from curvopt.merge import _options
 from curvopt.merge import _ota
 from curvopt.merge import _rank1
@@ -242,6 +243,7 @@ class _Plan:
   rank1: bool
   place: Callable[[str, Any], Any]
   mixed: frozenset = frozenset()  # tensors whose inputs differ in float dtype
+  moment_rank: int | None = None
 
   def load(self, name: str, value: Any) -> Any:
     """A base or expert tensor, placed; in fp32 where the inputs' float
@@ -278,6 +280,8 @@ def _moment(plan, values, t, name):
   v = plan.place(name, v)
   if plan.rank1 and np.ndim(v) == 2:
     return _rank1.rank1_compress_leaf(v, name=name, index=t)
+  if plan.moment_rank and np.ndim(v) == 2:
+    return _lowrank.lowrank_moment_leaf(v, plan.moment_rank, name=name)
   return v
 
 
@@ -483,6 +487,7 @@ def merge_streaming(
   progress: Callable[[str], None] | None = None,
   dtype: Any = None,
   extra_tensors: str = 'error',
+  moment_rank: int | None = None,
 ) -> StreamResult:
   """Merges models tensor by tensor from readers into a writer.
 
@@ -514,6 +519,8 @@ def merge_streaming(
       (`ffg_threshold`'s sampled quantile, in one pass)}.
     rank1: compress every 2-D second moment to its rank-1 factors as it is
       read (`rank1_compress`), before FFG and OTA use it.
+    moment_rank: instead, replace every 2-D second moment by its rank-r SVD
+      fit as it is read (`lowrank_moment`, the OTA reference's `rank`).
     include: regexes; only matching tensors are merged (None: all).
     exclude: regexes; matching tensors are not merged. Tensors not merged
       are copied from the base (expert 0 without a base).
@@ -586,6 +593,10 @@ def merge_streaming(
       experts_of[name] = keep
   merged = [n for n in merged if n in experts_of]
   _options.choice(extra_tensors, EXTRA_TENSORS, what='extra_tensors')
+  if moment_rank is not None:
+    if rank1:
+      raise ValueError('give rank1 or moment_rank, not both')
+    moment_rank = _lowrank.check_rank(moment_rank)
   out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
   if out_dtype is not None and not _is_float(out_dtype):
     raise ValueError(f'the output dtype must be a floating dtype, got {dtype!r}')
@@ -625,6 +636,7 @@ def merge_streaming(
     bool(rank1),
     _placer(sharding),
     frozenset(mixed),
+    moment_rank,
   )
 
   kind = values = cutoffs = None

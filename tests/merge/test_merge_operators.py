@@ -398,6 +398,39 @@ def test_ota_masked_entries_fall_back():
     np.testing.assert_array_equal(np.asarray(got)[keep], np.asarray(b)[keep])
 
 
+def ref_masked_combine(base, experts, masks, combine):
+  """The OTA reference's `masked_task_vector_merge_method` on masked task
+  vectors ('ties': our consensus, the mean over agreeing experts)."""
+  num = len(experts)
+
+  def entry(xs):
+    b, es, ms = xs[0], xs[1 : 1 + num], xs[1 + num :]
+    if not any(ms):
+      return b
+    taus = [(e - b) if m else 0.0 for e, m in zip(es, ms)]
+    if combine == 'linear':
+      return b + sum(taus) / num
+    return b + ref_consensus(taus, [1.0] * num)
+
+  return _per_entry(entry, _np(base), *_np(experts), *_np(masks))
+
+
+@pytest.mark.parametrize('combine', ['linear', 'ties'])
+def test_ota_combines_masked_task_vectors(combine):
+  base, experts, moments, masks = _problem(seed=4)
+  out = merge.ota(base, experts, moments, masks=masks, combine=combine)
+  _assert_close(out, ref_masked_combine(base, experts, masks, combine), base)
+  fused = merge.ota_ffg(base, experts, moments, density=0.4, combine=combine)
+  ffg = [merge.ffg_mask(base, e, v, density=0.4) for e, v in zip(experts, moments)]
+  for g, w in zip(
+    jax.tree.leaves(fused),
+    jax.tree.leaves(merge.ota(base, experts, moments, masks=ffg, combine=combine)),
+  ):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  with pytest.raises(ValueError, match='needs the base'):
+    merge.ota(None, experts, moments, combine=combine)
+
+
 # (scope, score, selector, value): every scope and score with densities at
 # and between the ends, and the saliency-mass option.
 FFG_CASES = [
@@ -534,6 +567,19 @@ def test_sampled_quantile_keeps_about_the_density():
   want = merge.ota(base, experts, moments, masks=masks)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize('rank', [1, 2, 4])
+def test_lowrank_moment_matches_numpy(rank):
+  rng = np.random.default_rng(rank)
+  v = {'w': (rng.uniform(size=(5, 4)) ** 3).astype(np.float32), 'b': np.ones(4, np.float32)}
+  got = merge.lowrank_moment(v, rank)
+  u, s, vh = np.linalg.svd(v['w'].astype(np.float64), full_matrices=False)
+  want = np.maximum((u[:, :rank] * s[:rank]) @ vh[:rank], 0.0)
+  np.testing.assert_allclose(np.asarray(got['w']), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got['b']), v['b'])
+  if rank == 4:  # full rank: v itself
+    np.testing.assert_allclose(np.asarray(got['w']), v['w'], rtol=1e-6)
 
 
 def test_rank1_matches_numpy():
