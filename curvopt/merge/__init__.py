@@ -39,6 +39,8 @@ from curvopt.merge._io_safetensors import SafetensorsReader
 from curvopt.merge._io_safetensors import SafetensorsWriter
 from curvopt.merge._io_safetensors import exp_avg_sq_reader
 from curvopt.merge._io_safetensors import save_safetensors
+from curvopt.merge._io_torch import TrainerMomentsReader
+from curvopt.merge._io_torch import trainer_moments_reader
 from curvopt.merge._linear import linear
 from curvopt.merge._linear import linear_leaf
 from curvopt.merge._linear import task_arithmetic
@@ -88,6 +90,7 @@ __all__ = (
   'SafetensorsWriter',
   'StreamResult',
   'StreamedCutoff',
+  'TrainerMomentsReader',
   'TreeReader',
   'dare',
   'dare_keep_masks',
@@ -128,4 +131,5 @@ __all__ = (
   'task_arithmetic_leaf',
   'ties',
   'ties_leaf',
+  'trainer_moments_reader',
 )
