@@ -21,6 +21,7 @@ _TRAIN = [
   'absl-py',
   'tensorboardX',
   'tqdm',
+  'pyyaml',  # mergekit YAML configs for the merge binary
 ]
 # Studies, reports and plots (`curvopt.studies`, experiments/demo.py).
 _EXPERIMENTS = _TRAIN + ['matplotlib']

@@ -47,16 +47,20 @@ from curvopt.merge._linear import task_arithmetic
 from curvopt.merge._linear import task_arithmetic_leaf
 from curvopt.merge._lowrank import lowrank_moment
 from curvopt.merge._lowrank import lowrank_moment_leaf
+from curvopt.merge._mergekit import spec_from_mergekit
 from curvopt.merge._ota import NORMALISE
 from curvopt.merge._ota import ota
 from curvopt.merge._ota import ota_expert_weight
 from curvopt.merge._ota import ota_leaf
 from curvopt.merge._ota_ffg import ota_ffg
+from curvopt.merge._output_dir import Interrupted
+from curvopt.merge._output_dir import remove_stale_partials
 from curvopt.merge._rank1 import Rank1
 from curvopt.merge._rank1 import rank1_compress
 from curvopt.merge._rank1 import rank1_compress_leaf
 from curvopt.merge._rank1 import rank1_expand
 from curvopt.merge._rank1 import rank1_expand_leaf
+from curvopt.merge._run import DEFAULT_SHARD_BYTES
 from curvopt.merge._run import merge_from_spec
 from curvopt.merge._run import open_moments
 from curvopt.merge._run import open_reader
@@ -74,7 +78,9 @@ from curvopt.merge._ties import ties_leaf
 
 __all__ = (
   'COMBINES',
+  'DEFAULT_SHARD_BYTES',
   'EXTRA_TENSORS',
+  'Interrupted',
   'LeafReader',
   'METHODS',
   'MemoryWriter',
@@ -125,8 +131,10 @@ __all__ = (
   'rank1_compress_leaf',
   'rank1_expand',
   'rank1_expand_leaf',
+  'remove_stale_partials',
   'save_orbax',
   'save_safetensors',
+  'spec_from_mergekit',
   'task_arithmetic',
   'task_arithmetic_leaf',
   'ties',
