@@ -2,6 +2,7 @@
 
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -83,3 +84,81 @@ def test_missing_torch_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'torch', None)
   with pytest.raises(ValueError, match=r'curvopt\[torch\]'):
     merge.trainer_moments_reader(str(tmp_path))
+
+
+def _llama(transformers, seed):
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    tie_word_embeddings=False,
+  )
+  return transformers.LlamaForCausalLM(config)
+
+
+def _tokenizer(transformers):
+  tokenizers = pytest.importorskip('tokenizers')
+  vocab = {f't{i}': i for i in range(64)}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='t0'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='t0')
+
+
+def test_hf_trainer_checkpoints_merge_with_ota_and_load_in_transformers(tmp_path):
+  """Experts fine-tuned by transformers.Trainer's optimizer (its own two groups), saved as a
+  Trainer checkpoint; OTA reads their optimizer.pt through the parameter order rebuilt from
+  config.json, and transformers loads the merged directory."""
+  transformers = pytest.importorskip('transformers')
+  pytest.importorskip('accelerate')  # transformers.Trainer needs it
+  base = _llama(transformers, 0)
+  base.save_pretrained(tmp_path / 'base')
+  _tokenizer(transformers).save_pretrained(tmp_path / 'base')
+  experts, moments = [], []
+  for t in range(2):
+    model = _llama(transformers, 0)
+    args = transformers.TrainingArguments(
+      output_dir=str(tmp_path / 'runs'), report_to=[], use_cpu=True
+    )
+    optimizer = transformers.Trainer(model=model, args=args).create_optimizer()
+    for step in range(2):
+      ids = torch.tensor([[1 + t, 2 + step, 3, 4, 5]])
+      model(input_ids=ids, labels=ids).loss.backward()
+      optimizer.step()
+      optimizer.zero_grad()
+    checkpoint = tmp_path / f'e{t}' / 'checkpoint-2'
+    model.save_pretrained(checkpoint)
+    torch.save(optimizer.state_dict(), checkpoint / 'optimizer.pt')
+    named = dict(model.named_parameters())
+    experts.append({n: p.detach().numpy().copy() for n, p in named.items()})
+    moments.append({n: optimizer.state[p]['exp_avg_sq'].numpy().copy() for n, p in named.items()})
+  spec = {
+    'method': 'ota',
+    'base': {'path': str(tmp_path / 'base')},
+    'experts': [{'path': str(tmp_path / f'e{t}' / 'checkpoint-2')} for t in range(2)],
+    'options': {'eps': 1e-26},
+  }
+  out = tmp_path / 'merged'
+  merge.merge_from_spec(spec, str(out))
+  record = (out / 'merge_spec.json').read_text()
+  assert '"format": "trainer"' in record
+  base_params = {n: p.detach().numpy() for n, p in base.named_parameters()}
+  want = merge.ota(
+    {n: jnp.asarray(v) for n, v in base_params.items()},
+    [{n: jnp.asarray(v) for n, v in e.items()} for e in experts],
+    moments,
+    eps=1e-26,
+  )
+  got = merge.SafetensorsReader(str(out)).read(list(base_params))
+  for name in base_params:
+    np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+  np.testing.assert_array_equal(
+    loaded.model.embed_tokens.weight.detach().numpy(), got['model.embed_tokens.weight']
+  )
+  tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+  assert tokenizer('t3 t5')['input_ids'] == [3, 5]
