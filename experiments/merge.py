@@ -8,8 +8,10 @@ Refuses an existing --output unless --overwrite; writes into a temporary sibling
 renamed at the end (Ctrl-C or SIGTERM removes it). Errors are one line, without a traceback.
 """
 
+import importlib.util
 import json
 import os
+import re
 import sys
 
 from absl import app
@@ -19,12 +21,32 @@ import tqdm
 
 from curvopt import merge
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/merge.py:ota.')
+_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'merge.py')
+
+
+def _yaml_argv(argv):
+  """`--config=X.yml` (a mergekit YAML, told by its extension) as
+  `--config=configs/merge.py:mergekit --config.mergekit=X.yml`."""
+  out = []
+  for arg in argv:
+    value = arg.split('=', 1)[1] if arg.startswith('--config=') else None
+    if value is not None and value.lower().endswith(('.yml', '.yaml')):
+      out += [f'--config={_CONFIG_FILE}:mergekit', f'--config.mergekit={value}']
+    else:
+      out.append(arg)
+  return out
+
+
+# Before the flag is defined: ml_collections registers the --config.* overrides from the argv
+# it is given here.
+_ARGV = _yaml_argv(sys.argv)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Config file, e.g. configs/merge.py:ota, or a mergekit YAML.', sys_argv=_ARGV
+)
 _OUTPUT = flags.DEFINE_string('output', None, 'Output directory (must not exist).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing output directory.')
 flags.mark_flags_as_required(['config', 'output'])
 
-_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'merge.py')
 _PER_EXPERT_OPTIONS = ('weights', 'scales', 'density', 'drop')
 
 
@@ -115,17 +137,42 @@ def spec_from_config(config) -> dict:
   return spec
 
 
-def _yaml_argv(argv):
-  """`--config=X.yml` (a mergekit YAML, told by its extension) as
-  `--config=configs/merge.py:mergekit --config.mergekit=X.yml`."""
-  out = []
+def _config_of(argv):
+  """The config (without overrides) that --config names, or None."""
   for arg in argv:
-    value = arg.split('=', 1)[1] if arg.startswith('--config=') else None
-    if value is not None and value.lower().endswith(('.yml', '.yaml')):
-      out += [f'--config={_CONFIG_FILE}:mergekit', f'--config.mergekit={value}']
-    else:
-      out.append(arg)
-  return out
+    if arg.startswith('--config='):
+      path, _, variant = arg.split('=', 1)[1].partition(':')
+      spec = importlib.util.spec_from_file_location('merge_config', path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      return module.get_config(variant) if variant else module.get_config()
+  return None
+
+
+def _flag_error(argv, error):
+  """A one-line message for a bad override (ml_collections raises raw errors)."""
+  keys = [m.group(1) for a in argv if (m := re.match(r'--config\.options\.(\w+)', a))]
+  try:
+    config = _config_of(argv)
+  except Exception:  # pylint: disable=broad-except
+    config = None
+  if config is not None:
+    unknown = [k for k in keys if k not in config.options]
+    if unknown:
+      return (
+        f'unknown option {unknown[0]!r} for method {config.method!r}; valid: '
+        f'{sorted(config.options)}'
+      )
+  return f'bad flag value: {error}'
+
+
+def _parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise SystemExit(f'merge failed: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(f'merge failed: {_flag_error(argv, e)}') from None
 
 
 def main(argv):
@@ -161,4 +208,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, argv=_yaml_argv(sys.argv))
+  app.run(main, argv=_ARGV, flags_parser=_parse_flags)

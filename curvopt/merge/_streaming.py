@@ -534,7 +534,8 @@ def merge_streaming(
     prefetch: read the next batch on a thread while merging this one.
     progress: called with each tensor's name once it is written.
     dtype: the dtype of every floating output tensor (merged or copied);
-      None: the reference's dtype, tensor by tensor.
+      None: the reference's dtype, tensor by tensor. A tensor whose inputs
+      have another dtype is merged from their fp32 values.
     extra_tensors: what to do with an expert's tensors that the reference
       lacks (e.g. an untied `lm_head.weight` beside a tied base): 'error'
       (default, naming them) or 'drop' (listed in `StreamResult.dropped`).
@@ -625,6 +626,9 @@ def merge_streaming(
         what=f'second moments of expert {t}',
         moment=True,
       )
+  if out_dtype is not None:
+    # Merged from fp32 inputs, rounded once to the output dtype (not first to the inputs').
+    mixed |= {n for n in merged if np.dtype(reference.spec(n).dtype) != out_dtype}
   plan = _Plan(
     method,
     tuple(names),
