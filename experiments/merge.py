@@ -107,10 +107,11 @@ def spec_from_config(config) -> dict:
       expert[field] = (
         {'path': value, 'format': config.moments_format} if field == 'moments' else value
       )
-  if config.moments_names:
-    for expert in experts:
-      moments = dict(expert.get('moments') or {'format': config.moments_format})
+  for expert in experts:
+    moments = dict(expert.get('moments') or {'format': config.moments_format})
+    if config.moments_names:
       moments['names'] = config.moments_names
+    if moments.get('path') or moments.get('names') or moments['format'] != 'auto':
       expert['moments'] = moments
   options = {k: _option_value(k, v) for k, v in config.options.to_dict().items() if v is not None}
   spec.setdefault('options', options)

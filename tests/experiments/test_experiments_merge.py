@@ -246,3 +246,44 @@ def test_input_and_output_errors_are_one_line(tmp_path):
     assert 'Traceback' not in done.stderr, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith('merge failed: ') and text in last, last
+
+
+def test_ota_of_trainer_checkpoints(tmp_path):
+  """Experts as Hugging Face Trainer checkpoints: weights in model.safetensors, Adam moments in
+  optimizer.pt (by parameter index; the names file gives the index order)."""
+  torch = pytest.importorskip('torch')
+  torch.manual_seed(0)
+  base = {n: np.asarray(torch.randn(s), np.float32) for n, s in SHAPES.items()}
+  os.makedirs(tmp_path / 'base')
+  save_file(base, str(tmp_path / 'base' / 'model.safetensors'))
+  order = list(SHAPES)
+  experts, moments = [], []
+  for t in range(2):
+    params = [torch.nn.Parameter(torch.tensor(base[n])) for n in order]
+    optimizer = torch.optim.AdamW([{'params': params[:2]}, {'params': params[2:]}], lr=0.1)
+    for _ in range(2):
+      optimizer.zero_grad()
+      sum(((p - t) ** 2 * (i + 1)).sum() for i, p in enumerate(params)).backward()
+      optimizer.step()
+    checkpoint = tmp_path / f'e{t}' / 'checkpoint-2'
+    os.makedirs(checkpoint)
+    expert = {n: p.detach().numpy().copy() for n, p in zip(order, params)}
+    save_file(expert, str(checkpoint / 'model.safetensors'))
+    torch.save(optimizer.state_dict(), checkpoint / 'optimizer.pt')
+    experts.append(expert)
+    moments.append({n: optimizer.state[p]['exp_avg_sq'].numpy() for n, p in zip(order, params)})
+  (tmp_path / 'names.txt').write_text('\n'.join(order))
+  done = _run_config(
+    os.path.join(REPO, 'configs', 'merge.py') + ':ota',
+    f'--output={tmp_path / "out"}',
+    f'--config.base={tmp_path / "base"}',
+    f'--config.experts={tmp_path / "e0" / "checkpoint-2"},{tmp_path / "e1" / "checkpoint-2"}',
+    '--config.moments_format=trainer',
+    f'--config.moments_names={tmp_path / "names.txt"}',
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  tree = lambda d: {n: jnp.asarray(v) for n, v in d.items()}  # noqa: E731
+  want = merge.ota(tree(base), [tree(e) for e in experts], moments)
+  got = merge.SafetensorsReader(str(tmp_path / 'out')).read(order)
+  for name in order:
+    np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
