@@ -320,6 +320,8 @@ def _ota(spec, method, globals_, entries, per_model):
     )
   if globals_.get('ties_density') is not None:
     raise ValueError('ties_density (trimming before masked TIES) is not supported; drop it')
+  if any(w != 1.0 for w in per_model('weight', 1.0)):
+    raise ValueError('OTA weighs each entry by curvature: use scaling_factor, not weight')
   scales = per_model('scaling_factor', 1.0)
   if any(s != 1.0 for s in scales):
     for expert, scale in zip(spec['experts'], scales):
