@@ -21,9 +21,14 @@ _TRAIN = [
   'absl-py',
   'tensorboardX',
   'tqdm',
+  'pyyaml',  # mergekit YAML configs for the merge binary
 ]
 # Studies, reports and plots (`curvopt.studies`, experiments/demo.py).
 _EXPERIMENTS = _TRAIN + ['matplotlib']
+# Optional readers: a Hugging Face Trainer checkpoint's optimizer.pt (curvopt.merge), imported
+# only when such a file is read; transformers rebuilds its parameter order from config.json.
+_TORCH = ['torch']
+_HF = ['transformers']
 # The test suite and the lint check that CI runs after it (.ci/run).
 _TEST = _EXPERIMENTS + ['pytest', 'hypothesis', 'chex>=0.1.90', 'ruff']
 
@@ -38,6 +43,8 @@ setuptools.setup(
   extras_require={
     'train': _TRAIN,
     'experiments': _EXPERIMENTS,
+    'torch': _TORCH,
+    'hf': _TORCH + _HF,
     'test': _TEST,
     'dev': _TEST,
   },

@@ -10,13 +10,20 @@ whose Adam nu is found in the optimizer state):
       --config.base=/ckpt/base --config.experts=/ckpt/math,/ckpt/code --config.weights=1,0.5
   python experiments/merge.py --config=configs/merge.py:ota --output=/tmp/merged \
       --config.spec=/path/merge_spec.json   # the full mergekit-like spec (rules, filters)
+  python experiments/merge.py --config=merge.yml --output=/tmp/merged   # a mergekit YAML
 Variants: linear, task_arithmetic, ties, dare, fisher, ota, ota_ffg, ffg_graft, test (ota + FFG
-on small inputs, for the tests). The output is safetensors (sharded + index past
---config.max_shard_bytes) or orbax (--config.output_format=orbax), plus merge_spec.json.
+on small inputs, for the tests), mergekit (what --config=X.yml runs: --config.mergekit=X.yml).
+Every option of the method is under config.options (`--config.options.fallback_to_base=False`;
+per-expert values comma-separated, e.g. `--config.options.scales=1,2`; bias_correction as
+`b2:count,b2:count`). The output is safetensors (sharded + index past
+--config.max_shard_bytes, 5 GB by default) or orbax (--config.output_format=orbax), with the
+base's config, tokenizer and generation files, and merge_spec.json (what was run, resolved).
 """
 
 import ml_collections
 from ml_collections import config_dict
+
+from curvopt import merge
 
 # variant -> (method, method options, ffg options or None)
 _VARIANTS = {
@@ -38,7 +45,23 @@ _VARIANTS = {
     {'power': 0.5, 'eps': 1e-8, 'normalise': 'none'},
     {'density': 0.3, 'scope': 'global', 'score': 'fisher'},
   ),
+  'mergekit': ('linear', {}, None),  # replaced by the YAML's method and options
 }
+# Options whose default is None, by the type a command line gives them.
+_BOOL_OPTIONS = ('normalize',)
+
+
+def _options(method: str, preset: dict) -> ml_collections.ConfigDict:
+  """Every option of `method`, so that each can be set on the command line."""
+  options = {}
+  for key, default in merge.method_options(method).items():
+    if key == 'key':  # dare's PRNG key, from an integer seed
+      key, default = 'seed', 0
+    value = preset.get(key, default)
+    if value is None:
+      value = config_dict.placeholder(bool if key in _BOOL_OPTIONS else str)
+    options[key] = value
+  return ml_collections.ConfigDict(options)
 
 
 def get_config(arg: str = 'ota_ffg') -> ml_collections.ConfigDict:
@@ -56,12 +79,16 @@ def get_config(arg: str = 'ota_ffg') -> ml_collections.ConfigDict:
   # export/exp_avg_sq.safetensors). A saved estimate_fisher file works too (format safetensors
   # or orbax).
   config.moments = config_dict.placeholder(str)
-  config.moments_format = 'auto'  # or orbax_nu, exp_avg_sq, safetensors, orbax
+  config.moments_format = 'auto'  # or orbax_nu, exp_avg_sq, safetensors, orbax, trainer
+  # For Trainer optimizer.pt moments: a file of parameter names in the optimizer's index order
+  # (one a line); by default rebuilt from the checkpoint's config.json with transformers.
+  config.moments_names = config_dict.placeholder(str)
+  config.mergekit = config_dict.placeholder(str)  # a mergekit YAML; --config=X.yml sets it
   config.weights = config_dict.placeholder(str)  # comma-separated, one per expert
   config.densities = config_dict.placeholder(str)  # ties trim / FFG density, one per expert
   config.include = config_dict.placeholder(str)  # comma-separated regexes of merged tensors
   config.exclude = config_dict.placeholder(str)
-  config.options = ml_collections.ConfigDict(options)
+  config.options = _options(method, options)
   config.ffg = ml_collections.ConfigDict(
     {
       'enabled': ffg is not None,
@@ -76,7 +103,10 @@ def get_config(arg: str = 'ota_ffg') -> ml_collections.ConfigDict:
     }
   )
   config.rank1 = False
+  config.moment_rank = config_dict.placeholder(int)  # rank-r SVD moments (the reference's rank)
+  config.extra_tensors = 'error'  # or drop: expert tensors the base lacks
   config.output_format = 'safetensors'  # or orbax
-  config.max_shard_bytes = config_dict.placeholder(int)  # e.g. 5_000_000_000
+  config.output_dtype = config_dict.placeholder(str)  # bfloat16, float16, float32; None: base's
+  config.max_shard_bytes = 5_000_000_000  # as mergekit's --out-shard-size 5B
   config.batch_bytes = 1 << 20 if arg == 'test' else 1 << 28
   return config

@@ -39,35 +39,48 @@ from curvopt.merge._io_safetensors import SafetensorsReader
 from curvopt.merge._io_safetensors import SafetensorsWriter
 from curvopt.merge._io_safetensors import exp_avg_sq_reader
 from curvopt.merge._io_safetensors import save_safetensors
+from curvopt.merge._io_torch import TrainerMomentsReader
+from curvopt.merge._io_torch import trainer_moments_reader
 from curvopt.merge._linear import linear
 from curvopt.merge._linear import linear_leaf
 from curvopt.merge._linear import task_arithmetic
 from curvopt.merge._linear import task_arithmetic_leaf
+from curvopt.merge._lowrank import lowrank_moment
+from curvopt.merge._lowrank import lowrank_moment_leaf
+from curvopt.merge._mergekit import spec_from_mergekit
 from curvopt.merge._ota import NORMALISE
 from curvopt.merge._ota import ota
 from curvopt.merge._ota import ota_expert_weight
 from curvopt.merge._ota import ota_leaf
 from curvopt.merge._ota_ffg import ota_ffg
+from curvopt.merge._output_dir import Interrupted
+from curvopt.merge._output_dir import remove_stale_partials
 from curvopt.merge._rank1 import Rank1
 from curvopt.merge._rank1 import rank1_compress
 from curvopt.merge._rank1 import rank1_compress_leaf
 from curvopt.merge._rank1 import rank1_expand
 from curvopt.merge._rank1 import rank1_expand_leaf
+from curvopt.merge._run import DEFAULT_SHARD_BYTES
 from curvopt.merge._run import merge_from_spec
 from curvopt.merge._run import open_moments
 from curvopt.merge._run import open_reader
 from curvopt.merge._sources import LeafReader
 from curvopt.merge._sources import TreeReader
 from curvopt.merge._stream_cutoff import StreamedCutoff
+from curvopt.merge._streaming import EXTRA_TENSORS
 from curvopt.merge._streaming import METHODS
 from curvopt.merge._streaming import MemoryWriter
 from curvopt.merge._streaming import StreamResult
 from curvopt.merge._streaming import merge_streaming
+from curvopt.merge._streaming import method_options
 from curvopt.merge._ties import ties
 from curvopt.merge._ties import ties_leaf
 
 __all__ = (
   'COMBINES',
+  'DEFAULT_SHARD_BYTES',
+  'EXTRA_TENSORS',
+  'Interrupted',
   'LeafReader',
   'METHODS',
   'MemoryWriter',
@@ -83,6 +96,7 @@ __all__ = (
   'SafetensorsWriter',
   'StreamResult',
   'StreamedCutoff',
+  'TrainerMomentsReader',
   'TreeReader',
   'dare',
   'dare_keep_masks',
@@ -100,8 +114,11 @@ __all__ = (
   'leaf_key',
   'linear',
   'linear_leaf',
+  'lowrank_moment',
+  'lowrank_moment_leaf',
   'merge_from_spec',
   'merge_streaming',
+  'method_options',
   'open_moments',
   'open_reader',
   'orbax_moments_reader',
@@ -114,10 +131,13 @@ __all__ = (
   'rank1_compress_leaf',
   'rank1_expand',
   'rank1_expand_leaf',
+  'remove_stale_partials',
   'save_orbax',
   'save_safetensors',
+  'spec_from_mergekit',
   'task_arithmetic',
   'task_arithmetic_leaf',
   'ties',
   'ties_leaf',
+  'trainer_moments_reader',
 )

@@ -13,9 +13,14 @@ import jax.numpy as jnp
 from curvopt.merge import _options
 from curvopt.merge import _tree
 from curvopt.merge._ties import consensus_mean
+from curvopt.merge._ties import l1_rescale
 
 F32 = jnp.float32
 COMBINES = ('ties', 'linear')
+# 'inverse': divide the kept entries by 1 - p (the DARE paper's); 'l1': scale
+# the dropped vector back to the L1 norm of tau (mergekit's `rescale: true`);
+# 'none': keep them as they are.
+RESCALES = ('inverse', 'l1', 'none')
 
 
 def leaf_key(key: Any, name: str):
@@ -46,33 +51,54 @@ def dare_keep_masks(key, drops_T, *, shape):
   return u >= drops_T.reshape((num,) + (1,) * len(shape))
 
 
-@functools.partial(jax.jit, static_argnames=('combine',))
-def _dare_kernel(base, experts, keep_T, drops_T, weights_T, scale, *, combine):
+@functools.partial(jax.jit, static_argnames=('combine', 'normalize', 'rescale'))
+def _dare_kernel(base, experts, keep_T, drops_T, weights_T, scale, *, combine, normalize, rescale):
   base32 = base.astype(F32)
   taus = []
   for t, expert in enumerate(experts):
     tau = expert.astype(F32) - base32
-    taus.append(jnp.where(keep_T[t], tau / (1.0 - drops_T[t]), 0.0))
+    if rescale == 'inverse':
+      taus.append(jnp.where(keep_T[t], tau / (1.0 - drops_T[t]), 0.0))
+      continue
+    kept = jnp.where(keep_T[t], tau, 0.0)
+    taus.append(l1_rescale(tau, kept) if rescale == 'l1' else kept)
   if combine == 'ties':
-    merged = consensus_mean(taus, weights_T)
+    merged = consensus_mean(taus, weights_T, normalize=normalize)
   else:
     merged = sum(weights_T[t] * tau for t, tau in enumerate(taus))
+    if normalize:
+      # mergekit's guard for weights that cancel.
+      total = jnp.sum(weights_T)
+      merged = merged / jnp.where(jnp.abs(total) < 1e-8, 1.0, total)
   return (base32 + scale * merged).astype(base.dtype)
 
 
-def _merge_leaf(base, experts, key, drops_T, weights_T, scale, combine):
+def _merge_leaf(base, experts, key, drops_T, weights_T, scale, combine, normalize, rescale):
   keep_T = dare_keep_masks(key, drops_T, shape=tuple(base.shape))
-  return _dare_kernel(base, experts, keep_T, drops_T, weights_T, scale, combine=combine)
+  return _dare_kernel(
+    base,
+    experts,
+    keep_T,
+    drops_T,
+    weights_T,
+    scale,
+    combine=combine,
+    normalize=normalize,
+    rescale=rescale,
+  )
 
 
-def _options_for(num, drop, combine, weights, scale):
+def _options_for(num, drop, combine, weights, scale, normalize, rescale):
   if drop is None:
     raise ValueError('drop is required')
+  combine = _options.choice(combine, COMBINES, what='combine')
   return (
     _options.per_expert(drop, num, what='drop', low=0.0, high=1.0, high_open=True),
-    _options.choice(combine, COMBINES, what='combine'),
     _options.per_expert(weights, num, what='weights'),
     _options.finite(scale, what='scale'),
+    combine,
+    combine == 'ties' if normalize is None else bool(normalize),
+    _options.choice(rescale, RESCALES, what='rescale'),
   )
 
 
@@ -85,6 +111,8 @@ def dare_leaf(
   combine: str = 'ties',
   weights: Any = None,
   scale: float = 1.0,
+  normalize: bool | None = None,
+  rescale: str = 'inverse',
   name: str = 'leaf',
 ):
   """`dare` on one tensor; `key` is this leaf's key (see `leaf_key`).
@@ -92,8 +120,8 @@ def dare_leaf(
   Expert t keeps the entries set in row t of `dare_keep_masks(key, p, ...)`.
   """
   _tree.check_leaf_group(base, experts, name=name)
-  p, combine, w, scale = _options_for(len(experts), drop, combine, weights, scale)
-  return _merge_leaf(base, tuple(experts), key, p, w, scale, combine)
+  opts = _options_for(len(experts), drop, combine, weights, scale, normalize, rescale)
+  return _merge_leaf(base, tuple(experts), key, *opts)
 
 
 def dare(
@@ -105,14 +133,20 @@ def dare(
   combine: str = 'ties',
   weights: Any = None,
   scale: float = 1.0,
+  normalize: bool | None = None,
+  rescale: str = 'inverse',
 ) -> Any:
   """DARE (Yu et al. 2024): drop task-vector entries, rescale, combine.
 
   Each entry of tau_t is dropped with probability p_t and the survivors are
-  divided by (1 - p_t), so E[tau'_t] = tau_t. Then `combine='ties'` elects
-  signs and averages the agreeing entries (`consensus_mean`, no trimming:
-  DARE-TIES) and `combine='linear'` sums sum_t w_t tau'_t (DARE-linear, not
-  normalized, like task arithmetic); the result is theta0 + scale * merged.
+  divided by (1 - p_t), so E[tau'_t] = tau_t (rescale='inverse'; 'l1'
+  scales the survivors to tau_t's L1 norm instead, as mergekit 0.1's
+  `rescale: true`). Then `combine='ties'` elects signs and averages the
+  agreeing entries (`consensus_mean`, no trimming: DARE-TIES) and
+  `combine='linear'` sums sum_t w_t tau'_t (DARE-linear, not normalized,
+  like task arithmetic); the result is theta0 + scale * merged.
+  `normalize` overrides that default (mergekit's dare_ties sums the
+  agreeing entries: normalize=False).
 
   Args:
     base: the pytree all experts were fine-tuned from.
@@ -124,6 +158,9 @@ def dare(
     combine: 'ties' or 'linear'.
     weights: None (all 1), a scalar, or T per-expert scalars.
     scale: lambda applied to the merged task vector.
+    normalize: None (True for 'ties', False for 'linear'), or whether to
+      divide by the (agreeing) weights' sum.
+    rescale: 'inverse', 'l1' or 'none' (see above).
 
   Returns:
     A pytree like `base`, each leaf in its input dtype.
@@ -133,10 +170,10 @@ def dare(
       drop outside [0, 1) or an unknown combine (holding the value).
   """
   gathered = _tree.gather(base, experts)
-  p, combine, w, scale = _options_for(gathered.num_experts, drop, combine, weights, scale)
+  opts = _options_for(gathered.num_experts, drop, combine, weights, scale, normalize, rescale)
   return gathered.reference.unflatten(
     [
-      _merge_leaf(b, leaves, leaf_key(key, name), p, w, scale, combine)
+      _merge_leaf(b, leaves, leaf_key(key, name), *opts)
       for name, b, leaves in zip(gathered.names, gathered.base, gathered.experts)
     ]
   )

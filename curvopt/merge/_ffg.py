@@ -372,13 +372,22 @@ def ffg_threshold(
 
 
 def ffg_saliency(
-  base: Any, expert: Any, second_moment: Any = None, *, score: str = 'fisher', name: str = 'leaf'
+  base: Any,
+  expert: Any,
+  second_moment: Any = None,
+  *,
+  score: str = 'fisher',
+  name: str = 'leaf',
+  index: int | None = None,
 ):
-  """Saliencies of one tensor (fp32), for a streamed global threshold."""
+  """Saliencies of one tensor (fp32), for a streamed global threshold.
+
+  `index`: the expert's position in a merge, named by a bad-moment error.
+  """
   _options.choice(score, SCORES, what='score')
   second_moment = _check_leaf(base, expert, second_moment, score, name)
   s, ok = _saliency_kernel(base, expert, second_moment, score=score)
-  _raise_if_invalid(ok, name)
+  _raise_if_invalid(ok, name, index)
   return s
 
 
@@ -390,9 +399,9 @@ def _check_leaf(base, expert, second_moment, score, name):
   return second_moment
 
 
-def _raise_if_invalid(ok, name):
+def _raise_if_invalid(ok, name, index):
   checks = _tree.ValueChecks()
-  checks.add(ok, _tree.moment_message(name, 'second moment'))
+  checks.add(ok, _tree.expert_moment_message(name, 'second moment', index))
   checks.raise_if_failed()
 
 
@@ -416,16 +425,18 @@ def ffg_mask_leaf(
   mass: float | None = None,
   score: str = 'fisher',
   name: str = 'leaf',
+  index: int | None = None,
 ):
   """FFG mask of one tensor: its own top density or mass, or s >= threshold.
 
-  A streaming merge with a global cutoff passes `threshold=`.
+  A streaming merge with a global cutoff passes `threshold=`; `index` is the
+  expert's position in a merge, named by a bad-moment error.
   """
   _options.choice(score, SCORES, what='score')
   kind, value = _one_selector(density, threshold, mass)
   second_moment = _check_leaf(base, expert, second_moment, score, name)
   mask, ok = _per_tensor_mask(base, expert, second_moment, kind, value, score)
-  _raise_if_invalid(ok, name)
+  _raise_if_invalid(ok, name, index)
   return mask
 
 
@@ -494,14 +505,14 @@ def ffg_mask(
     masks = []
     for name, b, e, v in zip(names, gathered.base, experts, moments):
       mask, ok = _per_tensor_mask(b, e, v, kind, value, score)
-      checks.add(ok, _tree.moment_message(name, 'second moment'))
+      checks.add(ok, _tree.expert_moment_message(name, 'second moment', None))
       masks.append(mask)
     checks.raise_if_failed()
     return gathered.reference.unflatten(masks)
   saliencies = []
   for name, b, e, v in zip(names, gathered.base, experts, moments):
     s, ok = _saliency_kernel(b, e, v, score=score)
-    checks.add(ok, _tree.moment_message(name, 'second moment'))
+    checks.add(ok, _tree.expert_moment_message(name, 'second moment', None))
     saliencies.append(s)
   checks.raise_if_failed()
   cutoff = ffg_threshold(saliencies, **{kind: value})

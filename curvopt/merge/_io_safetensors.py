@@ -61,15 +61,37 @@ def _np_dtype(st_dtype: str, *, name: str, path: str) -> np.dtype:
 
 
 def _read_header(path: str) -> dict[str, Any]:
+  """The JSON header of a safetensors file, checked against the file's size
+  so that a truncated file fails here, with its name, and not mid-merge."""
   with open(path, 'rb') as f:
     size_bytes = f.read(8)
     if len(size_bytes) != 8:
       raise ValueError(f'{path} is not a safetensors file (shorter than 8 bytes)')
     size = int.from_bytes(size_bytes, 'little')
+    file_size = os.fstat(f.fileno()).st_size
+    if 8 + size > file_size:
+      raise ValueError(
+        f'{path} is truncated or not a safetensors file: its header claims {size} bytes, the file '
+        f'has {file_size}'
+      )
     try:
-      return json.loads(f.read(size))
+      header = json.loads(f.read(size))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f'{path} is not a safetensors file (bad header)') from e
+  if not isinstance(header, dict):
+    raise ValueError(f'{path} is not a safetensors file (bad header)')
+  ends = [
+    entry['data_offsets'][1]
+    for name, entry in header.items()
+    if name != '__metadata__' and isinstance(entry, dict) and 'data_offsets' in entry
+  ]
+  need = 8 + size + max(ends, default=0)
+  if need > file_size:
+    raise ValueError(
+      f'{path} is truncated: its tensors need {need} bytes, the file has {file_size} (an '
+      'interrupted download or copy?)'
+    )
+  return header
 
 
 def _resolve(path: str, stem: str) -> tuple[dict[str, str], str]:

@@ -3,6 +3,7 @@
 Task arithmetic: Ilharco et al. 2022 (arXiv 2212.04089).
 """
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -23,36 +24,53 @@ def linear_weights(weights: Any, num: int):
   return w
 
 
-@jax.jit
-def _linear_kernel(experts, weights_T):
+@functools.partial(jax.jit, static_argnames=('normalize',))
+def _linear_kernel(experts, weights_T, *, normalize):
   acc = jnp.zeros(experts[0].shape, F32)
   for t, expert in enumerate(experts):
     acc = acc + weights_T[t] * expert.astype(F32)
-  return (acc / jnp.sum(weights_T)).astype(experts[0].dtype)
+  if normalize:
+    acc = acc / jnp.sum(weights_T)
+  return acc.astype(experts[0].dtype)
 
 
-@jax.jit
-def _task_arithmetic_kernel(base, experts, weights_T, scale):
+@functools.partial(jax.jit, static_argnames=('normalize',))
+def _task_arithmetic_kernel(base, experts, weights_T, scale, *, normalize):
   base32 = base.astype(F32)
   acc = jnp.zeros(base.shape, F32)
   for t, expert in enumerate(experts):
     acc = acc + weights_T[t] * (expert.astype(F32) - base32)
+  if normalize:
+    # mergekit's guard for weights that cancel.
+    total = jnp.sum(weights_T)
+    acc = acc / jnp.where(jnp.abs(total) < 1e-8, 1.0, total)
   return (base32 + scale * acc).astype(base.dtype)
 
 
-def linear_leaf(experts: Sequence[Any], *, weights: Any = None, name: str = 'leaf'):
+def _weights(weights, num, normalize):
+  if normalize:
+    return linear_weights(weights, num)
+  return _options.per_expert(weights, num, what='weights')
+
+
+def linear_leaf(
+  experts: Sequence[Any], *, weights: Any = None, normalize: bool = True, name: str = 'leaf'
+):
   """`linear` on one tensor: sum_t w_t theta_t / sum_t w_t."""
   _tree.check_leaf_group(None, experts, name=name)
-  return _linear_kernel(tuple(experts), linear_weights(weights, len(experts)))
+  w = _weights(weights, len(experts), normalize)
+  return _linear_kernel(tuple(experts), w, normalize=bool(normalize))
 
 
-def linear(experts: Sequence[Any], *, weights: Any = None) -> Any:
+def linear(experts: Sequence[Any], *, weights: Any = None, normalize: bool = True) -> Any:
   """Weighted mean of the experts: sum_t w_t theta_t / sum_t w_t.
 
   Args:
     experts: a list of T >= 1 pytrees with the same paths, shapes and dtypes.
     weights: None (equal weights), a scalar, or T scalars; their sum must not
       be 0 (negative weights are allowed, as in mergekit).
+    normalize: divide by sum_t w_t (mergekit's default); False: the weighted
+      sum.
 
   Returns:
     A pytree like `experts[0]`, each leaf in its input dtype (computed in
@@ -63,22 +81,35 @@ def linear(experts: Sequence[Any], *, weights: Any = None) -> Any:
       or bad weights (holding the value).
   """
   gathered = _tree.gather(None, experts)
-  w = linear_weights(weights, gathered.num_experts)
-  return gathered.reference.unflatten([_linear_kernel(leaves, w) for leaves in gathered.experts])
+  w = _weights(weights, gathered.num_experts, normalize)
+  return gathered.reference.unflatten(
+    [_linear_kernel(leaves, w, normalize=bool(normalize)) for leaves in gathered.experts]
+  )
 
 
 def task_arithmetic_leaf(
-  base: Any, experts: Sequence[Any], *, scale: float = 1.0, weights: Any = None, name: str = 'leaf'
+  base: Any,
+  experts: Sequence[Any],
+  *,
+  scale: float = 1.0,
+  weights: Any = None,
+  normalize: bool = False,
+  name: str = 'leaf',
 ):
   """`task_arithmetic` on one tensor."""
   _tree.check_leaf_group(base, experts, name=name)
   w = _options.per_expert(weights, len(experts), what='weights')
   scale = _options.finite(scale, what='scale')
-  return _task_arithmetic_kernel(base, tuple(experts), w, scale)
+  return _task_arithmetic_kernel(base, tuple(experts), w, scale, normalize=bool(normalize))
 
 
 def task_arithmetic(
-  base: Any, experts: Sequence[Any], *, scale: float = 1.0, weights: Any = None
+  base: Any,
+  experts: Sequence[Any],
+  *,
+  scale: float = 1.0,
+  weights: Any = None,
+  normalize: bool = False,
 ) -> Any:
   """theta0 + scale * sum_t w_t (theta_t - theta0), the sum not normalized.
 
@@ -87,6 +118,8 @@ def task_arithmetic(
     experts: a list of T >= 1 pytrees like `base`.
     scale: lambda, the global scale of the summed task vectors.
     weights: None (all 1), a scalar, or T per-expert scalars.
+    normalize: divide the sum by sum_t w_t (mergekit's `normalize: true`;
+      a sum within 1e-8 of 0 is taken as 1, as mergekit does).
 
   Returns:
     A pytree like `base`, each leaf in its input dtype.
@@ -99,7 +132,7 @@ def task_arithmetic(
   scale = _options.finite(scale, what='scale')
   return gathered.reference.unflatten(
     [
-      _task_arithmetic_kernel(b, leaves, w, scale)
+      _task_arithmetic_kernel(b, leaves, w, scale, normalize=bool(normalize))
       for b, leaves in zip(gathered.base, gathered.experts)
     ]
   )

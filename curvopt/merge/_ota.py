@@ -21,10 +21,16 @@ import numpy as np
 
 from curvopt.merge import _options
 from curvopt.merge import _rank1
+from curvopt.merge import _ties
 from curvopt.merge import _tree
 
 F32 = jnp.float32
 NORMALISE = ('none', 'mean')
+# How the (masked) task vectors combine: 'precond', weighted by w_t (OTA);
+# the reference's alternatives for FFG-masked task vectors: 'linear', their
+# plain mean over the T experts; 'ties', the sign election and mean over the
+# agreeing experts of `ties` (without trimming: the masks prune).
+COMBINES = ('precond', 'linear', 'ties')
 
 
 def ota_expert_weight(
@@ -76,9 +82,20 @@ def by_power(power, merge):
   return jax.lax.cond(power == 0.5, lambda: merge(True), lambda: merge(False))
 
 
-@functools.partial(jax.jit, static_argnames=('normalise', 'fallback_to_base'))
+@functools.partial(jax.jit, static_argnames=('normalise', 'fallback_to_base', 'combine'))
 def _ota_kernel(
-  base, experts, moments, masks, power, eps, scales_T, corrections_T, *, normalise, fallback_to_base
+  base,
+  experts,
+  moments,
+  masks,
+  power,
+  eps,
+  scales_T,
+  corrections_T,
+  *,
+  normalise,
+  fallback_to_base,
+  combine='precond',
 ):
   return by_power(
     power,
@@ -94,6 +111,7 @@ def _ota_kernel(
       normalise=normalise,
       fallback_to_base=fallback_to_base,
       root=root,
+      combine=combine,
     ),
   )
 
@@ -111,6 +129,7 @@ def ota_merge(
   normalise,
   fallback_to_base,
   root,
+  combine='precond',
 ):
   num = len(experts)
   reference = experts[0] if base is None else base
@@ -118,6 +137,7 @@ def ota_merge(
   numerator = jnp.zeros(reference.shape, F32)
   denominator = jnp.zeros(reference.shape, F32)
   factors_ok = jnp.asarray(True)
+  taus = []
   for t, expert in enumerate(experts):
     rank1 = _rank1.is_rank1(moments[t])
     # Rank1 factors are checked directly (a few small vectors); full moments
@@ -139,7 +159,22 @@ def ota_merge(
     theta = expert.astype(F32)
     numerator = numerator + weight * (theta if base is None else theta - base32)
     denominator = denominator + weight
-  if any(m is not None for m in masks):
+    if combine != 'precond':
+      kept = theta - base32 if masks[t] is None else jnp.where(masks[t], theta - base32, 0.0)
+      # + weight * 0: NaN where the moment is bad, so the moment check fires.
+      taus.append(kept + weight * 0.0)
+  if combine != 'precond':
+    if combine == 'linear':
+      combined = sum(taus) / num
+    else:
+      combined = _ties.consensus_mean(taus, jnp.ones((num,), F32))
+    merged = base32 + combined
+    if all(m is not None for m in masks):
+      # Entries no mask keeps (whatever their weights, which only mask here).
+      fully_masked = ~functools.reduce(jnp.logical_or, [jnp.asarray(m, bool) for m in masks])
+      fallback = base32 if fallback_to_base else sum(e.astype(F32) for e in experts) / num
+      merged = jnp.where(fully_masked, fallback, merged)
+  elif any(m is not None for m in masks):
     fully_masked = denominator <= num * eps * 1.1
     safe = jnp.where(fully_masked, 1.0, denominator)
     merged = numerator / safe
@@ -216,6 +251,13 @@ def bias_corrections(bias_correction: Any, num: int) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
+def check_combine(combine: str, base: Any) -> str:
+  _options.choice(combine, COMBINES, what='combine')
+  if combine != 'precond' and base is None:
+    raise ValueError(f'combine={combine!r} merges task vectors: it needs the base model')
+  return combine
+
+
 def options_for(num, power, eps, normalise, bias_correction, scales):
   power = _options.positive(power, what='power')
   eps = _options.positive(eps, what='eps')
@@ -273,6 +315,7 @@ def ota_leaf(
   fallback_to_base: bool = True,
   bias_correction: Any = None,
   scales: Any = None,
+  combine: str = 'precond',
   name: str = 'leaf',
 ):
   """`ota` on one tensor: arrays (base may be None), per-expert moments.
@@ -300,6 +343,7 @@ def ota_leaf(
     corrections,
     normalise=normalise,
     fallback_to_base=bool(fallback_to_base),
+    combine=check_combine(combine, base),
   )
   checks = _tree.ValueChecks()
   add_moment_check(checks, out, ok, second_moments, name)
@@ -319,6 +363,7 @@ def ota(
   fallback_to_base: bool = True,
   bias_correction: Any = None,
   scales: Any = None,
+  combine: str = 'precond',
 ) -> Any:
   """OTA merge: an elementwise average weighted by (v_t)^p (module docstring).
 
@@ -341,6 +386,13 @@ def ota(
     bias_correction: None (default; the raw v, as the reference), or one
       (b2, count) pair per expert: v_t is divided by 1 - b2^count_t.
     scales: None, a scalar, or T per-expert scalars > 0 multiplying v_t^p.
+    combine: 'precond' (OTA's weighted average), or the OTA reference's
+      alternatives for masked task vectors (`masked_task_vector_merge_method`):
+      'linear', theta0 + mean_t m_t tau_t over all T experts, or 'ties', the
+      sign election and mean over agreeing experts of `ties` applied to the
+      masked task vectors (the reference divides by T there). The second
+      moments then only check and mask; fully masked entries fall back as
+      above. Both need a base.
 
   Returns:
     A pytree like `base` (or `experts[0]`), each leaf in its input dtype.
@@ -357,6 +409,7 @@ def ota(
   power, eps, normalise, corrections, scales = options_for(
     num, power, eps, normalise, bias_correction, scales
   )
+  combine = check_combine(combine, base)
   bases = gathered.base or (None,) * len(gathered.names)
   checks = _tree.ValueChecks()
   outs = []
@@ -374,6 +427,7 @@ def ota(
       corrections,
       normalise=normalise,
       fallback_to_base=bool(fallback_to_base),
+      combine=combine,
     )
     add_moment_check(checks, out, ok, moments, name)
     outs.append(out)

@@ -25,7 +25,7 @@ from curvopt.merge import _ota
 from curvopt.merge import _tree
 
 
-@functools.partial(jax.jit, static_argnames=('score', 'normalise', 'fallback_to_base'))
+@functools.partial(jax.jit, static_argnames=('score', 'normalise', 'fallback_to_base', 'combine'))
 def _ota_ffg_kernel(
   base,
   experts,
@@ -39,6 +39,7 @@ def _ota_ffg_kernel(
   score,
   normalise,
   fallback_to_base,
+  combine,
 ):
   def merge(root):
     # The masks are built inside the branch, where they fuse into the merge
@@ -60,6 +61,7 @@ def _ota_ffg_kernel(
       normalise=normalise,
       fallback_to_base=fallback_to_base,
       root=root,
+      combine=combine,
     )
 
   return _ota.by_power(power, merge)
@@ -142,6 +144,7 @@ def ota_ffg(
   fallback_to_base: bool = True,
   bias_correction: Any = None,
   scales: Any = None,
+  combine: str = 'precond',
 ) -> Any:
   """OTA over FFG-pruned task vectors, in one fused pass (module docstring).
 
@@ -161,8 +164,8 @@ def ota_ffg(
     quantile: 'exact' (the k-th largest saliency) or 'sampled' (as
       `ffg_threshold`'s: one strided pass instead of two histogram passes).
     score: 'fisher' (v tau^2) or 'magnitude' (|tau|).
-    power, eps, normalise, fallback_to_base, bias_correction, scales: as in
-      `ota`.
+    power, eps, normalise, fallback_to_base, bias_correction, scales,
+      combine: as in `ota`.
 
   Returns:
     A pytree like `base`, each leaf in its input dtype.
@@ -179,6 +182,7 @@ def ota_ffg(
     raise ValueError(
       f'give exactly one of density and threshold; got density={density!r}, threshold={threshold!r}'
     )
+  combine = _ota.check_combine(combine, base)
   gathered = _tree.gather(base, experts)
   num = gathered.num_experts
   leaf_moments = _tree.gather_moments(gathered, second_moments, what='second moments')
@@ -213,6 +217,7 @@ def ota_ffg(
       score=score,
       normalise=normalise,
       fallback_to_base=bool(fallback_to_base),
+      combine=combine,
     )
     _ota.add_moment_check(checks, out, ok, moments, name)
     outs.append(out)

@@ -35,14 +35,14 @@ def _compress(v_MxN):
   return Rank1(jnp.sum(v_MxN, axis=1), jnp.sum(v_MxN, axis=0), jnp.sum(v_MxN)), ok
 
 
-def _compress_checked(v_MxN, name: str) -> Rank1:
+def _compress_checked(v_MxN, name: str, index: int | None = None) -> Rank1:
   # Negative entries can cancel in the sums, so check v itself, not R and C.
   factors, ok = _compress(v_MxN)
   if not is_tracer(ok) and not bool(ok):
+    whose = '' if index is None else f' of expert {index}'
     raise ValueError(
-      f'second moment at leaf {name!r} has negative or '
-      'non-finite entries; second moments must be finite and '
-      '>= 0'
+      f'second moment{whose} at leaf {name!r} has negative or non-finite entries; second moments '
+      'must be finite and >= 0'
     )
   return factors
 
@@ -95,13 +95,14 @@ def check_factors(factors: Rank1, shape: tuple[int, ...], *, name: str, what: st
     )
 
 
-def rank1_compress_leaf(v: Any, *, name: str = 'leaf') -> Rank1:
-  """Rank-1 factors of one 2-D second moment (finite, >= 0)."""
+def rank1_compress_leaf(v: Any, *, name: str = 'leaf', index: int | None = None) -> Rank1:
+  """Rank-1 factors of one 2-D second moment (finite, >= 0); `index` is the
+  expert's position in a merge, named by the error for a bad moment."""
   if jnp.ndim(v) != 2:
     raise ValueError(
       f'rank1_compress_leaf needs a 2-D moment at leaf {name!r}, got shape {jnp.shape(v)}'
     )
-  return _compress_checked(v, name)
+  return _compress_checked(v, name, index)
 
 
 def rank1_expand_leaf(factors: Rank1):

@@ -20,6 +20,7 @@ such value per expert. `include` / `exclude` choose the merged tensors
 
 import concurrent.futures
 import dataclasses
+import inspect
 import re
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,6 +32,7 @@ from curvopt.merge import _dare
 from curvopt.merge import _ffg
 from curvopt.merge import _fisher_merge
 from curvopt.merge import _linear
+from curvopt.merge import _lowrank
 from curvopt.merge import _options
 from curvopt.merge import _ota
 from curvopt.merge import _ota_ffg
@@ -42,6 +44,7 @@ from curvopt.merge import _ties
 from curvopt.merge import _topk
 from curvopt.merge import _tree
 
+EXTRA_TENSORS = ('error', 'drop')
 METHODS = ('linear', 'task_arithmetic', 'ties', 'dare', 'fisher', 'ota', 'ffg_graft')
 # Methods that read a base model, and those that read second moments.
 _NEEDS_BASE = ('task_arithmetic', 'ties', 'dare', 'ffg_graft')
@@ -67,6 +70,7 @@ class StreamResult:
   thresholds: tuple[float | None, ...] | None  # global FFG cutoffs
   passes: int  # reads of the inputs (1, or 3 with a global FFG density)
   bytes_read: int
+  dropped: tuple[tuple[str, ...], ...] = ()  # per expert, tensors the reference lacks
 
 
 class MemoryWriter:
@@ -80,6 +84,59 @@ class MemoryWriter:
 
   def tree(self) -> dict[str, Any]:
     return _sources.unflatten_names(self.values)
+
+
+# Each method's per-leaf core: its keyword options are the method's options.
+_LEAF_CORES = {
+  'linear': _linear.linear_leaf,
+  'task_arithmetic': _linear.task_arithmetic_leaf,
+  'ties': _ties.ties_leaf,
+  'dare': _dare.dare_leaf,
+  'fisher': _fisher_merge.fisher_leaf,
+  'ota': _ota.ota_leaf,
+  'ffg_graft': None,  # options through ffg=
+}
+# Leaf-core arguments a streaming merge supplies itself.
+_SUPPLIED = ('name', 'masks', 'index')
+REQUIRED = inspect.Parameter.empty
+
+
+def method_options(method: str) -> dict[str, Any]:
+  """The options a streaming merge accepts for `method`, with their defaults
+  (`REQUIRED` where the method has none, e.g. ties' density).
+
+  Raises:
+    ValueError: an unknown method.
+  """
+  _options.choice(method, METHODS, what='method')
+  core = _LEAF_CORES[method]
+  if core is None:
+    return {}
+  return {
+    name: param.default
+    for name, param in inspect.signature(core).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in _SUPPLIED
+  }
+
+
+def check_options(method: str, options: Mapping[str, Any], *, renamed=None) -> None:
+  """Unknown option names fail with the method's valid ones.
+
+  `renamed` maps an option name as the caller spells it to the leaf core's
+  (e.g. {'seed': 'key'} for dare in a spec)."""
+  valid = dict(method_options(method))
+  for outer, inner in (renamed or {}).items():
+    if inner in valid:
+      valid[outer] = valid.pop(inner)
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise ValueError(
+      f'unknown option{"s" if len(unknown) > 1 else ""} {", ".join(map(repr, unknown))} for '
+      f'method {method!r}; valid: {sorted(valid) or "none (ffg_graft takes ffg options)"}'
+    )
+  missing = sorted(k for k, v in valid.items() if v is REQUIRED and k not in options)
+  if missing:
+    raise ValueError(f'method {method!r} needs the option(s) {missing}')
 
 
 def _is_rules(value: Any) -> bool:
@@ -122,7 +179,14 @@ def _matches(patterns: Sequence[str] | None, name: str) -> bool:
   return any(re.search(p, name) for p in patterns or ())
 
 
+def _is_float(dtype) -> bool:
+  return jnp.issubdtype(np.dtype(dtype), jnp.floating)
+
+
 def _check_specs(reference, reader, names, *, what, moment=False):
+  """Checks `reader`'s shapes (and dtypes) against `reference`; returns the
+  names whose floating dtype differs (merged after a cast to fp32)."""
+  mixed = set()
   for name in names:
     try:
       got = reader.spec(name)
@@ -135,10 +199,28 @@ def _check_specs(reference, reader, names, *, what, moment=False):
         f'{tuple(got.shape)}, the reference has '
         f'{tuple(want.shape)}'
       )
-    if not moment and np.dtype(got.dtype) != np.dtype(want.dtype):
-      raise ValueError(
-        f'{what} at tensor {name!r} has dtype {got.dtype}, the reference has {want.dtype}'
-      )
+    if moment or np.dtype(got.dtype) == np.dtype(want.dtype):
+      continue
+    if _is_float(got.dtype) and _is_float(want.dtype):
+      mixed.add(name)
+      continue
+    raise ValueError(
+      f'{what} at tensor {name!r} has dtype {got.dtype}, the reference has {want.dtype}'
+    )
+  return mixed
+
+
+def _extra_tensors(reference, reader, *, what, reference_what, extra):
+  """The tensors of `reader` that the reference lacks: an error, or dropped."""
+  names = set(reference.names)
+  found = [n for n in reader.names if n not in names]
+  if found and extra == 'error':
+    raise ValueError(
+      f'{what} ({reader.description}) has {len(found)} tensors that {reference_what} lacks, '
+      f'e.g. {found[:5]}; the merge would lose them: drop them explicitly with '
+      "extra_tensors='drop' (--config.extra_tensors=drop), or merge without that expert"
+    )
+  return found
 
 
 def _batches(names, sizes, batch_bytes):
@@ -164,6 +246,14 @@ class _Plan:
   moments: tuple | None
   rank1: bool
   place: Callable[[str, Any], Any]
+  mixed: frozenset = frozenset()  # tensors whose inputs differ in float dtype
+  moment_rank: int | None = None
+
+  def load(self, name: str, value: Any) -> Any:
+    """A base or expert tensor, placed; in fp32 where the inputs' float
+    dtypes differ (the operators compute in fp32 anyway)."""
+    value = self.place(name, value)
+    return value.astype(jnp.float32) if name in self.mixed else value
 
 
 def _read_batch(plan: _Plan, batch: list[str], *, moments: bool):
@@ -193,7 +283,9 @@ def _moment(plan, values, t, name):
     return v
   v = plan.place(name, v)
   if plan.rank1 and np.ndim(v) == 2:
-    return _rank1.rank1_compress_leaf(v, name=name)
+    return _rank1.rank1_compress_leaf(v, name=name, index=t)
+  if plan.moment_rank and np.ndim(v) == 2:
+    return _lowrank.lowrank_moment_leaf(v, plan.moment_rank, name=name)
   return v
 
 
@@ -245,7 +337,7 @@ def _each_saliency(plan, names, score, batch_bytes, prefetch, wanted, use):
   ):
     nbytes += size
     for name in batch:
-      base = plan.place(name, got['base'][name])
+      base = plan.load(name, got['base'][name])
       for t in plan.experts_of[name]:
         if not wanted(t):
           continue
@@ -253,7 +345,12 @@ def _each_saliency(plan, names, score, batch_bytes, prefetch, wanted, use):
         use(
           t,
           _ffg.ffg_saliency(
-            base, plan.place(name, got['experts'][t][name]), moment, score=score, name=name
+            base,
+            plan.load(name, got['experts'][t][name]),
+            moment,
+            score=score,
+            name=name,
+            index=t,
           ),
         )
   return nbytes
@@ -405,7 +502,9 @@ def _leaf_masks(name, base, experts, moments, ffg, kind, values, cutoffs, keep):
       selector = {'threshold': cutoffs[t]}
     else:
       selector = {kind: resolve(values[t], name, what=f'ffg {kind}')}
-    masks.append(_ffg.ffg_mask_leaf(base, experts[i], moment, score=score, name=name, **selector))
+    masks.append(
+      _ffg.ffg_mask_leaf(base, experts[i], moment, score=score, name=name, index=t, **selector)
+    )
   return masks
 
 
@@ -413,8 +512,8 @@ def _merge_leaf(plan, name, got, options, keep, ffg, kind, values, cutoffs):
   num = len(plan.experts)
   opts = _leaf_options(options, name, keep, num)
   method = plan.method
-  base = plan.place(name, got['base'][name]) if plan.base is not None else None
-  experts = [plan.place(name, got['experts'][t][name]) for t in keep]
+  base = plan.load(name, got['base'][name]) if plan.base is not None else None
+  experts = [plan.load(name, got['experts'][t][name]) for t in keep]
   moments = None
   if method in _NEEDS_MOMENTS or (ffg is not None and ffg.get('score', 'fisher') == 'fisher'):
     moments = [_moment(plan, got, t, name) for t in keep]
@@ -472,6 +571,9 @@ def merge_streaming(
   batch_bytes: int = 1 << 28,
   prefetch: bool = True,
   progress: Callable[[str], None] | None = None,
+  dtype: Any = None,
+  extra_tensors: str = 'error',
+  moment_rank: int | None = None,
 ) -> StreamResult:
   """Merges models tensor by tensor from readers into a writer.
 
@@ -482,7 +584,9 @@ def merge_streaming(
   Args:
     method: one of METHODS.
     experts: T >= 1 readers (`SafetensorsReader`, `orbax_params_reader`,
-      `TreeReader`) with the same tensor names, shapes and dtypes.
+      `TreeReader`) with the same tensor names and shapes. Floating dtypes
+      may differ between the inputs: a tensor whose inputs differ is merged
+      from their fp32 values and written in the output dtype.
     writer: anything with `write(name, array)` (`SafetensorsWriter`,
       `OrbaxWriter`, `MemoryWriter`); it receives every tensor of the
       reference (base, else expert 0), in the reference's order.
@@ -501,6 +605,8 @@ def merge_streaming(
       (`ffg_threshold`'s sampled quantile, in one pass)}.
     rank1: compress every 2-D second moment to its rank-1 factors as it is
       read (`rank1_compress`), before FFG and OTA use it.
+    moment_rank: instead, replace every 2-D second moment by its rank-r SVD
+      fit as it is read (`lowrank_moment`, the OTA reference's `rank`).
     include: regexes; only matching tensors are merged (None: all).
     exclude: regexes; matching tensors are not merged. Tensors not merged
       are copied from the base (expert 0 without a base).
@@ -513,6 +619,12 @@ def merge_streaming(
     batch_bytes: bytes read per batch (over all inputs); at least one tensor.
     prefetch: read the next batch on a thread while merging this one.
     progress: called with each tensor's name once it is written.
+    dtype: the dtype of every floating output tensor (merged or copied);
+      None: the reference's dtype, tensor by tensor. A tensor whose inputs
+      have another dtype is merged from their fp32 values.
+    extra_tensors: what to do with an expert's tensors that the reference
+      lacks (e.g. an untied `lm_head.weight` beside a tied base): 'error'
+      (default, naming them) or 'drop' (listed in `StreamResult.dropped`).
 
   Returns:
     A `StreamResult`.
@@ -547,6 +659,7 @@ def merge_streaming(
   options = dict(options or {})
   if method == 'dare' and 'key' not in options:
     raise ValueError("dare needs options['key'], a jax PRNG key")
+  check_options(method, options)
   reference = base if base is not None else experts[0]
   names = reference.names
   merged = [
@@ -566,11 +679,31 @@ def merge_streaming(
     if keep:
       experts_of[name] = keep
   merged = [n for n in merged if n in experts_of]
+  _options.choice(extra_tensors, EXTRA_TENSORS, what='extra_tensors')
+  if moment_rank is not None:
+    if rank1:
+      raise ValueError('give rank1 or moment_rank, not both')
+    moment_rank = _lowrank.check_rank(moment_rank)
+  out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+  if out_dtype is not None and not _is_float(out_dtype):
+    raise ValueError(f'the output dtype must be a floating dtype, got {dtype!r}')
+  mixed, dropped = set(), []
   for t, reader in enumerate(experts):
     mine = [n for n in merged if t in experts_of[n]]
     if base is None and t == 0:
       mine = list(names)
-    _check_specs(reference, reader, mine, what=f'expert {t}')
+    mixed |= _check_specs(reference, reader, mine, what=f'expert {t}')
+    dropped.append(
+      tuple(
+        _extra_tensors(
+          reference,
+          reader,
+          what=f'expert {t}',
+          reference_what='the base' if base is not None else 'expert 0',
+          extra=extra_tensors,
+        )
+      )
+    )
     if needs_moments:
       _check_specs(
         reference,
@@ -579,6 +712,9 @@ def merge_streaming(
         what=f'second moments of expert {t}',
         moment=True,
       )
+  if out_dtype is not None:
+    # Merged from fp32 inputs, rounded once to the output dtype (not first to the inputs').
+    mixed |= {n for n in merged if np.dtype(reference.spec(n).dtype) != out_dtype}
   plan = _Plan(
     method,
     tuple(names),
@@ -589,6 +725,8 @@ def merge_streaming(
     tuple(moments) if needs_moments else None,
     bool(rank1),
     _placer(sharding),
+    frozenset(mixed),
+    moment_rank,
   )
 
   kind = values = cutoffs = None
@@ -621,9 +759,17 @@ def merge_streaming(
       else:
         source = got['base'] if base is not None else got['experts'][0]
         out = source[name]
+      want = out_dtype if out_dtype is not None else np.dtype(reference.spec(name).dtype)
+      if _is_float(want) and np.dtype(out.dtype) != want:
+        out = out.astype(want)
       writer.write(name, out)
       if progress is not None:
         progress(name)
   return StreamResult(
-    tuple(names), tuple(merged), None if cutoffs is None else tuple(cutoffs), passes, nbytes
+    tuple(names),
+    tuple(merged),
+    None if cutoffs is None else tuple(cutoffs),
+    passes,
+    nbytes,
+    tuple(dropped),
   )

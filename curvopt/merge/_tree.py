@@ -201,11 +201,17 @@ def finite_screen(out: Any, ok: Any):
 
 
 def moment_message(name: str, what: str) -> Callable[[int], str]:
-  """Error text for a second moment with negative or non-finite entries."""
-  return lambda t: (
-    f'{what} of expert {t} at leaf {name!r} has negative or '
-    'non-finite entries; second moments must be finite and '
-    '>= 0'
+  """Error text for a second moment with negative or non-finite entries:
+  message(t) for expert t."""
+  return lambda t: expert_moment_message(name, what, t)(t)
+
+
+def expert_moment_message(name: str, what: str, expert: int | None) -> Callable[[int], str]:
+  """`moment_message` for one known expert (None: a lone expert, unnamed)."""
+  whose = '' if expert is None else f' of expert {expert}'
+  return lambda _: (
+    f'{what}{whose} at leaf {name!r} has negative or non-finite entries; second moments must be '
+    'finite and >= 0'
   )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from safetensors.numpy import save_file
+import yaml
 
 from curvopt import merge
 from curvopt import train
@@ -163,3 +164,126 @@ def test_config_variants_build():
     assert config.method in merge.METHODS
   with pytest.raises(ValueError, match='unknown configs/merge.py variant'):
     load_config('merge', 'slerp')
+
+
+def _run_config(config, *args):
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, 'experiments', 'merge.py'), f'--config={config}', *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO,
+    check=False,
+  )
+
+
+def test_every_method_option_is_settable_and_checked(tmp_path):
+  _hf_inputs(tmp_path)
+  inputs = [
+    f'--config.base={tmp_path / "base"}',
+    f'--config.experts={tmp_path / "e0"},{tmp_path / "e1"}',
+  ]
+  config = os.path.join(REPO, 'configs', 'merge.py') + ':ota'
+  done = _run_config(
+    config,
+    f'--output={tmp_path / "out"}',
+    *inputs,
+    '--config.options.fallback_to_base=False',  # not in the ota preset's options
+    '--config.options.scales=1,2',
+    '--config.options.bias_correction=0.999:10,0.99:20',
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  record = json.loads((tmp_path / 'out' / 'merge_spec.json').read_text())
+  assert record['options']['fallback_to_base'] is False
+  assert record['options']['bias_correction'] == [[0.999, 10], [0.99, 20]]
+  assert [e['scale'] for e in record['experts']] == [1.0, 2.0]
+  bad = _run_config(config, f'--output={tmp_path / "bad"}', *inputs, '--config.options.densty=1')
+  assert bad.returncode != 0
+  assert bad.stderr.strip().splitlines()[-1] == (
+    "merge failed: unknown option 'densty' for method 'ota'; valid: ['bias_correction', "
+    "'combine', 'eps', 'fallback_to_base', 'normalise', 'power', 'scales']"
+  )
+  assert 'Traceback' not in bad.stderr
+
+
+def test_mergekit_yaml_config(tmp_path):
+  base, experts, _ = _hf_inputs(tmp_path)
+  config = {
+    'merge_method': 'ties',
+    'base_model': str(tmp_path / 'base'),
+    'models': [
+      {'model': str(tmp_path / f'e{t}'), 'parameters': {'weight': 1.0, 'density': 0.5}}
+      for t in range(2)
+    ],
+    'dtype': 'float32',
+  }
+  (tmp_path / 'merge.yml').write_text(yaml.safe_dump(config))
+  done = _run_config(tmp_path / 'merge.yml', f'--output={tmp_path / "out"}')
+  assert done.returncode == 0, done.stderr[-3000:]
+  got = merge.SafetensorsReader(str(tmp_path / 'out')).read(list(SHAPES))
+  f32 = lambda d: {n: jnp.asarray(v, jnp.float32) for n, v in d.items()}  # noqa: E731
+  want = merge.ties(f32(base), [f32(e) for e in experts], density=0.5)
+  for name in SHAPES:
+    assert got[name].dtype == np.float32
+    np.testing.assert_array_equal(got[name], np.asarray(want[name]))
+
+
+def test_input_and_output_errors_are_one_line(tmp_path):
+  _hf_inputs(tmp_path)
+  data = (tmp_path / 'e1' / 'model.safetensors').read_bytes()
+  (tmp_path / 'e1' / 'model.safetensors').write_bytes(data[:-7])
+  (tmp_path / 'file').write_text('x')
+  inputs = [
+    f'--config.base={tmp_path / "base"}',
+    f'--config.experts={tmp_path / "e0"},{tmp_path / "e1"}',
+  ]
+  for output, text in (
+    (tmp_path / 'out', 'is truncated'),
+    (tmp_path / 'file' / 'out', 'is a file'),
+  ):
+    done = _run(f'--output={output}', *inputs)
+    assert done.returncode != 0
+    assert 'Traceback' not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith('merge failed: ') and text in last, last
+
+
+def test_ota_of_trainer_checkpoints(tmp_path):
+  """Experts as Hugging Face Trainer checkpoints: weights in model.safetensors, Adam moments in
+  optimizer.pt (by parameter index; the names file gives the index order)."""
+  torch = pytest.importorskip('torch')
+  torch.manual_seed(0)
+  base = {n: np.asarray(torch.randn(s), np.float32) for n, s in SHAPES.items()}
+  os.makedirs(tmp_path / 'base')
+  save_file(base, str(tmp_path / 'base' / 'model.safetensors'))
+  order = list(SHAPES)
+  experts, moments = [], []
+  for t in range(2):
+    params = [torch.nn.Parameter(torch.tensor(base[n])) for n in order]
+    optimizer = torch.optim.AdamW([{'params': params[:2]}, {'params': params[2:]}], lr=0.1)
+    for _ in range(2):
+      optimizer.zero_grad()
+      sum(((p - t) ** 2 * (i + 1)).sum() for i, p in enumerate(params)).backward()
+      optimizer.step()
+    checkpoint = tmp_path / f'e{t}' / 'checkpoint-2'
+    os.makedirs(checkpoint)
+    expert = {n: p.detach().numpy().copy() for n, p in zip(order, params)}
+    save_file(expert, str(checkpoint / 'model.safetensors'))
+    torch.save(optimizer.state_dict(), checkpoint / 'optimizer.pt')
+    experts.append(expert)
+    moments.append({n: optimizer.state[p]['exp_avg_sq'].numpy() for n, p in zip(order, params)})
+  (tmp_path / 'names.txt').write_text('\n'.join(order))
+  done = _run_config(
+    os.path.join(REPO, 'configs', 'merge.py') + ':ota',
+    f'--output={tmp_path / "out"}',
+    f'--config.base={tmp_path / "base"}',
+    f'--config.experts={tmp_path / "e0" / "checkpoint-2"},{tmp_path / "e1" / "checkpoint-2"}',
+    '--config.moments_format=trainer',
+    f'--config.moments_names={tmp_path / "names.txt"}',
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  tree = lambda d: {n: jnp.asarray(v) for n, v in d.items()}  # noqa: E731
+  want = merge.ota(tree(base), [tree(e) for e in experts], moments)
+  got = merge.SafetensorsReader(str(tmp_path / 'out')).read(order)
+  for name in order:
+    np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)

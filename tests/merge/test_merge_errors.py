@@ -277,3 +277,42 @@ def test_estimate_fisher_needs_examples():
     merge.estimate_fisher(
       lambda p, x: jnp.sum(p * x['a']), jnp.ones(2), [{'a': jnp.ones((3, 2)), 'b': jnp.ones((2,))}]
     )
+
+
+def _streamed(method='ota', **kwargs):
+  def run(b, es, vs):
+    return merge.merge_streaming(
+      method,
+      [merge.TreeReader(e) for e in es],
+      merge.MemoryWriter(),
+      base=merge.TreeReader(b),
+      moments=[merge.TreeReader(v) for v in vs],
+      **kwargs,
+    )
+
+  return run
+
+
+# Every path that reads an expert's second moment for FFG, in memory and streamed.
+FFG_PATHS = {
+  'ota_ffg_density': lambda b, es, vs: merge.ota_ffg(b, es, vs, density=0.5),
+  'ota_ffg_threshold': lambda b, es, vs: merge.ota_ffg(b, es, vs, threshold=0.1),
+  'stream_global_density': _streamed(ffg={'density': 0.5}),
+  'stream_sampled_density': _streamed(ffg={'density': 0.5, 'quantile': 'sampled'}),
+  'stream_global_mass': _streamed(ffg={'mass': 0.5}),
+  'stream_per_tensor': _streamed(ffg={'density': 0.5, 'scope': 'per_tensor'}),
+  'stream_threshold': _streamed(ffg={'threshold': 0.1}),
+  'stream_rank1': _streamed(ffg={'density': 0.5}, rank1=True),
+  'stream_magnitude_ffg_ota': _streamed(ffg={'density': 0.5, 'score': 'magnitude'}),
+}
+
+
+@pytest.mark.parametrize('position', [0, 1, 2])
+@pytest.mark.parametrize('path', sorted(FFG_PATHS))
+def test_ffg_paths_name_the_expert_with_a_nan_moment(path, position):
+  base, experts, moments = _problem(num=3)
+  v = np.array(moments[position]['layer']['w'])
+  v[1, 1] = np.nan
+  moments[position] = _set(moments[position], 'w', jnp.asarray(v))
+  with pytest.raises(ValueError, match=f"of expert {position} at leaf 'layer/w'"):
+    FFG_PATHS[path](base, experts, moments)

@@ -103,22 +103,34 @@ def ref_top_density(score, density):
   return keep.reshape(np.shape(score))
 
 
+def ref_top_truncated(score, density):
+  """mergekit's TIES trim: the int(d n) largest (all for d >= 1), ties by flat index."""
+  flat = list(np.ravel(score))
+  n = len(flat)
+  k = n if density >= 1 else int(density * n)
+  order = sorted(range(n), key=lambda i: (-flat[i], i))
+  keep = np.zeros(n, bool)
+  keep[order[:k]] = True
+  return keep.reshape(np.shape(score))
+
+
 def ref_consensus(taus, weights):
+  """mergekit's election: '+' where the weighted sum is exactly 0; a zero divisor counts as 1."""
   total = sum(w * x for w, x in zip(weights, taus))
-  elected = np.sign(total)
+  elected = 1.0 if total >= 0 else -1.0
   num = den = 0.0
   for w, x in zip(weights, taus):
-    if w * x != 0 and np.sign(w * x) == elected:
+    if np.sign(w * x) == elected:
       num += w * x
       den += w
-  return num / den if den != 0 else 0.0
+  return num / (den if den != 0 else 1.0)
 
 
 def ref_ties(base, experts, densities, weights, scale):
   base, experts = _np(base), _np(experts)
   trimmed = [
     jax.tree.map(
-      lambda b, e, d=d: np.where(ref_top_density(np.abs(e - b), d), e - b, 0.0), base, expert
+      lambda b, e, d=d: np.where(ref_top_truncated(np.abs(e - b), d), e - b, 0.0), base, expert
     )
     for expert, d in zip(experts, densities)
   ]
@@ -385,6 +397,39 @@ def test_ota_masked_entries_fall_back():
     np.testing.assert_array_equal(np.asarray(got)[keep], np.asarray(b)[keep])
 
 
+def ref_masked_combine(base, experts, masks, combine):
+  """The OTA reference's `masked_task_vector_merge_method` on masked task
+  vectors ('ties': our consensus, the mean over agreeing experts)."""
+  num = len(experts)
+
+  def entry(xs):
+    b, es, ms = xs[0], xs[1 : 1 + num], xs[1 + num :]
+    if not any(ms):
+      return b
+    taus = [(e - b) if m else 0.0 for e, m in zip(es, ms)]
+    if combine == 'linear':
+      return b + sum(taus) / num
+    return b + ref_consensus(taus, [1.0] * num)
+
+  return _per_entry(entry, _np(base), *_np(experts), *_np(masks))
+
+
+@pytest.mark.parametrize('combine', ['linear', 'ties'])
+def test_ota_combines_masked_task_vectors(combine):
+  base, experts, moments, masks = _problem(seed=4)
+  out = merge.ota(base, experts, moments, masks=masks, combine=combine)
+  _assert_close(out, ref_masked_combine(base, experts, masks, combine), base)
+  fused = merge.ota_ffg(base, experts, moments, density=0.4, combine=combine)
+  ffg = [merge.ffg_mask(base, e, v, density=0.4) for e, v in zip(experts, moments)]
+  for g, w in zip(
+    jax.tree.leaves(fused),
+    jax.tree.leaves(merge.ota(base, experts, moments, masks=ffg, combine=combine)),
+  ):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  with pytest.raises(ValueError, match='needs the base'):
+    merge.ota(None, experts, moments, combine=combine)
+
+
 # (scope, score, selector, value): every scope and score with densities at
 # and between the ends, and the saliency-mass option.
 FFG_CASES = [
@@ -521,6 +566,19 @@ def test_sampled_quantile_keeps_about_the_density():
   want = merge.ota(base, experts, moments, masks=masks)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
+@pytest.mark.parametrize('rank', [1, 2, 4])
+def test_lowrank_moment_matches_numpy(rank):
+  rng = np.random.default_rng(rank)
+  v = {'w': (rng.uniform(size=(5, 4)) ** 3).astype(np.float32), 'b': np.ones(4, np.float32)}
+  got = merge.lowrank_moment(v, rank)
+  u, s, vh = np.linalg.svd(v['w'].astype(np.float64), full_matrices=False)
+  want = np.maximum((u[:, :rank] * s[:rank]) @ vh[:rank], 0.0)
+  np.testing.assert_allclose(np.asarray(got['w']), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(got['b']), v['b'])
+  if rank == 4:  # full rank: v itself
+    np.testing.assert_allclose(np.asarray(got['w']), v['w'], rtol=1e-6)
 
 
 def test_rank1_matches_numpy():

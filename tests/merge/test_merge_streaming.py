@@ -105,6 +105,20 @@ CASES = {
     dict(method='ota', rank1=True, ffg={'density': 0.3}),
     lambda b, es, vs: _ffg_ota(b, es, [merge.rank1_compress(v) for v in vs], density=0.3),
   ),
+  'ota_moment_rank': (
+    dict(method='ota', moment_rank=2, ffg={'density': 0.3}),
+    lambda b, es, vs: _ffg_ota(b, es, [merge.lowrank_moment(v, 2) for v in vs], density=0.3),
+  ),
+  'ota_combine_ties': (
+    dict(method='ota', options={'combine': 'ties'}, ffg={'density': 0.4}),
+    lambda b, es, vs: merge.ota(
+      b,
+      es,
+      vs,
+      masks=[merge.ffg_mask(b, e, v, density=0.4) for e, v in zip(es, vs)],
+      combine='ties',
+    ),
+  ),
   'ffg_graft': (
     dict(method='ffg_graft', ffg={'density': 0.25}, experts=[1]),
     lambda b, es, vs: merge.ffg_graft(b, es[1], merge.ffg_mask(b, es[1], vs[1], density=0.25)),
