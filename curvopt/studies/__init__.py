@@ -1,5 +1,20 @@
 """Studies: LM sweeps with paired seed statistics, the RL and merging studies, their reports."""
 
+from curvopt.studies._merge_metrics import Comparison
+from curvopt.studies._merge_metrics import Estimate
+from curvopt.studies._merge_metrics import accuracy_estimate
+from curvopt.studies._merge_metrics import best_setting
+from curvopt.studies._merge_metrics import choose_rate
+from curvopt.studies._merge_metrics import compare_to_baselines
+from curvopt.studies._merge_metrics import gain_estimate
+from curvopt.studies._merge_metrics import gain_kept
+from curvopt.studies._merge_metrics import knee_threshold
+from curvopt.studies._merge_metrics import mask_density
+from curvopt.studies._merge_metrics import mean_over_tasks
+from curvopt.studies._merge_metrics import relative_size
+from curvopt.studies._merge_metrics import seed_spread
+from curvopt.studies._merge_metrics import task_vector_cosine
+from curvopt.studies._merge_metrics import within_points
 from curvopt.studies._merge_study import MergeStudy
 from curvopt.studies._merge_study import cosine_similarity
 from curvopt.studies._merge_study import layer_type
@@ -36,19 +51,30 @@ from curvopt.studies._sweep import sweep_summary
 
 __all__ = (
   'BASE_OVERRIDES',
+  'Comparison',
+  'Estimate',
   'MergeStudy',
   'PairedDifference',
   'SweepPoint',
+  'accuracy_estimate',
   'best_point',
+  'best_setting',
+  'choose_rate',
+  'compare_to_baselines',
   'comparison_table',
   'cosine_similarity',
   'curve',
   'curves',
+  'gain_estimate',
+  'gain_kept',
   'is_collapsed',
+  'knee_threshold',
   'layer_type',
   'markdown_table',
   'mask_concentration',
+  'mask_density',
   'mask_jaccard',
+  'mean_over_tasks',
   'merge_study_report',
   'normalized_scores',
   'paired_comparisons',
@@ -56,16 +82,20 @@ __all__ = (
   'parse_comparisons',
   'plot_curves',
   'plot_heatmap',
+  'relative_size',
   'rl_study_report',
   'run_merge_study',
   'run_rl_study',
   'run_summary',
   'run_sweep',
+  'seed_spread',
   'steps_to_reach',
   'study_run_dir',
   'sweep_report',
   'sweep_run_dir',
   'sweep_summary',
   't_quantile',
+  'task_vector_cosine',
+  'within_points',
   'write_text',
 )
