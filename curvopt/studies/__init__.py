@@ -1,5 +1,14 @@
 """Studies: LM sweeps with paired seed statistics, the RL and merging studies, their reports."""
 
+from curvopt.studies._merge_gain_study import Decision
+from curvopt.studies._merge_gain_study import GainStudy
+from curvopt.studies._merge_gain_study import ModelSpec
+from curvopt.studies._merge_gain_study import StudyStopped
+from curvopt.studies._merge_gain_study import decide
+from curvopt.studies._merge_gain_study import gain_models
+from curvopt.studies._merge_gain_study import gain_study_report
+from curvopt.studies._merge_gain_study import run_gain_study
+from curvopt.studies._merge_gain_study import task_means
 from curvopt.studies._merge_metrics import Comparison
 from curvopt.studies._merge_metrics import Estimate
 from curvopt.studies._merge_metrics import accuracy_estimate
@@ -52,9 +61,13 @@ from curvopt.studies._sweep import sweep_summary
 __all__ = (
   'BASE_OVERRIDES',
   'Comparison',
+  'Decision',
   'Estimate',
+  'GainStudy',
   'MergeStudy',
+  'ModelSpec',
   'PairedDifference',
+  'StudyStopped',
   'SweepPoint',
   'accuracy_estimate',
   'best_point',
@@ -65,8 +78,11 @@ __all__ = (
   'cosine_similarity',
   'curve',
   'curves',
+  'decide',
   'gain_estimate',
   'gain_kept',
+  'gain_models',
+  'gain_study_report',
   'is_collapsed',
   'knee_threshold',
   'layer_type',
@@ -84,6 +100,7 @@ __all__ = (
   'plot_heatmap',
   'relative_size',
   'rl_study_report',
+  'run_gain_study',
   'run_merge_study',
   'run_rl_study',
   'run_summary',
@@ -95,6 +112,7 @@ __all__ = (
   'sweep_run_dir',
   'sweep_summary',
   't_quantile',
+  'task_means',
   'task_vector_cosine',
   'within_points',
   'write_text',
