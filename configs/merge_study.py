@@ -144,6 +144,9 @@ def _finetune(*, smoke: bool) -> ml_collections.ConfigDict:
   config.eval.max_prompt_len = 48
   config.eval.max_new_tokens = 64
   config.eval.num_samples = 4  # sampled completions per prompt (0: greedy only)
+  # 'best': sampled scores re-measure the models greedy chose (each method's best setting,
+  # rank-1 at OTA+FFG's best density, the automatic densities); 'all': every model.
+  config.eval.sampled_models = 'best'
   config.eval.temperature = 1.0
   config.eval.sample_seed = 0  # the same sampling key for every model
   config.eval.batch_size = 256  # completions per sampler call

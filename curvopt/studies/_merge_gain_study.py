@@ -32,7 +32,7 @@ import itertools
 import json
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -368,6 +368,10 @@ class _Merger:
     self._ota = dict(power=self._m.ota_power, eps=self._m.ota_eps)
     self._memo: dict[Any, Any] = {}
 
+  def forget(self) -> None:
+    """Drops the masks and rank-1 moments built so far (they are rebuilt on demand)."""
+    self._memo.clear()
+
   def _cached(self, key, fn):
     if key not in self._memo:
       self._memo[key] = fn()
@@ -412,127 +416,197 @@ class _Merger:
     raise ValueError(f'no merge for family {spec.family!r}')
 
 
+def sampled_models(models: Mapping[str, ModelSpec], greedy: Mapping[str, Sequence[float]]):
+  """The models sampled accuracy re-measures: each method's best setting on greedy accuracy
+  (mean over seeds of the task mean), rank-1 OTA+FFG at full OTA+FFG's best density, and every
+  automatic-density model (they are compared with the best hand-picked density)."""
+  families = dict.fromkeys(spec.family for spec in models.values())
+  chosen = {}
+  for family in families:
+    names = [n for n, spec in models.items() if spec.family == family]
+    if family.endswith('auto'):
+      chosen.update(dict.fromkeys(names))
+    elif family != RANK1:
+      chosen[mm.best_setting(greedy, names)] = None
+  candidates = [n for n in chosen if models[n].family == CANDIDATE]
+  for name, spec in models.items():
+    if spec.family == RANK1 and candidates and spec.setting == models[candidates[0]].setting:
+      chosen[name] = None
+  return [n for n in models if n in chosen]
+
+
+class _Study:
+  """One study dir's runs and scores: trains (or resumes) what a step needs, scores what the
+  cache lacks."""
+
+  def __init__(self, config, workdir, backend):
+    self.config = config
+    self.tasks = _check(config)
+    self.sub = study_dir(workdir, config)
+    os.makedirs(self.sub, exist_ok=True)
+    self.data_dir = config.data_dir or os.path.join(workdir, 'tfds')
+    self.backend = backend or Backend(config, self.data_dir)
+    ecfg, m = config.eval, config.merge
+    if ecfg.sampled_models not in ('best', 'all'):
+      raise ValueError(f"eval.sampled_models must be 'best' or 'all', got {ecfg.sampled_models!r}")
+    self.metrics = METRICS if ecfg.num_samples else METRICS[:1]
+    settings = {
+      k: ecfg[k]
+      for k in ('num_prompts', 'max_prompt_len', 'max_new_tokens', 'num_samples', 'temperature')
+    }
+    settings.update(sample_seed=ecfg.sample_seed, ota_power=m.ota_power, ota_eps=m.ota_eps)
+    cache = _OutcomeCache(os.path.join(self.sub, _EVALS_FILE), settings)
+    self.scorer = _Scorer(cache, self.backend, self.metrics, ecfg.num_samples)
+    self.base_run = os.path.join(self.sub, 'base')
+    self.seeds = tuple(int(s) for s in config.expert_seeds)
+    self.models = gain_models(config)
+    self.rate = None
+
+  def outcome(self, model, task, metric):
+    return self.scorer.outcome(model, task, metric)
+
+  def accuracy(self, model, task, metric) -> mm.Estimate:
+    return mm.accuracy_estimate(self.outcome(model, task, metric))
+
+  def train_base(self):
+    logging.info('merge study: base in %s', self.base_run)
+    self.backend.train(_base_config(self.config, self.tasks, self.data_dir), self.base_run)
+    self.base = self.backend.read(self.base_run)
+    self.scorer.score('base', lambda: self.base, self.tasks)
+
+  def expert(self, rate, seed, task):
+    run = expert_dir(self.sub, rate, seed, task)
+    run_config = _expert_config(self.config, self.data_dir, task, rate, seed, self.base_run)
+    self.backend.train(run_config, run)
+    return run, self.backend.read(run)
+
+  def rate_sweep(self) -> dict[float, dict[str, dict[str, Any]]]:
+    seed, sweep = self.seeds[0], {}
+    for rate in sorted(self.config.expert_lrs):
+      sweep[rate] = {}
+      for t in self.tasks:
+        _, params = self.expert(rate, seed, t)
+        key = _expert_key(rate, seed, t)
+        self.scorer.score(key, lambda p=params: p, [t], ['greedy'])
+        sweep[rate][t] = {
+          'accuracy': self.accuracy(key, t, 'greedy'),
+          'gain': mm.gain_estimate(
+            self.outcome(key, t, 'greedy'), self.outcome('base', t, 'greedy')
+          ),
+          'size': mm.relative_size(self.base, params),
+        }
+    return sweep
+
+  def seed_models(self, seed):
+    """(experts, their nu) at the chosen rate; each expert scored on its own task."""
+    experts, nus = [], []
+    for t in self.tasks:
+      run, params = self.expert(self.rate, seed, t)
+      experts.append(params)
+      nus.append(self.backend.read_moments(run))
+      self.scorer.score(_expert_key(self.rate, seed, t), lambda p=params: p, [t])
+    return experts, nus
+
+  def score_merges(self, seed, merger, names, metrics):
+    for name in names:
+      spec = self.models[name]
+      if spec.graft:
+        for i, t in enumerate(self.tasks):
+          build = functools.partial(merger.graft, spec.setting, i)
+          self.scorer.score(_model_key(self.rate, seed, name, t), build, [t], metrics)
+      else:
+        build = functools.partial(merger.merged, spec)
+        self.scorer.score(_model_key(self.rate, seed, name), build, self.tasks, metrics)
+
+  def gain_kept(self, metric, names) -> dict[str, dict[int, dict[str, mm.Estimate]]]:
+    return {
+      name: {
+        seed: {
+          t: mm.gain_kept(
+            self.outcome(
+              _model_key(self.rate, seed, name, t if self.models[name].graft else None), t, metric
+            ),
+            self.outcome('base', t, metric),
+            self.outcome(_expert_key(self.rate, seed, t), t, metric),
+          )
+          for t in self.tasks
+        }
+        for seed in self.seeds
+      }
+      for name in names
+    }
+
+
 def run_gain_study(
   config: ml_collections.ConfigDict, workdir: str, *, backend: Backend | None = None
 ) -> GainStudy:
   """Trains (or resumes) the base and experts, merges them every way, scores, analyses.
+
+  Greedy accuracy scores every model; sampled accuracy (the second metric) the models
+  `sampled_models` picks on greedy, or all with `config.eval.sampled_models = 'all'`.
 
   Raises:
     StudyStopped: the base is outside `config.base_band`, or no rate of `config.expert_lrs`
       passes the rate rule (the message says what to change; finished runs are kept).
     ValueError: a bad config field (named in the message).
   """
-  tasks = _check(config)
-  workdir = os.path.abspath(workdir)
-  sub = study_dir(workdir, config)
-  os.makedirs(sub, exist_ok=True)
-  data_dir = config.data_dir or os.path.join(workdir, 'tfds')
-  backend = backend or Backend(config, data_dir)
-  ecfg, m = config.eval, config.merge
-  metrics = METRICS if ecfg.num_samples else METRICS[:1]
-  settings = {
-    k: ecfg[k]
-    for k in ('num_prompts', 'max_prompt_len', 'max_new_tokens', 'num_samples', 'temperature')
-  }
-  settings.update(sample_seed=ecfg.sample_seed, ota_power=m.ota_power, ota_eps=m.ota_eps)
-  scorer = _Scorer(
-    _OutcomeCache(os.path.join(sub, _EVALS_FILE), settings), backend, metrics, ecfg.num_samples
-  )
+  study = _Study(config, os.path.abspath(workdir), backend)
+  tasks, seeds, m = study.tasks, study.seeds, config.merge
+  study.train_base()
+  base_acc = {x: {t: study.accuracy('base', t, x) for t in tasks} for x in study.metrics}
+  _check_band(config, tasks, base_acc['greedy'], study.sub)
 
-  base_run = os.path.join(sub, 'base')
-  logging.info('merge study: base in %s', base_run)
-  backend.train(_base_config(config, tasks, data_dir), base_run)
-  base = backend.read(base_run)
-  scorer.score('base', lambda: base, tasks)
-
-  def acc(model, task, metric):
-    return mm.accuracy_estimate(scorer.outcome(model, task, metric))
-
-  base_acc = {x: {t: acc('base', t, x) for t in tasks} for x in metrics}
-  _check_band(config, tasks, base_acc['greedy'], sub)
-
-  seeds = tuple(int(s) for s in config.expert_seeds)
-
-  def expert(rate, seed, task):
-    run = expert_dir(sub, rate, seed, task)
-    backend.train(_expert_config(config, data_dir, task, rate, seed, base_run), run)
-    return run, backend.read(run)
-
-  sweep = {}
-  for rate in sorted(config.expert_lrs):
-    sweep[rate] = {}
-    for t in tasks:
-      _, params = expert(rate, seeds[0], t)
-      key = _expert_key(rate, seeds[0], t)
-      scorer.score(key, lambda p=params: p, [t], ['greedy'])
-      sweep[rate][t] = {
-        'accuracy': acc(key, t, 'greedy'),
-        'gain': mm.gain_estimate(
-          scorer.outcome(key, t, 'greedy'), scorer.outcome('base', t, 'greedy')
-        ),
-        'size': mm.relative_size(base, params),
-      }
-  rate = mm.choose_rate(
+  sweep = study.rate_sweep()
+  study.rate = mm.choose_rate(
     {r: {t: g['gain'] for t, g in s.items()} for r, s in sweep.items()},
     min_z=config.expert_min_z,
   )
-  if rate is None:
+  if study.rate is None:
     raise _rate_failure(config, sweep, seeds[0])
-  logging.info('merge study: experts at lr %g', rate)
+  logging.info('merge study: experts at lr %g', study.rate)
 
-  specs = gain_models(config)
-  pairs = list(itertools.combinations(tasks, 2))
-  experts_acc = {x: {} for x in metrics}
+  pairs = list(itertools.combinations(range(len(tasks)), 2))
   sizes, cosines, auto = {}, {}, {r: {} for r in m.auto_rules}
+  mergers = {}
   for seed in seeds:
-    experts, nus = [], []
-    for t in tasks:
-      run, params = expert(rate, seed, t)
-      experts.append(params)
-      nus.append(backend.read_moments(run))
-      scorer.score(_expert_key(rate, seed, t), lambda p=params: p, [t])
-    for x in metrics:
-      experts_acc[x][seed] = {t: acc(_expert_key(rate, seed, t), t, x) for t in tasks}
-    sizes[seed] = {t: mm.relative_size(base, e) for t, e in zip(tasks, experts)}
-    index = {t: i for i, t in enumerate(tasks)}
+    experts, nus = study.seed_models(seed)
+    sizes[seed] = {t: mm.relative_size(study.base, e) for t, e in zip(tasks, experts)}
     cosines[seed] = {
-      (a, b): mm.task_vector_cosine(base, experts[index[a]], experts[index[b]]) for a, b in pairs
+      (tasks[i], tasks[j]): mm.task_vector_cosine(study.base, experts[i], experts[j])
+      for i, j in pairs
     }
-    merger = _Merger(config, seed, base, experts, nus)
+    mergers[seed] = _Merger(config, seed, study.base, experts, nus)
     for rule in m.auto_rules:
-      auto[rule][seed] = {t: mm.mask_density(mk) for t, mk in zip(tasks, merger.masks(rule))}
-    for name, spec in specs.items():
-      if spec.graft:
-        for i, t in enumerate(tasks):
-          build = functools.partial(merger.graft, spec.setting, i)
-          scorer.score(_model_key(rate, seed, name, t), build, [t])
-      else:
-        scorer.score(_model_key(rate, seed, name), functools.partial(merger.merged, spec), tasks)
+      masks = mergers[seed].masks(rule)
+      auto[rule][seed] = {t: mm.mask_density(mk) for t, mk in zip(tasks, masks)}
+    study.score_merges(seed, mergers[seed], study.models, ['greedy'])
+    mergers[seed].forget()  # masks of every density and seed would outgrow the experts
 
-  gain_kept = {}
-  for x in metrics:
-    gain_kept[x] = {}
-    for name, spec in specs.items():
-      gain_kept[x][name] = {
-        seed: {
-          t: mm.gain_kept(
-            scorer.outcome(_model_key(rate, seed, name, t if spec.graft else None), t, x),
-            scorer.outcome('base', t, x),
-            scorer.outcome(_expert_key(rate, seed, t), t, x),
-          )
-          for t in tasks
-        }
-        for seed in seeds
+  gain_kept = {'greedy': study.gain_kept('greedy', study.models)}
+  if 'sampled' in study.metrics:
+    names = list(study.models)
+    if config.eval.sampled_models == 'best':
+      greedy = {
+        n: [mm.mean_over_tasks(list(by_task.values())).value for by_task in by_seed.values()]
+        for n, by_seed in gain_kept['greedy'].items()
       }
+      names = sampled_models(study.models, greedy)
+    for seed in seeds:
+      study.score_merges(seed, mergers[seed], names, ['sampled'])
+      mergers[seed].forget()
+    gain_kept['sampled'] = study.gain_kept('sampled', names)
   return GainStudy(
     tasks=tasks,
     seeds=seeds,
-    rate=rate,
-    metrics=metrics,
-    models=specs,
+    rate=study.rate,
+    metrics=study.metrics,
+    models=study.models,
     base=base_acc,
     sweep=sweep,
-    experts=experts_acc,
+    experts={
+      x: {s: {t: study.accuracy(_expert_key(study.rate, s, t), t, x) for t in tasks} for s in seeds}
+      for x in study.metrics
+    },
     relative_size=sizes,
     cosine=cosines,
     gain_kept=gain_kept,
@@ -543,9 +617,10 @@ def run_gain_study(
       'base_band': tuple(config.base_band),
       'expert_steps': config.expert.total_steps,
       'expert_min_z': config.expert_min_z,
-      'num_prompts': {t: len(scorer.outcome('base', t, 'greedy')) for t in tasks},
-      'num_samples': ecfg.num_samples,
-      'temperature': ecfg.temperature,
+      'num_prompts': {t: len(study.outcome('base', t, 'greedy')) for t in tasks},
+      'num_samples': config.eval.num_samples,
+      'temperature': config.eval.temperature,
+      'sampled_models': config.eval.sampled_models,
     },
   )
 
@@ -554,17 +629,18 @@ def run_gain_study(
 
 
 def task_means(study: GainStudy, metric: str) -> dict[str, list[float]]:
-  """model -> per-seed mean over tasks of the gain kept (the decision rules' scores)."""
+  """model -> per-seed mean over tasks of the gain kept (the decision rules' scores), for the
+  models measured on `metric`."""
   return {
-    name: [
-      mm.mean_over_tasks(list(study.gain_kept[metric][name][s].values())).value for s in study.seeds
-    ]
-    for name in study.models
+    name: [mm.mean_over_tasks(list(by_seed[s].values())).value for s in study.seeds]
+    for name, by_seed in study.gain_kept[metric].items()
   }
 
 
-def _family(study: GainStudy, family: str) -> list[str]:
-  return [n for n, spec in study.models.items() if spec.family == family]
+def _family(study: GainStudy, family: str, metric: str) -> list[str]:
+  """The family's models measured on `metric`, in config order."""
+  measured = study.gain_kept[metric]
+  return [n for n, spec in study.models.items() if spec.family == family and n in measured]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -583,8 +659,8 @@ class Decision:
 def decide(study: GainStudy, metric: str) -> Decision:
   """Applies the decision rules as written to the study's per-seed scores on `metric`."""
   scores = task_means(study, metric)
-  candidate = mm.best_setting(scores, _family(study, CANDIDATE))
-  baselines = {f: _family(study, f) for f in BASELINES if _family(study, f)}
+  candidate = mm.best_setting(scores, _family(study, CANDIDATE, metric))
+  baselines = {f: _family(study, f, metric) for f in BASELINES if _family(study, f, metric)}
   comparisons = mm.compare_to_baselines(scores, candidate, baselines)
   rank1 = candidate.replace('ota_ffg_d', 'ota_ffg_rank1_d')
   mean, sd, within = mm.within_points(scores, rank1, candidate, points=1.0)
@@ -599,6 +675,12 @@ def decide(study: GainStudy, metric: str) -> Decision:
     rank1_difference=(mean, sd),
     rank1_within=within,
   )
+
+
+_CHOSEN_ON_GREEDY = (
+  ". Sampled accuracy re-measures the models greedy accuracy chose: each method's best "
+  'setting, rank-1 OTA+FFG at the best OTA+FFG density, and the automatic densities'
+)
 
 
 def _pct(x: float) -> str:
@@ -746,7 +828,8 @@ def gain_study_report(study: GainStudy, workdir: str) -> str:
   for x in study.metrics:
     scores = task_means(study, x)
     rows = []
-    for name, spec in study.models.items():
+    for name in study.gain_kept[x]:
+      spec = study.models[name]
       cells = []
       for t in tasks:
         kept = [study.gain_kept[x][name][s][t] for s in seeds]
@@ -761,14 +844,16 @@ def gain_study_report(study: GainStudy, workdir: str) -> str:
       f'Gain kept, {x} accuracy: (model - base) / (expert - base) in % per task, mean over '
       "seeds (in brackets one seed's standard error over the prompts, delta method); the mean "
       "over tasks ± its sd over seeds, and one seed's prompt standard error of that mean. "
-      'Grafts are one model per task, each scored on its own task:\n\n'
+      'Grafts are one model per task, each scored on its own task'
+      + (_CHOSEN_ON_GREEDY if x == 'sampled' and o['sampled_models'] == 'best' else '')
+      + ':\n\n'
       + _report.markdown_table(['model', 'what', *tasks, 'mean over tasks', 'prompt se'], rows)
     )
   families = list(dict.fromkeys(spec.family for spec in study.models.values()))
   best = {}
   for x in study.metrics:
     scores = task_means(study, x)
-    best[x] = {f: mm.best_setting(scores, _family(study, f)) for f in families}
+    best[x] = {f: mm.best_setting(scores, _family(study, f, x)) for f in families}
   parts.append(
     'Best setting per method (highest mean gain kept over seeds), mean ± seed sd in %:\n\n'
     + _report.markdown_table(
@@ -792,7 +877,7 @@ def gain_study_report(study: GainStudy, workdir: str) -> str:
     for x in study.metrics:
       scores = task_means(study, x)
       for auto, family in ((f'ota_ffg_{rule}', CANDIDATE), (f'ffg_graft_{rule}', 'FFG graft')):
-        hand = mm.best_setting(scores, _family(study, family))
+        hand = mm.best_setting(scores, _family(study, family, x))
         mean, sd, _ = mm.within_points(scores, auto, hand)
         auto_rows.append(
           [
@@ -828,7 +913,7 @@ def gain_study_report(study: GainStudy, workdir: str) -> str:
   )
   curves = {}
   for f in families:
-    swept = [n for n in _family(study, f) if isinstance(study.models[n].setting, float)]
+    swept = [n for n in _family(study, f, 'greedy') if isinstance(study.models[n].setting, float)]
     if len(swept) > 1:
       xs = [study.models[n].setting for n in swept]
       curves[f] = (xs, [100 * mm.seed_spread(scores[n])[0] for n in swept])

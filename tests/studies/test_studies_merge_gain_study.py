@@ -125,17 +125,24 @@ def test_pipeline_end_to_end_with_known_shares(tmp_path):
     assert all(abs(c) < 1e-6 for c in study.cosine[seed].values())
 
   # Linear keeps 1/3 of each gain, task arithmetic its scale, up to one prompt in 60.
-  for x in study.metrics:
-    for seed in study.seeds:
-      for t in _TASKS:
-        assert study.gain_kept[x]['linear'][seed][t].value == pytest.approx(1 / 3, abs=0.02)
-        assert study.gain_kept[x]['ta_s0.5'][seed][t].value == pytest.approx(0.5, abs=0.02)
-        assert study.gain_kept[x]['ta_s1'][seed][t].value == pytest.approx(1.0, abs=1e-12)
+  for seed in study.seeds:
+    for t in _TASKS:
+      greedy = study.gain_kept['greedy']
+      assert greedy['linear'][seed][t].value == pytest.approx(1 / 3, abs=0.02)
+      assert greedy['ta_s0.5'][seed][t].value == pytest.approx(0.5, abs=0.02)
+      assert greedy['ta_s1'][seed][t].value == pytest.approx(1.0, abs=1e-12)
+      assert study.gain_kept['sampled']['linear'][seed][t].value == pytest.approx(1 / 3, abs=0.03)
   for name in study.models:
     for seed in study.seeds:
       for t in _TASKS:
         kept = study.gain_kept['greedy'][name][seed][t]
         assert math.isfinite(kept.value) and kept.se >= 0, (name, seed, t)
+  # Sampled accuracy re-measures what greedy chose: task arithmetic at scale 1, not 0.5.
+  greedy_means = studies.task_means(study, 'greedy')
+  assert list(study.gain_kept['sampled']) == _merge_gain_study.sampled_models(
+    study.models, greedy_means
+  )
+  assert 'ta_s1' in study.gain_kept['sampled'] and 'ta_s0.5' not in study.gain_kept['sampled']
   # A graft at density d keeps the expert's top-d saliency entries only: more with density.
   means = studies.task_means(study, 'greedy')
   assert means['ffg_graft_d0.1'][0] < means['ffg_graft_d0.3'][0] <= 1.0
@@ -150,6 +157,7 @@ def test_pipeline_end_to_end_with_known_shares(tmp_path):
   assert next(c for c in decision.comparisons if c.family == 'task arithmetic').setting == 'ta_s1'
   assert 'Rule 1: **' in text and 'Rule 2: `ota_ffg_rank1_d' in text
   assert 'Secondary metric, sampled' in text and '`ffg_graft_knee`' in text
+  assert 'Sampled accuracy re-measures the models greedy accuracy chose' in text
   assert os.path.exists(tmp_path / 'merge_gain_kept.png')
   assert os.path.exists(tmp_path / 'merge_gain_sweeps.png')
 
@@ -158,6 +166,29 @@ def test_pipeline_end_to_end_with_known_shares(tmp_path):
   again = studies.run_gain_study(config, workdir, backend=backend)
   assert len(backend.scored) == scored
   assert again.gain_kept == study.gain_kept
+
+
+def test_sampled_models_are_each_methods_best_and_the_automatic_ones():
+  config = _config()
+  models = studies.gain_models(config)
+  greedy = {name: [0.1, 0.1] for name in models}
+  greedy.update({'ta_s0.5': [0.5, 0.4], 'ota_ffg_d0.3': [0.6, 0.7], 'ffg_graft_d0.1': [0.9, 0.9]})
+  got = _merge_gain_study.sampled_models(models, greedy)
+  assert got == [
+    'linear',
+    'ta_s0.5',
+    'ties_d0.3',
+    'dare_ties_d0.5',
+    'fisher',
+    'ota',
+    'ota_ffg_d0.3',
+    'ota_ffg_rank1_d0.3',  # at full OTA+FFG's best density, whatever rank-1 scored itself
+    'ota_ffg_knee',
+    'ota_ffg_mass0.9',
+    'ffg_graft_d0.1',
+    'ffg_graft_knee',
+    'ffg_graft_mass0.9',
+  ]
 
 
 def test_knee_masks_keep_the_entries_above_the_mean_saliency(tmp_path):
@@ -282,6 +313,7 @@ def _study(per_seed: dict[str, list[float]]) -> studies.GainStudy:
       'num_prompts': {t: 500 for t in tasks},
       'num_samples': 4,
       'temperature': 1.0,
+      'sampled_models': 'best',
     },
   )
 
