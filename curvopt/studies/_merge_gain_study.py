@@ -48,7 +48,6 @@ from curvopt.studies import _merge_metrics as mm
 from curvopt.studies import _merge_study
 from curvopt.studies import _report
 
-STUDY = 'gain_kept'  # config.study of this design
 METRICS = ('greedy', 'sampled')
 BASELINES = ('linear', 'task arithmetic', 'TIES', 'DARE-TIES', 'Fisher')
 CANDIDATE = 'OTA+FFG'
@@ -284,6 +283,10 @@ def _check(config) -> tuple[str, ...]:
     raise ValueError(f'base_band must be (low, high) with 0 <= low <= high <= 1, got {(lo, hi)}')
   for rule in config.merge.auto_rules:
     mm.parse_auto_rule(rule)
+  if config.eval.sampled_models not in ('best', 'all'):
+    raise ValueError(
+      f"eval.sampled_models must be 'best' or 'all', got {config.eval.sampled_models!r}"
+    )
   if not config.merge.ffg_densities:
     raise ValueError('merge.ffg_densities needs at least one density (the candidate, OTA+FFG)')
   return tasks
@@ -447,20 +450,18 @@ class _Study:
     self.data_dir = config.data_dir or os.path.join(workdir, 'tfds')
     self.backend = backend or Backend(config, self.data_dir)
     ecfg, m = config.eval, config.merge
-    if ecfg.sampled_models not in ('best', 'all'):
-      raise ValueError(f"eval.sampled_models must be 'best' or 'all', got {ecfg.sampled_models!r}")
     self.metrics = METRICS if ecfg.num_samples else METRICS[:1]
-    settings = {
-      k: ecfg[k]
-      for k in ('num_prompts', 'max_prompt_len', 'max_new_tokens', 'num_samples', 'temperature')
-    }
-    settings.update(sample_seed=ecfg.sample_seed, ota_power=m.ota_power, ota_eps=m.ota_eps)
+    # Everything an outcome depends on (the sampler's draws follow its batches' layout).
+    keys = ('num_prompts', 'max_prompt_len', 'max_new_tokens', 'num_samples', 'temperature')
+    settings = {k: ecfg[k] for k in keys + ('sample_seed', 'batch_size')}
+    settings.update(ota_power=m.ota_power, ota_eps=m.ota_eps)
     cache = _OutcomeCache(os.path.join(self.sub, _EVALS_FILE), settings)
     self.scorer = _Scorer(cache, self.backend, self.metrics, ecfg.num_samples)
     self.base_run = os.path.join(self.sub, 'base')
     self.seeds = tuple(int(s) for s in config.expert_seeds)
     self.models = gain_models(config)
-    self.rate = None
+    self.base = None  # the base's params, once trained
+    self.rate = None  # the experts' rate, once chosen
 
   def outcome(self, model, task, metric):
     return self.scorer.outcome(model, task, metric)

@@ -247,6 +247,7 @@ def test_no_passing_rate_stops_the_study(tmp_path):
     ({'merge.auto_rules': ('elbow',)}, 'elbow'),
     ({'expert_seeds': ()}, 'expert_seeds'),
     ({'merge.ffg_densities': ()}, 'ffg_densities'),
+    ({'eval.sampled_models': 'some'}, 'sampled_models'),
   ],
 )
 def test_bad_config_fields(tmp_path, overrides, field):
