@@ -646,15 +646,20 @@ def _family(study: GainStudy, family: str, metric: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
-  """The two decision rules on one metric (docs/merge_experiments.md, written before any run)."""
+  """The two decision rules on one metric (docs/merge_experiments.md, written before any run).
+
+  A verdict is None where the rule cannot be applied: rule 1 without a finite margin and seed
+  spread for every baseline (fewer than two seeds, or no gain to keep), rule 2 without a finite
+  difference.
+  """
 
   metric: str
   candidate: str  # OTA+FFG's best density
   comparisons: list[mm.Comparison]  # against each baseline family's best setting
-  beats_every_baseline: bool | None  # None: fewer than two seeds, no spread to beat
+  beats_every_baseline: bool | None
   rank1: str
   rank1_difference: tuple[float, float]  # mean and sd over seeds of rank-1 - full
-  rank1_within: bool
+  rank1_within: bool | None
 
 
 def decide(study: GainStudy, metric: str) -> Decision:
@@ -663,18 +668,19 @@ def decide(study: GainStudy, metric: str) -> Decision:
   candidate = mm.best_setting(scores, _family(study, CANDIDATE, metric))
   baselines = {f: _family(study, f, metric) for f in BASELINES if _family(study, f, metric)}
   comparisons = mm.compare_to_baselines(scores, candidate, baselines)
+  applicable = bool(comparisons) and all(
+    math.isfinite(c.margin) and math.isfinite(c.spread) for c in comparisons
+  )
   rank1 = candidate.replace('ota_ffg_d', 'ota_ffg_rank1_d')
   mean, sd, within = mm.within_points(scores, rank1, candidate, points=1.0)
   return Decision(
     metric=metric,
     candidate=candidate,
     comparisons=comparisons,
-    beats_every_baseline=(
-      all(c.beaten for c in comparisons) if len(study.seeds) > 1 and comparisons else None
-    ),
+    beats_every_baseline=all(c.beaten for c in comparisons) if applicable else None,
     rank1=rank1,
     rank1_difference=(mean, sd),
-    rank1_within=within,
+    rank1_within=within if math.isfinite(mean) else None,
   )
 
 
@@ -699,7 +705,8 @@ def _decision_text(d: Decision, primary: bool) -> str:
     for c in d.comparisons
   ]
   verdict = {
-    None: '**not applicable** (fewer than two seeds: no seed spread)',
+    None: '**not applicable** (no finite margin and seed spread: fewer than two seeds, or no '
+    'gain to keep)',
     True: '**holds**: OTA+FFG beats every baseline by more than the seed spread',
     False: '**fails**: OTA+FFG does not beat every baseline by more than the seed spread',
   }[d.beats_every_baseline]
@@ -720,7 +727,10 @@ def _decision_text(d: Decision, primary: bool) -> str:
     )
     + f'\n\nRule 1: {verdict}.\n'
     f'Rule 2: `{d.rank1}` - `{d.candidate}` = {_pct(mean)} points (seed sd {_pct(sd)}): '
-    f'**{"within" if d.rank1_within else "outside"}** one point.'
+    + {True: '**within** one point', False: '**outside** one point', None: '**not applicable**'}[
+      d.rank1_within
+    ]
+    + '.'
   )
 
 
@@ -747,11 +757,16 @@ def gain_study_report(study: GainStudy, workdir: str) -> str:
   tasks, seeds, o = study.tasks, study.seeds, study.options
   parts = []
   lo, hi = o['base_band']
+  rate_rule = (
+    'no rate rule: the smallest rate'
+    if o['expert_min_z'] is None
+    else 'the rate rule: the smallest rate at which every expert gains >= '
+    f'{o["expert_min_z"]:g} standard errors on its own task'
+  )
   parts.append(
     f'Tasks: {", ".join(tasks)}. Base: {o["warmup_steps"]}-step multi-task warm-up '
     f'(mixture {o["warmup_weights"] or "uniform"}). Experts: {o["expert_steps"]} AdamW steps '
-    f'at lr {study.rate:g} (the rate rule: the smallest rate at which every expert gains '
-    f'>= {o["expert_min_z"]} standard errors on its own task), seeds {list(seeds)}. Test '
+    f'at lr {study.rate:g} ({rate_rule}), seeds {list(seeds)}. Test '
     f'prompts per task: {", ".join(f"{t} {n}" for t, n in o["num_prompts"].items())}; sampled '
     f'accuracy: {o["num_samples"]} completions per prompt at temperature {o["temperature"]:g}.'
   )

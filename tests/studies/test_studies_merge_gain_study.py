@@ -354,7 +354,15 @@ def test_report_with_one_seed_says_rule_1_does_not_apply(tmp_path):
   study = _study({})
   study.seeds = (0,)
   text = studies.gain_study_report(study, str(tmp_path))
-  assert 'Rule 1: **not applicable**' in text
+  assert 'Rule 1: **not applicable**' in text and '**within** one point' in text
+
+
+def test_report_without_gains_applies_no_rule(tmp_path):
+  # Experts that gained nothing leave nothing to keep (the smoke run's case).
+  study = _study({name: [math.nan] * 3 for name in studies.gain_models(_config())})
+  text = studies.gain_study_report(study, str(tmp_path))
+  assert 'Rule 1: **not applicable**' in text and ': **not applicable**.' in text
+  assert studies.decide(study, 'greedy').rank1_within is None
 
 
 @pytest.mark.parametrize('arg', ['finetune', 'finetune_smoke'])
