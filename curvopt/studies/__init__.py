@@ -1,5 +1,29 @@
 """Studies: LM sweeps with paired seed statistics, the RL and merging studies, their reports."""
 
+from curvopt.studies._merge_gain_study import Decision
+from curvopt.studies._merge_gain_study import GainStudy
+from curvopt.studies._merge_gain_study import ModelSpec
+from curvopt.studies._merge_gain_study import StudyStopped
+from curvopt.studies._merge_gain_study import decide
+from curvopt.studies._merge_gain_study import gain_models
+from curvopt.studies._merge_gain_study import gain_study_report
+from curvopt.studies._merge_gain_study import run_gain_study
+from curvopt.studies._merge_gain_study import task_means
+from curvopt.studies._merge_metrics import Comparison
+from curvopt.studies._merge_metrics import Estimate
+from curvopt.studies._merge_metrics import accuracy_estimate
+from curvopt.studies._merge_metrics import best_setting
+from curvopt.studies._merge_metrics import choose_rate
+from curvopt.studies._merge_metrics import compare_to_baselines
+from curvopt.studies._merge_metrics import gain_estimate
+from curvopt.studies._merge_metrics import gain_kept
+from curvopt.studies._merge_metrics import knee_threshold
+from curvopt.studies._merge_metrics import mask_density
+from curvopt.studies._merge_metrics import mean_over_tasks
+from curvopt.studies._merge_metrics import relative_size
+from curvopt.studies._merge_metrics import seed_spread
+from curvopt.studies._merge_metrics import task_vector_cosine
+from curvopt.studies._merge_metrics import within_points
 from curvopt.studies._merge_study import MergeStudy
 from curvopt.studies._merge_study import cosine_similarity
 from curvopt.studies._merge_study import layer_type
@@ -36,19 +60,37 @@ from curvopt.studies._sweep import sweep_summary
 
 __all__ = (
   'BASE_OVERRIDES',
+  'Comparison',
+  'Decision',
+  'Estimate',
+  'GainStudy',
   'MergeStudy',
+  'ModelSpec',
   'PairedDifference',
+  'StudyStopped',
   'SweepPoint',
+  'accuracy_estimate',
   'best_point',
+  'best_setting',
+  'choose_rate',
+  'compare_to_baselines',
   'comparison_table',
   'cosine_similarity',
   'curve',
   'curves',
+  'decide',
+  'gain_estimate',
+  'gain_kept',
+  'gain_models',
+  'gain_study_report',
   'is_collapsed',
+  'knee_threshold',
   'layer_type',
   'markdown_table',
   'mask_concentration',
+  'mask_density',
   'mask_jaccard',
+  'mean_over_tasks',
   'merge_study_report',
   'normalized_scores',
   'paired_comparisons',
@@ -56,16 +98,22 @@ __all__ = (
   'parse_comparisons',
   'plot_curves',
   'plot_heatmap',
+  'relative_size',
   'rl_study_report',
+  'run_gain_study',
   'run_merge_study',
   'run_rl_study',
   'run_summary',
   'run_sweep',
+  'seed_spread',
   'steps_to_reach',
   'study_run_dir',
   'sweep_report',
   'sweep_run_dir',
   'sweep_summary',
   't_quantile',
+  'task_means',
+  'task_vector_cosine',
+  'within_points',
   'write_text',
 )
