@@ -93,6 +93,7 @@ def ota_ffg_leaf(
   fallback_to_base: bool = True,
   bias_correction: Any = None,
   scales: Any = None,
+  combine: str = 'precond',
   name: str = 'leaf',
 ):
   """`ota_ffg`'s fused pass on one tensor, given each expert's saliency
@@ -102,6 +103,7 @@ def ota_ffg_leaf(
   if base is None:
     raise ValueError('ota_ffg needs the base: FFG prunes task vectors theta_t - theta0')
   _options.choice(score, _ffg.SCORES, what='score')
+  combine = _ota.check_combine(combine, base)
   reference = _tree.check_leaf_group(base, experts, name=name)
   num = len(experts)
   _tree.check_moment_group(
@@ -122,6 +124,7 @@ def ota_ffg_leaf(
     score=score,
     normalise=normalise,
     fallback_to_base=bool(fallback_to_base),
+    combine=combine,
   )
   checks = _tree.ValueChecks()
   _ota.add_moment_check(checks, out, ok, second_moments, name)
