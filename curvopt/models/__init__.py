@@ -10,6 +10,7 @@ from curvopt.models._attention import dot_product_attention
 from curvopt.models._cache import init_cache
 from curvopt.models._config import PRESET_NAMES
 from curvopt.models._config import DecoderConfig
+from curvopt.models._config import RopeScaling
 from curvopt.models._config import model_config
 from curvopt.models._decoder import Decoder
 from curvopt.models._params import count_params
@@ -21,6 +22,7 @@ __all__ = (
   'DecoderConfig',
   'Decoder',
   'PRESET_NAMES',
+  'RopeScaling',
   'causal_padding_mask',
   'count_params',
   'decode_fn_for',
