@@ -22,10 +22,13 @@ _TRAIN = [
   'tensorboardX',
   'tqdm',
 ]
+# Hugging Face tokenizers (`curvopt.data.HFTokenizer`: tokenizer.json, chat templates). Models
+# load and save without it (`curvopt.models.load_hf` reads safetensors, a core dependency).
+_HF = ['tokenizers>=0.15', 'jinja2>=3.1']
 # Studies, reports and plots (`curvopt.studies`, experiments/demo.py).
 _EXPERIMENTS = _TRAIN + ['matplotlib']
 # The test suite and the lint check that CI runs after it (.ci/run).
-_TEST = _EXPERIMENTS + ['pytest', 'hypothesis', 'chex>=0.1.90', 'ruff']
+_TEST = _EXPERIMENTS + _HF + ['pytest', 'hypothesis', 'chex>=0.1.90', 'ruff']
 
 setuptools.setup(
   name='curvopt',
@@ -37,6 +40,7 @@ setuptools.setup(
   install_requires=_CORE,
   extras_require={
     'train': _TRAIN,
+    'hf': _HF,
     'experiments': _EXPERIMENTS,
     'test': _TEST,
     'dev': _TEST,
