@@ -185,9 +185,9 @@ def load_hf(
       device's slice read on its own.
     shardings: instead of `mesh`, a tree of shardings shaped like the params
       (e.g. a trainer's FSDP shardings).
-    **overrides: DecoderConfig fields that keep the parameters as they are
-      (see `config_from_hf`), e.g. `max_len` or a compute `dtype` other than
-      the parameters'.
+    **overrides: `max_len`, `remat` or `attention_impl` (see `config_from_hf`).
+      For a compute dtype other than the parameters',
+      `dataclasses.replace(config, dtype=...)`.
 
   Returns:
     `(config, params)`: `Decoder(config).apply({'params': params}, tokens)`
@@ -200,10 +200,11 @@ def load_hf(
       `dtype`.
   """
   dtype = _check_dtype(dtype, 'load_hf dtype')
+  if 'param_dtype' in overrides:
+    raise ValueError('load_hf sets both dtypes with dtype=; change the compute dtype afterwards')
   path = os.fspath(path)
   hf = read_hf_config(path)
-  overrides.setdefault('dtype', dtype)
-  cfg = _hf_config.config_from_hf(hf, param_dtype=dtype, **overrides)
+  cfg = _hf_config.config_from_hf(hf, dtype=dtype, param_dtype=dtype, **overrides)
   stored = _weight_files(path)
   planned = tensor_map(cfg)
   shapes = _param_shapes(cfg)

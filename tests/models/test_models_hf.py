@@ -380,6 +380,8 @@ BAD_CHECKPOINTS = {
   ),
   'int_dtype': ('llama', lambda p: None, dict(dtype='int8'), "floating dtype.*'int8'"),
   'unknown_dtype': ('llama', lambda p: None, dict(dtype='float33'), "'float33'"),
+  'second_dtype': ('llama', lambda p: None, dict(param_dtype='bfloat16'), 'sets both dtypes'),
+  'size_override': ('llama', lambda p: None, dict(d_ff=48), r"overrides \['d_ff'\]"),
 }
 
 
