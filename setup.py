@@ -23,14 +23,17 @@ _TRAIN = [
   'tqdm',
   'pyyaml',  # mergekit YAML configs for the merge binary
 ]
+# Hugging Face tokenizers (`curvopt.data.HFTokenizer`: tokenizer.json, chat templates). Models
+# load and save without it (`curvopt.models.load_hf` reads safetensors, a core dependency).
+_HF = ['tokenizers>=0.15', 'jinja2>=3.1']
 # Studies, reports and plots (`curvopt.studies`, experiments/demo.py).
 _EXPERIMENTS = _TRAIN + ['matplotlib']
 # Optional readers: a Hugging Face Trainer checkpoint's optimizer.pt (curvopt.merge), imported
 # only when such a file is read; transformers rebuilds its parameter order from config.json.
 _TORCH = ['torch']
-_HF = ['transformers']
+_TRANSFORMERS = _TORCH + ['transformers']
 # The test suite and the lint check that CI runs after it (.ci/run).
-_TEST = _EXPERIMENTS + ['pytest', 'hypothesis', 'chex>=0.1.90', 'ruff']
+_TEST = _EXPERIMENTS + _HF + ['pytest', 'hypothesis', 'chex>=0.1.90', 'ruff']
 
 setuptools.setup(
   name='curvopt',
@@ -42,9 +45,10 @@ setuptools.setup(
   install_requires=_CORE,
   extras_require={
     'train': _TRAIN,
+    'hf': _HF,
     'experiments': _EXPERIMENTS,
     'torch': _TORCH,
-    'hf': _TORCH + _HF,
+    'transformers': _TRANSFORMERS,
     'test': _TEST,
     'dev': _TEST,
   },

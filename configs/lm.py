@@ -45,6 +45,10 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   if arg in _UNTIED:
     config.model.tie_embeddings = False
   config.model.remat = config_dict.placeholder(bool)
+  # 'hf:/path': start from a Hugging Face Llama / Qwen2 / Mistral directory (its config.json
+  # sets the model, leaving config.model its dtype, remat and max_len; its tokenizer.json
+  # replaces the byte tokenizer). None: from scratch.
+  config.init_from = config_dict.placeholder(str)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'code_corpus'  # or any tfds name whose files exist under data_dir (lm1b, c4)

@@ -37,7 +37,9 @@ def get_config(arg: str = 'capo_aggressive') -> ml_collections.ConfigDict:
   lm = train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lm.py'), 'tiny')
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.init_from = ''  # a train_sft (or train_lm) workdir: the policy starts from its params
+  # A train_sft (or train_lm) workdir: the policy starts from its params; or 'hf:/path', a
+  # Hugging Face model directory (its tokenizer.json replaces the byte tokenizer).
+  config.init_from = ''
   config.total_steps = 150
   config.halt_after_steps = 0
   config.log_every = 10

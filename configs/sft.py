@@ -38,7 +38,8 @@ def get_config(arg: str = 'arithmetic') -> ml_collections.ConfigDict:
   # init_from a train_lm run of configs/lm.py:tiny needs no model overrides.
   config = _lm_config('tiny')
   del config.data
-  config.init_from = ''  # a train_lm / train_sft workdir: start from its newest params
+  # A train_lm / train_sft workdir: start from its newest params; or 'hf:/path' (see lm.py).
+  config.init_from = ''
   config.total_steps = 600
   config.log_every = 25
   config.eval_every = 100

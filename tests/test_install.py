@@ -126,5 +126,6 @@ def test_extras_nest_and_the_core_stays_lean():
   assert extras['train'] <= extras['experiments'] <= extras['test']
   assert {'tensorflow-datasets', 'ml_collections', 'absl-py'} <= extras['train']
   assert 'matplotlib' in extras['experiments']
+  assert extras['hf'] == {'tokenizers', 'jinja2'} and extras['hf'] <= extras['test']
   assert {'pytest', 'hypothesis', 'chex', 'ruff'} <= extras['test']
   assert kwargs['license'] == 'Apache-2.0'

@@ -1,6 +1,8 @@
-"""Data: byte tokenizer, tfds data sets (code corpus, synthetic tasks), LM and task batches."""
+"""Data: tokenizers (bytes; Hugging Face tokenizer.json), tfds data sets (code corpus, synthetic
+tasks), LM and task batches."""
 
 from curvopt.data._code_corpus import CodeCorpus
+from curvopt.data._hf_tokenizer import HFTokenizer
 from curvopt.data._packing import PackedBatches
 from curvopt.data._packing import eval_batches
 from curvopt.data._permutation import IndexPermutation
@@ -14,17 +16,20 @@ from curvopt.data._tasks import CurvoptTasks
 from curvopt.data._tasks import TaskSource
 from curvopt.data._tasks import task_source
 from curvopt.data._tokenizer import ByteTokenizer
+from curvopt.data._tokenizer import Tokenizer
 
 __all__ = (
   'ByteTokenizer',
   'CodeCorpus',
   'CurvoptTasks',
+  'HFTokenizer',
   'IndexPermutation',
   'PackedBatches',
   'TASK_NAMES',
   'TaskBatches',
   'TaskSource',
   'TextSource',
+  'Tokenizer',
   'default_data_dir',
   'eval_batches',
   'prompt_batch',

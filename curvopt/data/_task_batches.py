@@ -2,9 +2,11 @@
 
 A row is one example: [BOS] prompt completion [EOS], right-padded with PAD to seq_len + 1
 tokens (no packing: the model sees each example alone from position 0, as when sampling
-from `prompt_batch`'s prompts). Masks are aligned with `tokens`: `loss_mask[b, t]` is 1 when
-token t is a completion token or the EOS, so the loss of inputs tokens[:, :-1] predicting
-targets tokens[:, 1:] is weighted by loss_mask[:, 1:] (the convention of lm_loss).
+from `prompt_batch`'s prompts); "[BOS] prompt" is the tokenizer's `encode_prompt`, a chat
+turn for a Hugging Face tokenizer with a chat template. Masks are aligned with `tokens`:
+`loss_mask[b, t]` is 1 when token t is a completion token or the EOS, so the loss of inputs
+tokens[:, :-1] predicting targets tokens[:, 1:] is weighted by loss_mask[:, 1:] (the
+convention of lm_loss).
 
 Row r of batch k draws its task from the weights with a hash of (seed, k, r); each task
 walks its examples in an order reshuffled every epoch. The state is the batch count plus
@@ -41,7 +43,7 @@ def _text(example, field: str, where: str) -> str:
 
 def example_tokens(example: Mapping[str, str], tokenizer) -> tuple[np.ndarray, int]:
   """(ids of [BOS] prompt completion [EOS], number of leading BOS + prompt tokens)."""
-  prompt = tokenizer.encode(_text(example, 'prompt', 'example'), add_bos=True)
+  prompt = tokenizer.encode_prompt(_text(example, 'prompt', 'example'))
   completion = tokenizer.encode(_text(example, 'completion', 'example'), add_eos=True)
   return np.concatenate([prompt, completion]), len(prompt)
 
@@ -250,7 +252,8 @@ def prompt_batch(
 
   Args:
     examples: dicts with a 'prompt' (e.g. a TaskSource's examples) or prompt strings.
-    tokenizer: the tokenizer (BOS is prepended, as in TaskBatches' rows).
+    tokenizer: the tokenizer; each prompt is its `encode_prompt` (BOS + text, or a chat
+      turn), as in TaskBatches' rows.
     max_prompt_len: P, the width of the result (static shapes for jit); a longer prompt
       raises.
 
@@ -270,7 +273,7 @@ def prompt_batch(
   prompts = np.full((len(examples), max_prompt_len), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(examples), max_prompt_len), np.int32)
   for i, example in enumerate(examples):
-    ids = tokenizer.encode(_text(example, 'prompt', f'examples[{i}]'), add_bos=True)
+    ids = tokenizer.encode_prompt(_text(example, 'prompt', f'examples[{i}]'))
     if len(ids) > max_prompt_len:
       raise ValueError(
         f'examples[{i}] prompt has {len(ids)} tokens with BOS, more than '

@@ -1,6 +1,8 @@
-"""Byte-level tokenizer: ids 0..255 are raw UTF-8 bytes, a few ids above are specials."""
+"""The tokenizer interface, and the byte-level tokenizer (ids 0..255 are raw UTF-8 bytes, a
+few ids above are specials)."""
 
 from collections.abc import Sequence
+from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -18,6 +20,39 @@ _SPECIALS = (
   '<unused_3>',
 )
 _NUM_BYTES = 256
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """What the batch builders, the samplers and the trainers ask of a tokenizer.
+
+  `ByteTokenizer` (our models) and `HFTokenizer` (a Hugging Face `tokenizer.json`) implement it.
+  """
+
+  @property
+  def vocab_size(self) -> int:
+    """1 + the largest id `encode` can return (a model's vocabulary may be larger)."""
+
+  @property
+  def pad_id(self) -> int:
+    """Fills rows after their end; never a target of the losses that mask by it."""
+
+  @property
+  def bos_id(self) -> Optional[int]:
+    """Starts a sequence; None for tokenizers without one (e.g. Qwen2's)."""
+
+  @property
+  def eos_id(self) -> int:
+    """Ends a document or a completion; the samplers stop at it."""
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> np.ndarray:
+    """int32 ids of `text`, optionally with BOS before and EOS after."""
+
+  def encode_prompt(self, text: str) -> np.ndarray:
+    """int32 ids a model is prompted with: BOS + text, or the text in the chat template."""
+
+  def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = True) -> str:
+    """The text of `ids`, special tokens dropped (or written out)."""
 
 
 class ByteTokenizer:
@@ -66,16 +101,13 @@ class ByteTokenizer:
       ids = np.concatenate(parts)
     return ids
 
+  def encode_prompt(self, text: str) -> np.ndarray:
+    """BOS + the ids of `text`: how our models see a prompt in SFT rows and when sampling."""
+    return self.encode(text, add_bos=True)
+
   def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special: bool = True) -> str:
     """Returns the text of `ids`; invalid UTF-8 becomes U+FFFD, specials are dropped or named."""
-    ids = np.asarray(ids)
-    if ids.ndim != 1:
-      raise ValueError(f'decode expects a 1-D sequence of ids, got shape {ids.shape}')
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
-      raise TypeError(f'decode expects integer ids, got dtype {ids.dtype}')
-    out_of_range = ids[(ids < 0) | (ids >= self.vocab_size)]
-    if out_of_range.size:
-      raise ValueError(f'ids outside [0, {self.vocab_size}): {out_of_range[:8].tolist()}')
+    ids = check_ids(ids, self.vocab_size)
     is_special = ids >= _NUM_BYTES
     if skip_special:
       return ids[~is_special].astype(np.uint8).tobytes().decode('utf-8', errors='replace')
@@ -92,3 +124,16 @@ class ByteTokenizer:
 
   def __repr__(self) -> str:
     return f'ByteTokenizer(vocab_size={self.vocab_size})'
+
+
+def check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+  """`ids` as a 1-D integer array in [0, vocab_size); raises naming what is wrong."""
+  ids = np.asarray(ids)
+  if ids.ndim != 1:
+    raise ValueError(f'decode expects a 1-D sequence of ids, got shape {ids.shape}')
+  if ids.size and not np.issubdtype(ids.dtype, np.integer):
+    raise TypeError(f'decode expects integer ids, got dtype {ids.dtype}')
+  out_of_range = ids[(ids < 0) | (ids >= vocab_size)]
+  if out_of_range.size:
+    raise ValueError(f'ids outside [0, {vocab_size}): {out_of_range[:8].tolist()}')
+  return ids

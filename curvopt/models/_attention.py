@@ -74,7 +74,7 @@ def dot_product_attention(
 
 
 class Attention(nn.Module):
-  """Causal self-attention; parameters ``{q, k, v, o}/kernel``.
+  """Causal self-attention; parameters ``{q, k, v, o}/kernel`` (and biases, see the config).
 
   With ``decode=True`` the new keys and values are written into the
   ``cache`` collection (``cached_key`` / ``cached_value``, [B, L, K, H]) at
@@ -98,9 +98,10 @@ class Attention(nn.Module):
     num_heads, num_kv, head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     std, out_std = 0.02, 0.02 / (2 * cfg.n_layers) ** 0.5
 
-    q = _layers.dense(num_heads * head_dim, cfg, std=std, name='q')(x_BxTxD)
-    k = _layers.dense(num_kv * head_dim, cfg, std=std, name='k')(x_BxTxD)
-    v = _layers.dense(num_kv * head_dim, cfg, std=std, name='v')(x_BxTxD)
+    bias = cfg.qkv_bias
+    q = _layers.dense(num_heads * head_dim, cfg, std=std, name='q', use_bias=bias)(x_BxTxD)
+    k = _layers.dense(num_kv * head_dim, cfg, std=std, name='k', use_bias=bias)(x_BxTxD)
+    v = _layers.dense(num_kv * head_dim, cfg, std=std, name='v', use_bias=bias)(x_BxTxD)
     q_BxTxNxH = _rope.apply_rope(
       q.reshape(batch, length, num_heads, head_dim), cos_BxTxF, sin_BxTxF
     )
@@ -134,4 +135,4 @@ class Attention(nn.Module):
       out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxTxS=mask_BxTxS)
 
     out_BxTxNH = out_BxTxNxH.reshape(batch, length, num_heads * head_dim)
-    return _layers.dense(cfg.d_model, cfg, std=out_std, name='o')(out_BxTxNH)
+    return _layers.dense(cfg.d_model, cfg, std=out_std, name='o', use_bias=cfg.out_bias)(out_BxTxNH)

@@ -52,7 +52,9 @@ class Decoder(nn.Module):
   Parameters: ``embed/embedding`` [V, D]; ``layers_{i}/attn_norm/scale``,
   ``layers_{i}/attn/{q,k,v,o}/kernel``, ``layers_{i}/mlp_norm/scale``,
   ``layers_{i}/mlp/{gate,up,down}/kernel``; ``final_norm/scale``; and
-  ``head/kernel`` [D, V] only when ``cfg.tie_embeddings`` is False.
+  ``head/kernel`` [D, V] only when ``cfg.tie_embeddings`` is False. With
+  ``cfg.qkv_bias`` also ``layers_{i}/attn/{q,k,v}/bias``, with
+  ``cfg.out_bias`` ``layers_{i}/attn/o/bias``.
   """
 
   cfg: _config.DecoderConfig
@@ -126,7 +128,9 @@ class Decoder(nn.Module):
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
 
-    cos_BxTxF, sin_BxTxF = _rope.rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    cos_BxTxF, sin_BxTxF = _rope.rope_angles(
+      positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
+    )
     embed = _layers.Embed(cfg, name='embed')
     x_BxTxD = embed(tokens)
 

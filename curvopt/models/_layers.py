@@ -1,4 +1,4 @@
-"""Building blocks: bias-free Dense, token embedding, RMSNorm, SwiGLU MLP.
+"""Building blocks: Dense (bias optional), token embedding, RMSNorm, SwiGLU MLP.
 
 Each reads its parameters through ``_sharding.gather_param`` so that
 FSDP-sharded parameters work on explicit meshes.
@@ -15,7 +15,7 @@ from curvopt.models import _sharding
 
 
 class Dense(nn.Module):
-  """x @ kernel, kernel [d_in, features] ~ normal(std), no bias.
+  """x @ kernel (+ bias), kernel [d_in, features] ~ normal(std), bias zeros.
 
   ``out_dtype`` sets the accumulation and output dtype (default: ``dtype``).
   """
@@ -25,6 +25,7 @@ class Dense(nn.Module):
   dtype: jnp.dtype
   param_dtype: jnp.dtype
   out_dtype: Optional[jnp.dtype] = None
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxI: jax.Array) -> jax.Array:
@@ -35,9 +36,13 @@ class Dense(nn.Module):
       self.param_dtype,
     )
     kernel_IxO = _sharding.gather_param(kernel_IxO).astype(self.dtype)
-    return jnp.einsum(
+    out = jnp.einsum(
       '...i,io->...o', x_BxTxI.astype(self.dtype), kernel_IxO, preferred_element_type=self.out_dtype
     )
+    if not self.use_bias:
+      return out
+    bias_O = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+    return out + _sharding.gather_param(bias_O).astype(out.dtype)
 
 
 def dense(
@@ -47,6 +52,7 @@ def dense(
   std: float,
   name: str,
   out_dtype: Optional[jnp.dtype] = None,
+  use_bias: bool = False,
 ) -> Dense:
   return Dense(
     features,
@@ -54,6 +60,7 @@ def dense(
     dtype=cfg.compute_dtype,
     param_dtype=cfg.params_dtype,
     out_dtype=out_dtype,
+    use_bias=use_bias,
     name=name,
   )
 

@@ -6,6 +6,7 @@ from typing import Any, Callable, NamedTuple
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from curvopt import data as data_lib
 from curvopt import models
@@ -14,10 +15,11 @@ from curvopt.train import _loop
 from curvopt.train import _optimizers
 from curvopt.train import _setup
 from curvopt.train import _sharding
+from curvopt.train import _state
 from curvopt.train import _step
 
 # Config sections that must match a checkpoint's for a resume to be the same run.
-_RUN_DEFINING = ('model', 'data', 'optimizer', 'schedule', 'seed', 'total_steps')
+_RUN_DEFINING = ('model', 'data', 'optimizer', 'schedule', 'seed', 'total_steps', 'init_from')
 _SHOWN = ('loss', 'eval_loss', 'learning_rate', 'grad_norm')
 
 
@@ -77,8 +79,37 @@ def make_lm_steps(
   )
 
 
+def state_from_params(params, tx, steps: LMSteps):
+  """The TrainState of step 0 with given params, placed as steps' state.
+
+  A fresh optimizer state (AdamW's moments start at 0) and the rng init_state would have
+  made, without compiling the model's initializer.
+  """
+  opt_state = jax.jit(tx.init, out_shardings=steps.state_shardings.opt_state)(params)
+  _, state_rng = jax.random.split(steps.rng)
+  return _state.TrainState(
+    step=jax.device_put(np.zeros((), np.int32), steps.state_shardings.step),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.device_put(jax.random.key_data(state_rng), steps.state_shardings.rng),
+  )
+
+
+def fresh_state(run: '_setup.RunSetup', tx, steps: LMSteps):
+  """The state of step 0: the model's initializer, or the Hugging Face checkpoint's params."""
+  if run.hf_dir is None:
+    return jax.jit(steps.init_state, out_shardings=steps.state_shardings)(steps.rng)
+  return state_from_params(_setup.hf_params(run, steps.state_shardings.params), tx, steps)
+
+
 def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
   """Trains (or resumes training of) a decoder LM as the config says; returns the final numbers."""
+  init_from = config.get('init_from')
+  if init_from and not init_from.startswith(_setup.HF_PREFIX):
+    raise ValueError(
+      f"train_lm's config.init_from={init_from!r} must be 'hf:/path/to/model' (a Hugging Face "
+      'model directory); sft and train_rl start from train_lm workdirs'
+    )
   run = _setup.setup_run(config, workdir)
   data_dir = config.data.data_dir or data_lib.default_data_dir(workdir)
   batches = data_lib.PackedBatches(
@@ -104,10 +135,10 @@ def train_lm(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
     return _sharding.put_global_batch(tokens, steps.batch_sharding)
 
   def init():
-    state = jax.jit(steps.init_state, out_shardings=steps.state_shardings)(steps.rng)
+    state = fresh_state(run, optimizer.tx, steps)
     logging.info(
       'initialized %s (%d parameters) on mesh %s',
-      config.model.name,
+      run.hf_dir or config.model.name,
       models.count_params(state.params),
       dict(run.mesh.shape),
     )

@@ -164,6 +164,8 @@ def _make_policy_steps(config, run: _setup.RunSetup, optimizer) -> _PolicySteps:
 
 def _initial_params(config, run: _setup.RunSetup, steps: _PolicySteps):
   """init_from's params, placed as the state's; fresh ones without init_from."""
+  if run.hf_dir is not None:
+    return _setup.hf_params(run, steps.state_shardings.params)
   if config.init_from:
     params, _ = _sft.restore_params(
       config.init_from,

@@ -20,7 +20,7 @@ class Rollout:
   def __init__(
     self,
     model: models.Decoder,
-    tokenizer: data_lib.ByteTokenizer,
+    tokenizer: data_lib.Tokenizer,
     *,
     max_prompt_len: int,
     max_new_tokens: int,

@@ -1,8 +1,9 @@
 """What the LM, SFT and RL trainers set up alike: model and mesh, checkpoints, resume or init."""
 
+import dataclasses
 import json
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from absl import logging
 import jax
@@ -26,6 +27,49 @@ def model_config_from(cfg: ml_collections.ConfigDict) -> 'models.DecoderConfig':
   overrides = {k: v for k, v in cfg.items() if k != 'name' and v is not None}
   overrides['dtype'] = resolve_dtype(overrides.get('dtype', 'auto'))
   return models.model_config(cfg.name, **overrides)
+
+
+HF_PREFIX = 'hf:'
+# config.model fields that may differ from a Hugging Face checkpoint's: they change how its
+# parameters are used, not what they are (max_len bounds sequences and caches).
+_HF_NUMERICS = ('dtype', 'param_dtype', 'remat', 'attention_impl', 'max_len')
+
+
+def hf_dir(config: ml_collections.ConfigDict) -> Optional[str]:
+  """The Hugging Face model directory of `init_from='hf:/path'`, else None."""
+  init_from = config.get('init_from') or ''
+  if not init_from.startswith(HF_PREFIX):
+    return None
+  path = init_from[len(HF_PREFIX) :]
+  if not path:
+    raise ValueError(f"config.init_from={init_from!r} names no directory; use 'hf:/path/to/model'")
+  return path
+
+
+def hf_model_config(cfg: ml_collections.ConfigDict, path: str) -> 'models.DecoderConfig':
+  """The DecoderConfig of the checkpoint at `path`, with config.model's numerics.
+
+  The preset name is not used; a size field set in config.model must equal the checkpoint's.
+  """
+  overrides = {k: cfg[k] for k in _HF_NUMERICS if cfg.get(k) is not None}
+  overrides['dtype'] = resolve_dtype(overrides.get('dtype', 'auto'))
+  model_cfg = models.config_from_hf(models.read_hf_config(path), **overrides)
+  fields = {f.name for f in dataclasses.fields(model_cfg)}
+  differ = {
+    k: (v, getattr(model_cfg, k))
+    for k, v in cfg.items()
+    if k != 'name'
+    and k not in _HF_NUMERICS
+    and v is not None
+    and (k not in fields or v != getattr(model_cfg, k))
+  }
+  if differ:
+    details = ', '.join(f'{k}: config {c!r}, checkpoint {h!r}' for k, (c, h) in differ.items())
+    raise ValueError(
+      f'config.model differs from the Hugging Face checkpoint at {path} ({details}); leave '
+      f'those fields unset (only {list(_HF_NUMERICS)} may be set)'
+    )
+  return model_cfg
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict:
@@ -77,22 +121,41 @@ class RunSetup(NamedTuple):
   mesh: jax.sharding.Mesh
   model_cfg: 'models.DecoderConfig'
   model: 'models.Decoder'
-  tokenizer: data_lib.ByteTokenizer
+  tokenizer: data_lib.Tokenizer
+  hf_dir: Optional[str] = None  # the Hugging Face checkpoint the params start from
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
-  """Checks total_steps; makes the workdir, the mesh, the decoder of config.model, the tokenizer."""
+  """Checks total_steps; makes the workdir, the mesh, the decoder and the tokenizer.
+
+  The decoder is config.model's, or with `init_from='hf:/path'` the Hugging Face checkpoint's,
+  whose tokenizer.json then replaces the byte tokenizer.
+  """
   if config.total_steps < 1:
     raise ValueError(f'total_steps must be >= 1, got {config.total_steps}')
   os.makedirs(workdir, exist_ok=True)
   mesh = _sharding.make_mesh(**config.mesh)
-  model_cfg = model_config_from(config.model)
-  tokenizer = data_lib.ByteTokenizer()
+  path = hf_dir(config)
+  if path is None:
+    model_cfg = model_config_from(config.model)
+    tokenizer = data_lib.ByteTokenizer()
+  else:
+    model_cfg = hf_model_config(config.model, path)
+    tokenizer = data_lib.HFTokenizer(path)
   if model_cfg.vocab_size < tokenizer.vocab_size:
     raise ValueError(
       f'model vocab_size {model_cfg.vocab_size} < tokenizer vocab_size {tokenizer.vocab_size}'
     )
-  return RunSetup(mesh, model_cfg, models.Decoder(model_cfg), tokenizer)
+  return RunSetup(mesh, model_cfg, models.Decoder(model_cfg), tokenizer, path)
+
+
+def hf_params(run: RunSetup, shardings: Any) -> Any:
+  """The params of the run's Hugging Face checkpoint, each read straight into its shards."""
+  _, params = models.load_hf(
+    run.hf_dir, dtype=run.model_cfg.param_dtype, shardings=shardings, max_len=run.model_cfg.max_len
+  )
+  logging.info('initialized params from the Hugging Face checkpoint %s', run.hf_dir)
+  return params
 
 
 def make_checkpointer(config: ml_collections.ConfigDict, workdir: str) -> _checkpoint.Checkpointer:

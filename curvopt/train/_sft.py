@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -26,7 +25,6 @@ from curvopt.train import _optimizers
 from curvopt.train import _rollout
 from curvopt.train import _setup
 from curvopt.train import _sharding
-from curvopt.train import _state
 
 # Config sections that must match a checkpoint's for a resume to be the same run.
 _RUN_DEFINING = ('model', 'data', 'optimizer', 'schedule', 'seed', 'total_steps', 'init_from')
@@ -147,36 +145,22 @@ class _Evaluator:
     }
 
 
-def init_state_from_params(params, opt_state, rng, state_shardings):
-  """The TrainState of step 0 with given params: the rng as make_init_state derives it."""
-  _, state_rng = jax.random.split(rng)
-  return _state.TrainState(
-    step=jax.device_put(np.zeros((), np.int32), state_shardings.step),
-    params=params,
-    opt_state=opt_state,
-    rng=jax.device_put(jax.random.key_data(state_rng), state_shardings.rng),
-  )
-
-
 def _device_batch(batch: dict, sharding) -> dict:
   # prompt_mask is for samplers; the step reads only these two.
   return {k: _sharding.put_global_batch(batch[k], sharding) for k in ('tokens', 'loss_mask')}
 
 
-def _fresh_state(config, model_cfg, tx, steps: _lm.LMSteps):
+def _fresh_state(config, run: _setup.RunSetup, tx, steps: _lm.LMSteps):
   """The state of step 0: the model's initializer, or init_from's params."""
-  if not config.init_from:
-    return jax.jit(steps.init_state, out_shardings=steps.state_shardings)(steps.rng)
+  if run.hf_dir is not None or not config.init_from:
+    return _lm.fresh_state(run, tx, steps)
   params, from_step = restore_params(
     config.init_from,
     _checkpoint.abstract_like(steps.state_shapes.params, steps.state_shardings.params),
-    model_cfg,
+    run.model_cfg,
   )
   logging.info('initialized params from step %d of %s', from_step, config.init_from)
-  # A fresh optimizer state for the restored params (AdamW's moments start at 0), and the
-  # rng init_state would have made, without compiling the model's initializer.
-  opt_state = jax.jit(tx.init, out_shardings=steps.state_shardings.opt_state)(params)
-  return init_state_from_params(params, opt_state, steps.rng, steps.state_shardings)
+  return _lm.state_from_params(params, tx, steps)
 
 
 def train_sft(config: ml_collections.ConfigDict, workdir: str) -> SftResult:
@@ -206,7 +190,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> SftResult:
   )
 
   def init():
-    state = _fresh_state(config, run.model_cfg, optimizer.tx, steps)
+    state = _fresh_state(config, run, optimizer.tx, steps)
     logging.info(
       '%s (%d parameters) on mesh %s, tasks %s',
       config.model.name,

@@ -156,7 +156,47 @@ INVALID = [
   (dict(dtype='int32'), ValueError, 'int32'),
   (dict(param_dtype='not_a_dtype'), ValueError, 'not_a_dtype'),
   (dict(attention_impl='flash'), ValueError, 'flash'),
+  (dict(head_size=0), ValueError, 'head_size must be positive, got 0'),
+  (dict(head_size=7), ValueError, 'head dimension 7'),
+  (dict(head_size=8.0), TypeError, '8.0'),
+  (dict(qkv_bias='yes'), TypeError, 'qkv_bias'),
+  (dict(rope_scaling={'factor': 8.0}), TypeError, 'RopeScaling'),
 ]
+
+LLAMA3 = dict(
+  rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=16
+)
+INVALID_ROPE_SCALING = [
+  (dict(rope_type='yarn'), ValueError, 'yarn'),
+  (dict(factor=0.0), ValueError, 'factor must be positive, got 0.0'),
+  (dict(high_freq_factor=1.0), ValueError, 'must exceed low_freq_factor'),
+  (dict(original_max_len='16'), TypeError, "'16'"),
+]
+
+
+@pytest.mark.parametrize('overrides,exc,fragment', INVALID_ROPE_SCALING)
+def test_invalid_rope_scaling_raises_with_value(overrides, exc, fragment):
+  with pytest.raises(exc, match=fragment):
+    models.RopeScaling(**{**LLAMA3, **overrides})
+
+
+def test_head_size_and_biases_shape_the_param_tree():
+  cfg = models.DecoderConfig(**{**MICRO, 'head_size': 16, 'qkv_bias': True, 'out_bias': True})
+  assert cfg.head_dim == 16
+  paths = _paths(_abstract_params(cfg))
+  assert paths['layers_0/attn/q/kernel'] == (32, 64)
+  assert paths['layers_0/attn/k/kernel'] == (32, 32)
+  assert paths['layers_0/attn/o/kernel'] == (64, 32)
+  assert {p for p in paths if p.endswith('bias')} == {
+    f'layers_{i}/attn/{m}/bias' for i in range(2) for m in 'qkvo'
+  }
+  assert paths['layers_1/attn/k/bias'] == (32,)
+  # A head size equal to d_model // n_heads is the derived one: equal configs, equal hashes.
+  same = models.DecoderConfig(**{**MICRO, 'head_size': 8})
+  assert same.head_size is None and same == models.DecoderConfig(**MICRO)
+  assert hash(same) == hash(models.DecoderConfig(**MICRO))
+  # head_size frees d_model from being a multiple of n_heads.
+  assert models.DecoderConfig(**{**MICRO, 'd_model': 30, 'head_size': 8}).head_dim == 8
 
 
 @pytest.mark.parametrize('overrides,exc,fragment', INVALID)

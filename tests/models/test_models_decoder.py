@@ -59,15 +59,33 @@ def _np_decoder(params, cfg, tokens, positions, valid):
   b_size, t_size = tokens.shape
   n, kv, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
+  def dense(x, layer):
+    return x @ layer['kernel'] + layer.get('bias', 0.0)
+
   def rms(x, scale):
     return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * scale
+
+  def inv_freq(i):
+    freq = cfg.rope_theta ** (-2 * i / h)
+    s = cfg.rope_scaling
+    if s is None:
+      return freq
+    wavelen = 2 * np.pi / freq
+    if wavelen < s.original_max_len / s.high_freq_factor:
+      return freq
+    if wavelen > s.original_max_len / s.low_freq_factor:
+      return freq / s.factor
+    smooth = (s.original_max_len / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor
+    )
+    return (1 - smooth) * freq / s.factor + smooth * freq
 
   def rope(x):
     out = np.empty_like(x)
     for b in range(b_size):
       for t in range(t_size):
         for i in range(h // 2):
-          angle = positions[b, t] * cfg.rope_theta ** (-2 * i / h)
+          angle = positions[b, t] * inv_freq(i)
           c, s = np.cos(angle), np.sin(angle)
           x1, x2 = x[b, t, :, i], x[b, t, :, i + h // 2]
           out[b, t, :, i] = x1 * c - x2 * s
@@ -78,9 +96,9 @@ def _np_decoder(params, cfg, tokens, positions, valid):
   for layer in range(cfg.n_layers):
     lp = p[f'layers_{layer}']
     y = rms(x, lp['attn_norm']['scale'])
-    q = rope((y @ lp['attn']['q']['kernel']).reshape(b_size, t_size, n, h))
-    k = rope((y @ lp['attn']['k']['kernel']).reshape(b_size, t_size, kv, h))
-    v = (y @ lp['attn']['v']['kernel']).reshape(b_size, t_size, kv, h)
+    q = rope(dense(y, lp['attn']['q']).reshape(b_size, t_size, n, h))
+    k = rope(dense(y, lp['attn']['k']).reshape(b_size, t_size, kv, h))
+    v = dense(y, lp['attn']['v']).reshape(b_size, t_size, kv, h)
     att = np.zeros((b_size, t_size, n, h))
     for b in range(b_size):
       for head in range(n):
@@ -91,7 +109,7 @@ def _np_decoder(params, cfg, tokens, positions, valid):
           scores = np.where(allowed, scores, -np.inf)
           w = np.exp(scores - scores.max())
           att[b, t, head] = (w / w.sum()) @ v[b, :, g]
-    x = x + att.reshape(b_size, t_size, n * h) @ lp['attn']['o']['kernel']
+    x = x + dense(att.reshape(b_size, t_size, n * h), lp['attn']['o'])
     y = rms(x, lp['mlp_norm']['scale'])
     gate = y @ lp['mlp']['gate']['kernel']
     up = y @ lp['mlp']['up']['kernel']
@@ -115,6 +133,18 @@ def _left_padded_batch(seed, batch, length, vocab, pads):
 FORWARD_CASES = {
   'tied_mha_nomask': (dict(), None),
   'untied_gqa_leftpad': (dict(n_kv_heads=2, tie_embeddings=False), (2, 0)),
+  # What Hugging Face checkpoints add: a head size other than d_model // n_heads, q/k/v and
+  # output biases, Llama 3's RoPE scaling.
+  'hf_features_leftpad': (
+    dict(
+      n_kv_heads=2,
+      head_size=16,
+      qkv_bias=True,
+      out_bias=True,
+      rope_scaling=models.RopeScaling('llama3', 8.0, 1.0, 4.0, 16),
+    ),
+    (1, 0),
+  ),
 }
 
 
