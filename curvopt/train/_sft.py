@@ -56,9 +56,9 @@ def task_weights(tasks: Any) -> dict[str, float]:
     weights = {str(k): float(v) for k, v in dict(tasks).items()}
   if not weights:
     raise ValueError(f'data.tasks names no task: {tasks!r}')
-  unknown = sorted(set(weights) - set(data_lib.TASK_NAMES))
+  unknown = sorted(set(weights) - set(data_lib.ALL_TASKS))
   if unknown:
-    raise ValueError(f'unknown task(s) {unknown} in data.tasks; valid: {list(data_lib.TASK_NAMES)}')
+    raise ValueError(f'unknown task(s) {unknown} in data.tasks; valid: {list(data_lib.ALL_TASKS)}')
   return weights
 
 
