@@ -16,6 +16,8 @@ from curvopt.rl._capo_calibration import CapoThresholds
 from curvopt.rl._capo_calibration import capo_thresholds
 from curvopt.rl._capo_metrics import capo_metrics
 from curvopt.rl._capo_metrics import masked_shares
+from curvopt.rl._divergence import categorical_entropy
+from curvopt.rl._divergence import categorical_kl
 from curvopt.rl._policy_loss import AGG_MODES
 from curvopt.rl._policy_loss import KL_MODES
 from curvopt.rl._policy_loss import aggregate_tokens
@@ -51,6 +53,8 @@ __all__ = (
   'capo_thresholds',
   'capo_token_set',
   'capo_token_stats',
+  'categorical_entropy',
+  'categorical_kl',
   'combine_rewards',
   'exact_match_reward',
   'extract_answer',
