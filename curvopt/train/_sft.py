@@ -146,6 +146,16 @@ class _Evaluator:
       name: self._rollout.accuracy(params, examples) for name, examples in self._examples.items()
     }
 
+  def sampled_accuracy(self, params, *, num_samples: int, top_k: int, seed: int):
+    """{task: (mean, standard error)} of sampled completions at temperature 1 (what an RL run
+    starting from these params first samples)."""
+    return {
+      name: self._rollout.sampled_accuracy(
+        params, examples, jax.random.key(seed), num_samples=num_samples, top_k=top_k
+      )
+      for name, examples in self._examples.items()
+    }
+
 
 def init_state_from_params(params, opt_state, rng, state_shardings):
   """The TrainState of step 0 with given params: the rng as make_init_state derives it."""
@@ -239,6 +249,19 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> SftResult:
       scalars['accuracy/mean'] = float(np.mean(list(accuracy.values())))
       if len(accuracy) > 1:
         shown[5:] = [f'accuracy/{k}' for k in accuracy]
+      if config.eval.get('samples_per_prompt'):
+        sampled = evaluator.sampled_accuracy(
+          params,
+          num_samples=config.eval.samples_per_prompt,
+          top_k=config.eval.top_k,
+          seed=config.eval.seed,
+        )
+        for name, (mean, se) in sampled.items():
+          scalars[f'sampled_accuracy/{name}'] = mean
+          scalars[f'sampled_accuracy_se/{name}'] = se
+        scalars['sampled_accuracy/mean'] = float(np.mean([m for m, _ in sampled.values()]))
+        if 'sampled_accuracy/mean' not in shown:
+          shown.insert(4, 'sampled_accuracy/mean')
     scalars['wall_s'] = time.perf_counter() - started
     return scalars
 
