@@ -1,5 +1,7 @@
 """Studies: LM sweeps with paired seed statistics, the RL and merging studies, their reports."""
 
+from curvopt.studies._capo_calibration import capo_calibration
+from curvopt.studies._capo_calibration import peak_rate_step
 from curvopt.studies._merge_study import MergeStudy
 from curvopt.studies._merge_study import cosine_similarity
 from curvopt.studies._merge_study import layer_type
@@ -15,9 +17,16 @@ from curvopt.studies._report import plot_curves
 from curvopt.studies._report import plot_heatmap
 from curvopt.studies._report import run_summary
 from curvopt.studies._report import write_text
+from curvopt.studies._rl_study import BaselineGain
+from curvopt.studies._rl_study import baseline_gain
+from curvopt.studies._rl_study import bootstrap_ratio
+from curvopt.studies._rl_study import collapse_index
 from curvopt.studies._rl_study import is_collapsed
+from curvopt.studies._rl_study import largest_drop
 from curvopt.studies._rl_study import rl_study_report
 from curvopt.studies._rl_study import run_rl_study
+from curvopt.studies._rl_study import sample_efficiency
+from curvopt.studies._rl_study import seeds_of
 from curvopt.studies._rl_study import study_run_dir
 from curvopt.studies._stats import PairedDifference
 from curvopt.studies._stats import paired_difference
@@ -36,15 +45,21 @@ from curvopt.studies._sweep import sweep_summary
 
 __all__ = (
   'BASE_OVERRIDES',
+  'BaselineGain',
   'MergeStudy',
   'PairedDifference',
   'SweepPoint',
+  'baseline_gain',
   'best_point',
+  'bootstrap_ratio',
+  'capo_calibration',
+  'collapse_index',
   'comparison_table',
   'cosine_similarity',
   'curve',
   'curves',
   'is_collapsed',
+  'largest_drop',
   'layer_type',
   'markdown_table',
   'mask_concentration',
@@ -54,6 +69,7 @@ __all__ = (
   'paired_comparisons',
   'paired_difference',
   'parse_comparisons',
+  'peak_rate_step',
   'plot_curves',
   'plot_heatmap',
   'rl_study_report',
@@ -61,6 +77,8 @@ __all__ = (
   'run_rl_study',
   'run_summary',
   'run_sweep',
+  'sample_efficiency',
+  'seeds_of',
   'steps_to_reach',
   'study_run_dir',
   'sweep_report',
