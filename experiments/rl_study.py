@@ -19,7 +19,10 @@ from curvopt import train
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'e.g. configs/rl_study.py.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Runs, rl_study.md and plots go here.')
 _ONLY = flags.DEFINE_list('only', None, "Run and report only these of the config's variants.")
-_REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Write the report of finished runs.')
+_REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Only write the report (no training).')
+_FINISHED_ONLY = flags.DEFINE_bool(
+  'finished_only', False, 'Report only the runs that reached their last step.'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -44,6 +47,12 @@ def main(argv):
       variants=variants,
       seeds_by_variant=seeds_by_variant,
     )
+  if _FINISHED_ONLY.value:
+    seeds_by_variant = studies.finished_seeds(
+      workdir, config.runs, variants, config.seeds, seeds_by_variant
+    )
+    print(f'finished runs: {seeds_by_variant}', flush=True)
+    variants = [v for v in variants if seeds_by_variant[v]]
   text = (
     '# RL regimes on arithmetic\n\n'
     + studies.rl_study_report(

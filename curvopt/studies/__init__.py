@@ -21,6 +21,7 @@ from curvopt.studies._rl_study import BaselineGain
 from curvopt.studies._rl_study import baseline_gain
 from curvopt.studies._rl_study import bootstrap_ratio
 from curvopt.studies._rl_study import collapse_index
+from curvopt.studies._rl_study import finished_seeds
 from curvopt.studies._rl_study import is_collapsed
 from curvopt.studies._rl_study import largest_drop
 from curvopt.studies._rl_study import rl_study_report
@@ -58,6 +59,7 @@ __all__ = (
   'cosine_similarity',
   'curve',
   'curves',
+  'finished_seeds',
   'is_collapsed',
   'largest_drop',
   'layer_type',

@@ -76,6 +76,29 @@ def run_rl_study(
     train_fn(configs[variant, seed], directory)
 
 
+def finished_seeds(
+  workdir: str,
+  runs: ml_collections.ConfigDict,
+  variants: Sequence[str],
+  seeds: Sequence[int],
+  seeds_by_variant: Optional[Mapping] = None,
+) -> dict[str, tuple[int, ...]]:
+  """Per variant, the seeds whose run logged its last step (config total_steps)."""
+  out = {}
+  for variant in variants:
+    total = runs[variant].copy_and_resolve_references().total_steps
+    done = []
+    for seed in seeds_of(seeds, variant, seeds_by_variant):
+      try:
+        records = train.read_metrics(study_run_dir(workdir, variant, seed))
+      except FileNotFoundError:
+        continue
+      if records and records[-1]['step'] >= total:
+        done.append(seed)
+    out[variant] = tuple(done)
+  return out
+
+
 def _mean_curve(curves: Sequence[tuple[list, list]]) -> tuple[list, list]:
   """Mean over runs at the x values every run logged."""
   common = sorted(set.intersection(*(set(x) for x, _ in curves)))

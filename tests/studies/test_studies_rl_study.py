@@ -224,3 +224,15 @@ def test_study_configs(arg):
   if arg == 'smoke':
     for run in config.runs.values():
       train.check_rl_config(run.copy_and_resolve_references())
+
+
+def test_finished_seeds_are_those_that_logged_their_last_step(tmp_path):
+  workdir = str(tmp_path)
+  runs = ml_collections.ConfigDict(
+    {v: train.load_config(os.path.join(_CONFIGS, 'rl.py'), 'test') for v in ('a', 'b')}
+  )  # 4 steps each
+  _write_run(workdir, 'a', 0, 10, [0.1] * 5)  # steps 0..4: finished
+  _write_run(workdir, 'a', 1, 10, [0.1] * 3)  # stopped at step 2
+  _write_run(workdir, 'b', 0, 10, [0.1] * 5)
+  got = studies.finished_seeds(workdir, runs, ['a', 'b'], (0, 1, 2), {'b': (0,)})
+  assert got == {'a': (0,), 'b': (0,)}
