@@ -150,7 +150,8 @@ class BaselineGain:
   eval_se: float
 
   def significant(self, sigmas: float = 3.0) -> bool:
-    return self.mean >= sigmas * self.se
+    """A positive gain of at least `sigmas` standard errors (False when the error is nan)."""
+    return self.mean > 0 and self.mean >= sigmas * self.se
 
 
 def baseline_gain(starts, finals, start_ses, final_ses) -> BaselineGain:
@@ -178,18 +179,20 @@ def bootstrap_ratio(
   baseline_curves, candidate_curves, *, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float, float]:
   """(2.5%, 97.5% percentiles of the ratio, share of resamples where the candidate never
-  reaches the target): seeds resampled with replacement within each arm."""
+  reaches the target): seeds resampled with replacement within each arm. A resample in which
+  the candidate never reaches the target counts as ratio 0."""
   rng = np.random.default_rng(seed)
-  ratios = []
+
+  def resample(curves):
+    return [curves[i] for i in rng.integers(0, len(curves), len(curves))]
+
+  ratios, never = [], 0
   for _ in range(resamples):
-    base = [baseline_curves[i] for i in rng.integers(0, len(baseline_curves), len(baseline_curves))]
-    cand = [
-      candidate_curves[i] for i in rng.integers(0, len(candidate_curves), len(candidate_curves))
-    ]
-    ratios.append(sample_efficiency(base, cand)[2])
-  ratios = np.asarray(ratios)
-  low, high = np.quantile(ratios, [0.025, 0.975], method='inverted_cdf')
-  return float(low), float(high), float(np.mean(ratios == 0.0))
+    _, cand_needs, ratio = sample_efficiency(resample(baseline_curves), resample(candidate_curves))
+    never += not math.isfinite(cand_needs)
+    ratios.append(ratio if math.isfinite(cand_needs) else 0.0)
+  low, high = np.quantile(np.asarray(ratios), [0.025, 0.975], method='inverted_cdf')
+  return float(low), float(high), never / resamples
 
 
 @dataclasses.dataclass
@@ -201,9 +204,18 @@ class _Variant:
   masked: dict  # metric name -> per seed (completions, values)
 
 
+def _percent(value: float, digits: int = 2) -> str:
+  return 'n/a' if math.isnan(value) else f'{100 * value:.{digits}f}%'
+
+
 def _nanmean(values) -> float:
   values = np.asarray(values, np.float64)
   return float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+
+
+def _nanmax(values) -> float:
+  values = np.asarray(values, np.float64)
+  return float(np.nanmax(values)) if np.isfinite(values).any() else math.nan
 
 
 _MASK_METRICS = (
@@ -285,14 +297,14 @@ def rl_study_report(
         float(np.max(acc_curves[variant][1])),
         float(np.mean(d.greedy_finals)),
         f'{collapsed}/{len(d.seeds)}',
-        f'{100 * share["capo/nz/masked_frac"]:.2f}%' if has_mask else '-',
-        f'{100 * max(_nanmean(y) for _, y in nz):.2f}%' if has_mask else '-',
+        _percent(share['capo/nz/masked_frac']) if has_mask else '-',
+        _percent(_nanmax([_nanmean(y) for _, y in nz])) if has_mask else '-',
         (
-          f'{100 * share["capo/pos/masked_frac"]:.2f}% / {100 * share["capo/neg/masked_frac"]:.2f}%'
+          f'{_percent(share["capo/pos/masked_frac"])} / {_percent(share["capo/neg/masked_frac"])}'
           if has_mask
           else '-'
         ),
-        f'{100 * share["capo/masked_pos_share"]:.1f}%' if has_mask else '-',
+        _percent(share['capo/masked_pos_share'], 1) if has_mask else '-',
       ]
     )
   parts = [

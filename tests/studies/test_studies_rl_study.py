@@ -57,6 +57,20 @@ def test_baseline_gain_takes_the_larger_of_seed_and_evaluation_error():
   assert not flat.significant()
   one_seed = studies.baseline_gain([0.3], [0.5], [0.02], [0.02])
   assert math.isnan(one_seed.seed_se) and one_seed.se == one_seed.eval_se
+  # No gain is never significant, even with no measured error; nor is an unknown error.
+  assert not studies.baseline_gain([0.0] * 3, [0.0] * 3, [0.0] * 3, [0.0] * 3).significant()
+  assert not studies.baseline_gain([0.3], [0.5], [math.nan], [math.nan]).significant()
+
+
+def test_bootstrap_counts_resamples_that_never_reach_the_target():
+  base = [([0, 100, 200], [0.2, 0.3, 0.5])] * 3
+  # Seed 0 of the candidate reaches 0.5 at 20 completions, the others never do: a resample
+  # reaches it only through seed 0's weight in the mean curve.
+  cand = [([0, 10, 20], [0.2, 0.4, 1.0]), ([0, 10, 20], [0.2, 0.2, 0.2])]
+  low, high, never = studies.bootstrap_ratio(base, cand, resamples=400)
+  # Resamples: both seeds 0 (mean 1.0 at 20), mixed (0.6 at 20), both seeds 1 (never).
+  assert never == pytest.approx(0.25, abs=0.07)
+  assert low == 0.0 and high == pytest.approx(200 / (10 + 10 * 0.1 / 0.6), rel=1e-6)
 
 
 def _study(workdir, base_curve, base_se=0.01):
@@ -72,8 +86,10 @@ def _study(workdir, base_curve, base_se=0.01):
       masked={'nz/masked_frac': 0.04, 'pos/masked_frac': 0.1, 'neg/masked_frac': 0.02},
     )
     _write_run(workdir, 'rand', seed, 10, [0.2, 0.3, 0.3, 0.3 + 0.02 * seed, 0.25])
-  _write_run(workdir, 'bad', 0, 10, [0.2, 0.4, 0.2, 0.2, 0.2])
-  _write_run(workdir, 'bad', 1, 10, [0.2, 0.3, 0.3, 0.3, 0.3])
+  # Masked runs whose steps never had a token with A != 0: their shares are undefined.
+  no_signal = {'nz/masked_frac': math.nan}
+  _write_run(workdir, 'bad', 0, 10, [0.2, 0.4, 0.2, 0.2, 0.2], masked=no_signal)
+  _write_run(workdir, 'bad', 1, 10, [0.2, 0.3, 0.3, 0.3, 0.3], masked=no_signal)
 
 
 def _curves(workdir, variant, seeds=(0, 1, 2)):
@@ -121,6 +137,7 @@ def test_report_ratio_interval_comparisons_and_collapse(tmp_path):
   assert float(rows['bad'][6]) == pytest.approx(0.2)  # the largest drop
   assert rows['cand'][10] == '4.00%' and rows['cand'][12] == '10.00% / 2.00%'
   assert rows['base'][10] == '-'
+  assert rows['bad'][10] == 'n/a' and rows['bad'][12] == 'n/a / n/a'
   assert float(rows['cand'][8]) == pytest.approx(0.3)  # final greedy: half the sampled
   # cand - rand on paired seeds: 0.6 - (0.25) each.
   assert rows['cand - rand'][1:4] == ['3', '0.35', '[0.3500, 0.3500]']
