@@ -113,4 +113,38 @@ for c in s[\"comparisons\"]:
   print(c[\"arm\"], \"-\", c[\"reference\"], c[\"differences\"], c[\"decision\"])
 " "$2/lanton_study"' "$LANTON_VARIANT" "$LANTON_DIR" "$LOG_DIR" \
   "${lanton_overrides[@]}"
+
+# RL study (docs/rl_experiments.md): the aggressive arms (GRPO, CAPO at the reference thresholds,
+# CAPO at calibrated thresholds, the random mask at calibrated CAPO's rate) x 8 seeds
+# (configs/rl_study.py:gpu) on the prepared SFT policy, in one process with JAX's persistent
+# compilation cache (32 runs of the same programs: only the first compiles), seed by seed with
+# the aggressive arms in the study's order, so a stop at the limit leaves whole paired seeds.
+# Off unless RL_POLICY names the policy (a train_sft workdir carried to the machine, e.g.
+# runs/rl_sft); RL_OVERRIDES holds the study's measured settings, e.g. "--config.tau_H=..
+# --config.tau_F=.. --config.random_rate=.. --config.conservative_lr=.. --config.multiplier=..".
+# It is not timed yet: run it alone, SUITE_SECTIONS="env rl_study rl_report" (the suite's
+# other sections leave it nothing). The report of the seeds every arm finished (rl_study.md)
+# and each run's metrics.jsonl go to $LOG_DIR/rl_study/. On a CPU, for these lines:
+#   SUITE_SECTIONS="rl_study rl_report" RL_POLICY=DIR RL_CONFIG=smoke OUT=/tmp/suite \
+#     RL_OVERRIDES="--config.seeds=(0,1)" bash benchmarks/gpu_suite.sh
+RL_POLICY="${RL_POLICY:-}"
+RL_CONFIG="${RL_CONFIG:-gpu}"
+RL_DIR="${RL_DIR:-/tmp/rl_study}"
+read -r -a rl_overrides <<< "${RL_OVERRIDES:-}"
+if [[ -z "$RL_POLICY" ]]; then
+  echo "== rl_study: skipped, RL_POLICY (the SFT policy's workdir) is not set"
+else
+  export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}"
+  export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+  RESERVE=25
+  section rl_study 545 python3 experiments/rl_study.py --config="configs/rl_study.py:$RL_CONFIG" \
+    --workdir="$RL_DIR" --config.init_from="$RL_POLICY" "${rl_overrides[@]}"
+  RESERVE=0
+  section rl_report 25 bash -c 'python3 experiments/rl_study.py --report_only --finished_only \
+      --config="configs/rl_study.py:$0" --workdir="$1" "${@:3}" > /dev/null
+    mkdir -p "$2/rl_study"
+    cp "$1"/rl_study.md "$1"/rl_accuracy.png "$1"/rl_masked.png "$2/rl_study/" 2> /dev/null
+    (cd "$1" && find . -name metrics.jsonl -exec cp --parents {} "$2/rl_study/" \;)
+    cat "$2/rl_study/rl_study.md"' "$RL_CONFIG" "$RL_DIR" "$LOG_DIR" "${rl_overrides[@]}"
+fi
 exit 0

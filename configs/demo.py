@@ -58,6 +58,7 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
   for run in config.rl.runs.values():
     run.update(total_steps=40, eval_every=10)
     run.task.eval_prompts = 128
+    run.model = config.lm.model.copy_and_resolve_references()  # the SFT'd LM's (tied head)
   # Merge section: the RL section's arithmetic SFT model and a kv_recall expert, both fine-tuned
   # with AdamW from the LM section's AdamW model (the base), merged by every method (the full
   # study is experiments/merge_study.py). From that base, 300 steps of 32 sequences at lr 3e-3
@@ -87,12 +88,10 @@ def get_config(arg: str = 'default') -> ml_collections.ConfigDict:
     config.rl.sft = sft_test
     rl_test = _load_config('rl', 'test')
     for run in config.rl.runs.values():
-      capo = run.capo.enabled
-      for section in ('task', 'rollout', 'checkpoint', 'mesh'):
+      for section in ('task', 'eval', 'rollout', 'checkpoint', 'mesh'):
         run[section] = rl_test[section].copy_and_resolve_references()
       run.model = config.lm.model.copy_and_resolve_references()
       run.update(total_steps=2, eval_every=1, log_every=1, tensorboard=False)
-      run.capo.enabled = capo
     merge_test = _load_config('merge_study', 'smoke')  # arithmetic + reversal: they fit max_len
     for run in (merge_test.base, merge_test.expert):
       run.model = config.lm.model.copy_and_resolve_references()

@@ -1,12 +1,24 @@
 r"""GRPO-family RL on the synthetic arithmetic task, with and without the CAPO mask.
 
-Launch (CPU), from an SFT policy (configs/sft.py:arithmetic):
-  python experiments/sft.py --config=configs/sft.py:arithmetic --workdir=/tmp/rl/sft
+Launch (CPU), from an untied SFT policy (configs/sft.py:arithmetic_untied, itself from a
+configs/lm.py:tiny_untied run):
+  python experiments/sft.py --config=configs/sft.py:arithmetic_untied --workdir=/tmp/rl/sft \
+      --config.init_from=/tmp/rl/lm
   python experiments/train_rl.py --config=configs/rl.py:capo_aggressive --workdir=/tmp/rl/capo \
       --config.init_from=/tmp/rl/sft
-Variants (the paper's regimes, scaled to a 0.9M-parameter policy): grpo_conservative (learning
-rate x, 12b completions a step), grpo_aggressive and drgrpo_aggressive (5x, b completions),
-capo_aggressive and drcapo_aggressive (the same with the CAPO mask), test (seconds, from scratch).
+The regimes of the paper, scaled to a 0.9M-parameter policy: both warm up over the first 10% of
+the steps and decay by cosine to 0, as the reference recipes do (so nothing is masked on step 0,
+and the masked share falls late in training with the rate).
+Variants:
+  grpo_conservative   learning rate x, 12b prompts a step
+  grpo_aggressive     5x, b prompts (drgrpo_aggressive: Dr.GRPO's advantages and aggregation)
+  capo_aggressive     the aggressive regime with the CAPO mask at the reference thresholds
+                      (drcapo_aggressive: Dr.CAPO's)
+  capo_calibrated     the same at calibrated thresholds (set capo.tau_H / capo.tau_F)
+  random_aggressive   a random mask at a set rate (capo.random_rate) of the A != 0 tokens
+  capo_log            calibration: CAPO's stats logged per token, nothing masked, seed 100
+                      (a seed no study run uses)
+  test                seconds, from scratch
 """
 
 import os
@@ -18,15 +30,20 @@ from curvopt import train
 
 # The conservative learning rate x; the aggressive regime runs at 5x with 1/12 of the batch.
 _LR = 2e-5
-_PROMPTS = 2  # b prompts a step in the aggressive regime (b * group_size completions)
+_MULTIPLIER = 5
+_PROMPTS = 4  # b prompts a step in the aggressive regime (b * group_size completions)
 # CAPO thresholds of its reference recipes: (tau_H, tau_F) per advantage kind.
 _CAPO_TAUS = {'grpo': (0.01, 1e-4), 'dr_grpo': (5e-4, 1e-3)}
+_CALIBRATION_SEED = 100
 _VARIANTS = (
   'grpo_conservative',
   'grpo_aggressive',
   'drgrpo_aggressive',
   'capo_aggressive',
   'drcapo_aggressive',
+  'capo_calibrated',
+  'random_aggressive',
+  'capo_log',
   'test',
 )
 
@@ -34,7 +51,9 @@ _VARIANTS = (
 def get_config(arg: str = 'capo_aggressive') -> ml_collections.ConfigDict:
   if arg not in _VARIANTS:
     raise ValueError(f'unknown configs/rl.py variant {arg!r}; valid: {sorted(_VARIANTS)}')
-  lm = train.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lm.py'), 'tiny')
+  lm = train.load_config(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'lm.py'), 'tiny_untied'
+  )
   config = ml_collections.ConfigDict()
   config.seed = 0
   # A train_sft (or train_lm) workdir: the policy starts from its params; or 'hf:/path', a
@@ -43,15 +62,26 @@ def get_config(arg: str = 'capo_aggressive') -> ml_collections.ConfigDict:
   config.total_steps = 150
   config.halt_after_steps = 0
   config.log_every = 10
-  config.eval_every = 15
+  config.eval_every = 5  # every 160 aggressive completions: an early collapse is seen
   config.tensorboard = True
-  config.model = lm.model  # the SFT policy's architecture (configs/sft.py uses lm.py:tiny's)
+  config.model = lm.model  # the SFT policy's (configs/sft.py:arithmetic_untied), head untied
 
   config.task = ml_collections.ConfigDict()
-  config.task.name = 'arithmetic'
+  config.task.name = 'arithmetic'  # or an easier / harder data.arithmetic_task(min, max)
   config.task.data_dir = config_dict.placeholder(str)  # default: $TFDS_DATA_DIR or <workdir>/tfds
   config.task.max_prompt_len = 32
   config.task.eval_prompts = 256  # greedy accuracy on the first test prompts
+
+  # Held-out evaluation beside greedy accuracy: sampled accuracy as the rollouts sample, and a
+  # probe (the starting policy's samples on the first test prompts) for entropy and KL.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.sampled_prompts = 256
+  config.eval.samples_per_prompt = 4  # 1,024 sampled completions
+  config.eval.temperature = 1.0
+  config.eval.top_k = 50
+  config.eval.seed = 0  # the same draws at every evaluation and in every run
+  config.eval.probe_prompts = 64
+  config.eval.probe_every = 1  # steps; 0: at evaluations only
 
   config.rollout = ml_collections.ConfigDict()
   config.rollout.prompts_per_step = _PROMPTS
@@ -72,18 +102,27 @@ def get_config(arg: str = 'capo_aggressive') -> ml_collections.ConfigDict:
   config.loss.kl = 'k3'
 
   config.capo = ml_collections.ConfigDict()
-  config.capo.enabled = False
+  config.capo.mode = 'off'  # 'capo' (the mask), 'random' (the control), 'log' (calibration)
   config.capo.tau_H, config.capo.tau_F = _CAPO_TAUS['grpo']
   config.capo.symmetric = True
   config.capo.top_k = 50
   config.capo.chunk_size = 256
+  config.capo.random_rate = config_dict.placeholder(float)  # mode 'random': share of A != 0
+  # The shadow Adam's b1 / b2 / eps are the optimizer's; set here, they must restate them.
+  for field in ('b1', 'b2', 'eps'):
+    config.capo[field] = config_dict.placeholder(float)
 
   config.optimizer = lm.optimizer
   config.optimizer.update(
-    name='adamw', learning_rate=5 * _LR, weight_decay=0.0, b2=0.999, grad_clip_norm=1.0
+    name='adamw',
+    learning_rate=_MULTIPLIER * _LR,
+    weight_decay=0.0,
+    b2=0.999,
+    grad_clip_norm=1.0,
   )
   config.schedule = lm.schedule
-  config.schedule.update(name='constant', warmup_steps=0)
+  config.schedule.update(name='warmup_cosine', final_fraction=0.0)
+  config.schedule.warmup_steps = config.get_ref('total_steps') // 10
   config.checkpoint = lm.checkpoint
   config.checkpoint.every = 25
   config.mesh = lm.mesh
@@ -91,23 +130,32 @@ def get_config(arg: str = 'capo_aggressive') -> ml_collections.ConfigDict:
   if arg == 'grpo_conservative':
     config.rollout.prompts_per_step = 12 * _PROMPTS
     config.optimizer.learning_rate = _LR
-    config.total_steps = 60
-    config.eval_every = 5
+    config.total_steps = 100
     config.checkpoint.every = 10
   if arg.startswith('dr'):
     config.advantage = 'dr_grpo'
     config.loss.agg = 'seq-mean-token-sum-norm'
     config.capo.tau_H, config.capo.tau_F = _CAPO_TAUS['dr_grpo']
-  if 'capo' in arg:
-    config.capo.enabled = True
+  if arg in ('capo_aggressive', 'drcapo_aggressive'):
+    config.capo.mode = 'capo'
+  if arg == 'capo_calibrated':
+    config.capo.mode = 'capo'
+    config.capo.tau_H = config_dict.placeholder(float)
+    config.capo.tau_F = config_dict.placeholder(float)
+  if arg == 'random_aggressive':
+    config.capo.mode = 'random'
+  if arg == 'capo_log':
+    config.capo.mode = 'log'
+    config.seed = _CALIBRATION_SEED
   if arg == 'test':
     config.model.update(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=64)
-    config.capo.enabled = True
+    config.capo.mode = 'capo'
     config.total_steps = 4
     config.log_every = 2
     config.eval_every = 2
     config.task.max_prompt_len = 40
     config.task.eval_prompts = 8
+    config.eval.update(sampled_prompts=4, samples_per_prompt=2, probe_prompts=4)
     config.rollout.max_new_tokens = 16
     config.rollout.group_size = 4
     config.checkpoint.every = 2

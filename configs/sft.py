@@ -4,11 +4,18 @@ Launch (CPU):
   python experiments/sft.py --config=configs/sft.py:arithmetic --workdir=/tmp/sft_arith
   python experiments/sft.py --config=configs/sft.py:arithmetic --workdir=/tmp/sft_arith_pt \
       --config.init_from=/work/runs/sweep_tiny/adamw/lr0.003/seed0   # from a train_lm run
+  python experiments/sft.py --config=configs/sft.py:arithmetic_untied --workdir=/tmp/rl/sft \
+      --config.init_from=/tmp/rl/lm   # a configs/lm.py:tiny_untied run
   python experiments/sft.py --config=configs/sft.py:multitask --workdir=/tmp/merge/base
   python experiments/sft.py --config=configs/sft.py:expert_reversal --workdir=/tmp/merge/reversal \
       --config.init_from=/tmp/merge/base
 Variants:
-  arithmetic       the RL policy: the tiny decoder fine-tuned to moderate arithmetic accuracy.
+  arithmetic       the tiny decoder fine-tuned to moderate arithmetic accuracy (the first RL
+                   study's policy; the demo's).
+  arithmetic_untied  the RL policy of configs/rl.py: the same with a separate output head (from
+                   configs/lm.py:tiny_untied), longer, evaluated by sampled accuracy too (the
+                   RL study starts at a sampled success of 0.4-0.6; data.tasks picks an
+                   easier arithmetic_task if it needs one).
   multitask        a light warm-up on all tasks at once: the base model of the merge experiment.
   expert_<task>    one capability expert per task (arithmetic, reversal, sorting, kv_recall,
                    format), fine-tuned with AdamW (its checkpoint keeps Adam's nu); start it
@@ -24,7 +31,9 @@ from ml_collections import config_dict
 from curvopt import train
 
 TASK_NAMES = ('arithmetic', 'reversal', 'sorting', 'kv_recall', 'format')
-_VARIANTS = ('arithmetic', 'multitask', 'test') + tuple(f'expert_{t}' for t in TASK_NAMES)
+_VARIANTS = ('arithmetic', 'arithmetic_untied', 'multitask', 'test') + tuple(
+  f'expert_{t}' for t in TASK_NAMES
+)
 
 
 def _lm_config(arg: str) -> ml_collections.ConfigDict:
@@ -36,7 +45,7 @@ def get_config(arg: str = 'arithmetic') -> ml_collections.ConfigDict:
     raise ValueError(f'unknown configs/sft.py variant {arg!r}; valid: {sorted(_VARIANTS)}')
   # Model, optimizer, schedule, checkpoint and mesh sections as in LM pretraining, so that
   # init_from a train_lm run of configs/lm.py:tiny needs no model overrides.
-  config = _lm_config('tiny')
+  config = _lm_config('tiny_untied' if arg == 'arithmetic_untied' else 'tiny')
   del config.data
   # A train_lm / train_sft workdir: start from its newest params; or 'hf:/path' (see lm.py).
   config.init_from = ''
@@ -59,7 +68,16 @@ def get_config(arg: str = 'arithmetic') -> ml_collections.ConfigDict:
   config.eval.max_prompt_len = 32  # with BOS: arithmetic <= 22, kv_recall <= 46 tokens
   config.eval.max_new_tokens = 48  # with EOS: arithmetic <= 39, kv_recall <= 55 tokens
   config.eval.loss_batches = 4  # completion loss on fixed test batches
+  # > 0: also sampled accuracy (temperature 1, top_k), samples_per_prompt a prompt.
+  config.eval.samples_per_prompt = 0
+  config.eval.top_k = 50
+  config.eval.seed = 0
 
+  if arg == 'arithmetic_untied':
+    config.total_steps = 2000
+    config.eval.num_prompts = 256
+    config.eval.samples_per_prompt = 4  # 1,024 sampled completions, as the RL evaluation
+    config.checkpoint.every = 100
   if arg == 'multitask':
     config.data.tasks = ml_collections.ConfigDict({t: 1.0 for t in TASK_NAMES})
     config.data.seq_len = 128

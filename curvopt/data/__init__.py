@@ -11,25 +11,31 @@ from curvopt.data._sources import default_data_dir
 from curvopt.data._sources import text_source
 from curvopt.data._task_batches import TaskBatches
 from curvopt.data._task_batches import prompt_batch
+from curvopt.data._tasks import ALL_TASKS
+from curvopt.data._tasks import ARITHMETIC_TASKS
 from curvopt.data._tasks import TASK_NAMES
 from curvopt.data._tasks import CurvoptTasks
 from curvopt.data._tasks import TaskSource
+from curvopt.data._tasks import arithmetic_task
 from curvopt.data._tasks import task_source
 from curvopt.data._tokenizer import ByteTokenizer
 from curvopt.data._tokenizer import Tokenizer
 
 __all__ = (
+  'ALL_TASKS',
+  'ARITHMETIC_TASKS',
+  'TASK_NAMES',
   'ByteTokenizer',
   'CodeCorpus',
   'CurvoptTasks',
   'HFTokenizer',
   'IndexPermutation',
   'PackedBatches',
-  'TASK_NAMES',
   'TaskBatches',
   'TaskSource',
   'TextSource',
   'Tokenizer',
+  'arithmetic_task',
   'default_data_dir',
   'eval_batches',
   'prompt_batch',

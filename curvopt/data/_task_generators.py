@@ -8,6 +8,7 @@ so a verifier compares the text after the last '#### ' with `answer` exactly.
 Splits are generated from fixed seeds; test prompts never occur in train.
 """
 
+import functools
 import hashlib
 import random
 from typing import Callable
@@ -21,6 +22,11 @@ ANSWER_PREFIX = '#### '
 # longer than two digits. Tuned so a ~1M-parameter byte model fine-tuned for a few hundred
 # steps solves a minority of them (room for RL to improve).
 _ARITH_NUM_OPS = (2, 3, 4)
+# The difficulty knob: 'arithmetic_ops{lo}-{hi}' draws lo..hi operations ('arithmetic_ops{n}'
+# exactly n). A range must reach 3 operations (only ~200 distinct 1-operation and ~8,700
+# 2-operation prompts exist, too few for the 20,500 a task's splits need) and stop at 4
+# (5 operations outgrow the SFT configs' 64-token rows).
+_ARITH_RANGES = ((1, 3), (1, 4), (2, 3), (3, 3), (3, 4), (4, 4))
 _ARITH_OPERANDS = (1, 9)
 _ARITH_MAX_VALUE = 99
 _OPS = {'+': (1, lambda a, b: a + b), '-': (1, lambda a, b: a - b), '*': (2, lambda a, b: a * b)}
@@ -168,13 +174,44 @@ def _evaluate(node, steps: list[str]) -> int | None:
   return value
 
 
-def arithmetic_example(rng: random.Random) -> dict[str, str]:
+def arithmetic_example(
+  rng: random.Random, num_ops: tuple[int, ...] = _ARITH_NUM_OPS
+) -> dict[str, str]:
+  """An expression of rng.choice(num_ops) operations, its worked solution and value."""
   while True:
-    tree = _arith_tree(rng, rng.choice(_ARITH_NUM_OPS))
+    tree = _arith_tree(rng, rng.choice(num_ops))
     steps = []
     value = _evaluate(tree, steps)
     if value is not None:
       return _example(f'Q: {_render(tree)[0]}=?\n', steps, str(value))
+
+
+def arithmetic_task(min_ops: int, max_ops: int) -> str:
+  """The task name of arithmetic with min_ops..max_ops operations a prompt.
+
+  2..4 is 'arithmetic' itself; the other valid ranges are those of ARITHMETIC_TASKS.
+  """
+  if (min_ops, max_ops) == (_ARITH_NUM_OPS[0], _ARITH_NUM_OPS[-1]):
+    return 'arithmetic'
+  if (min_ops, max_ops) not in _ARITH_RANGES:
+    raise ValueError(
+      f'no arithmetic task with {min_ops}..{max_ops} operations; valid (min_ops, max_ops): '
+      f'{sorted(_ARITH_RANGES + ((2, 4),))}'
+    )
+  return f'arithmetic_ops{min_ops}' + (f'-{max_ops}' if max_ops != min_ops else '')
+
+
+def arithmetic_num_ops(task: str) -> tuple[int, ...]:
+  """The operation counts an arithmetic task draws from (ValueError for other tasks)."""
+  if task == 'arithmetic':
+    return _ARITH_NUM_OPS
+  for low, high in _ARITH_RANGES:
+    if task == arithmetic_task(low, high):
+      return tuple(range(low, high + 1))
+  raise ValueError(f'{task!r} is not an arithmetic task; valid: {list(ARITHMETIC_TASKS)}')
+
+
+ARITHMETIC_TASKS = ('arithmetic',) + tuple(arithmetic_task(lo, hi) for lo, hi in _ARITH_RANGES)
 
 
 # ------------------------------------------------------------------- reversal and sorting
@@ -268,15 +305,21 @@ _GENERATORS: dict[str, Callable[[random.Random], dict[str, str]]] = {
   'reversal': reversal_example,
   'sorting': sorting_example,
   'format': format_example,
+  **{
+    task: functools.partial(arithmetic_example, num_ops=arithmetic_num_ops(task))
+    for task in ARITHMETIC_TASKS[1:]
+  },
 }
+# Every name a task split can be generated for: the capabilities, then arithmetic's variants.
+ALL_TASKS = TASK_NAMES + ARITHMETIC_TASKS[1:]
 
 
 def generate_split(task: str, split: str, size: int | None = None) -> list[dict[str, str]]:
   """The examples of one split, in order; deterministic. Test prompts are unique and
   never occur in train (train prompts are unique too, except kv_recall's, which repeat
   its fixed facts)."""
-  if task not in TASK_NAMES:
-    raise ValueError(f'unknown task {task!r}; valid: {list(TASK_NAMES)}')
+  if task not in ALL_TASKS:
+    raise ValueError(f'unknown task {task!r}; valid: {list(ALL_TASKS)}')
   if split not in SPLIT_SIZES:
     raise ValueError(f'unknown split {split!r} of task {task!r}; valid: {sorted(SPLIT_SIZES)}')
   size = SPLIT_SIZES[split] if size is None else size

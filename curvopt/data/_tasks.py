@@ -10,6 +10,9 @@ from curvopt.data import _sources
 from curvopt.data import _task_generators
 
 TASK_NAMES = _task_generators.TASK_NAMES
+ARITHMETIC_TASKS = _task_generators.ARITHMETIC_TASKS
+ALL_TASKS = _task_generators.ALL_TASKS
+arithmetic_task = _task_generators.arithmetic_task
 _FIELDS = ('prompt', 'completion', 'answer')
 
 
@@ -20,7 +23,7 @@ class CurvoptTasks(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release.'}
   BUILDER_CONFIGS = [
-    tfds.core.BuilderConfig(name=task, description=f'The {task} task.') for task in TASK_NAMES
+    tfds.core.BuilderConfig(name=task, description=f'The {task} task.') for task in ALL_TASKS
   ]
   DEFAULT_BUILDER_CONFIG_NAME = TASK_NAMES[0]
 
@@ -77,7 +80,9 @@ def task_source(name: str, split: str, *, data_dir: str | None = None) -> TaskSo
   """A random-access source of one task's examples, prepared under `data_dir` on first use.
 
   Args:
-    name: one of TASK_NAMES ('arithmetic', 'reversal', 'sorting', 'kv_recall', 'format').
+    name: one of TASK_NAMES ('arithmetic', 'reversal', 'sorting', 'kv_recall', 'format'), or
+      an arithmetic difficulty of ARITHMETIC_TASKS (e.g. 'arithmetic_ops2-3', see
+      `arithmetic_task`).
     split: 'train' or 'test'.
     data_dir: the tfds data directory; None means tfds' default ($TFDS_DATA_DIR or
       ~/tensorflow_datasets).
@@ -85,8 +90,8 @@ def task_source(name: str, split: str, *, data_dir: str | None = None) -> TaskSo
   Raises:
     ValueError: unknown task or split.
   """
-  if name not in TASK_NAMES:
-    raise ValueError(f'unknown task {name!r}; valid: {list(TASK_NAMES)}')
+  if name not in ALL_TASKS:
+    raise ValueError(f'unknown task {name!r}; valid: {list(ALL_TASKS)}')
   if data_dir is not None:
     data_dir = os.fspath(data_dir)
   builder = _sources._prepare_own_builder(CurvoptTasks, name, data_dir)  # pylint: disable=protected-access

@@ -1,5 +1,7 @@
 """Studies: LM sweeps with paired seed statistics, the RL and merging studies, their reports."""
 
+from curvopt.studies._capo_calibration import capo_calibration
+from curvopt.studies._capo_calibration import peak_rate_step
 from curvopt.studies._merge_gain_study import Decision
 from curvopt.studies._merge_gain_study import GainStudy
 from curvopt.studies._merge_gain_study import ModelSpec
@@ -39,9 +41,17 @@ from curvopt.studies._report import plot_curves
 from curvopt.studies._report import plot_heatmap
 from curvopt.studies._report import run_summary
 from curvopt.studies._report import write_text
+from curvopt.studies._rl_study import BaselineGain
+from curvopt.studies._rl_study import baseline_gain
+from curvopt.studies._rl_study import bootstrap_ratio
+from curvopt.studies._rl_study import collapse_index
+from curvopt.studies._rl_study import finished_seeds
 from curvopt.studies._rl_study import is_collapsed
+from curvopt.studies._rl_study import largest_drop
 from curvopt.studies._rl_study import rl_study_report
 from curvopt.studies._rl_study import run_rl_study
+from curvopt.studies._rl_study import sample_efficiency
+from curvopt.studies._rl_study import seeds_of
 from curvopt.studies._rl_study import study_run_dir
 from curvopt.studies._stats import PairedDifference
 from curvopt.studies._stats import paired_difference
@@ -60,6 +70,7 @@ from curvopt.studies._sweep import sweep_summary
 
 __all__ = (
   'BASE_OVERRIDES',
+  'BaselineGain',
   'Comparison',
   'Decision',
   'Estimate',
@@ -70,21 +81,29 @@ __all__ = (
   'StudyStopped',
   'SweepPoint',
   'accuracy_estimate',
+  'baseline_gain',
+  'best_point',
   'best_point',
   'best_setting',
+  'bootstrap_ratio',
+  'capo_calibration',
   'choose_rate',
+  'collapse_index',
   'compare_to_baselines',
   'comparison_table',
   'cosine_similarity',
   'curve',
   'curves',
   'decide',
+  'finished_seeds',
   'gain_estimate',
   'gain_kept',
   'gain_models',
   'gain_study_report',
   'is_collapsed',
+  'is_collapsed',
   'knee_threshold',
+  'largest_drop',
   'layer_type',
   'markdown_table',
   'mask_concentration',
@@ -96,6 +115,7 @@ __all__ = (
   'paired_comparisons',
   'paired_difference',
   'parse_comparisons',
+  'peak_rate_step',
   'plot_curves',
   'plot_heatmap',
   'relative_size',
@@ -105,7 +125,9 @@ __all__ = (
   'run_rl_study',
   'run_summary',
   'run_sweep',
+  'sample_efficiency',
   'seed_spread',
+  'seeds_of',
   'steps_to_reach',
   'study_run_dir',
   'sweep_report',

@@ -14,9 +14,15 @@ from curvopt.train._metrics import quiet_library_logs
 from curvopt.train._metrics import read_metrics
 from curvopt.train._optimizers import OPTIMIZERS
 from curvopt.train._optimizers import make_optimizer
+from curvopt.train._rl import CAPO_TOKENS_DIR
 from curvopt.train._rl import PromptStream
 from curvopt.train._rl import RLResult
+from curvopt.train._rl import check_rl_config
 from curvopt.train._rl import train_rl
+from curvopt.train._rl_premise import PremiseResult
+from curvopt.train._rl_premise import capo_premise_check
+from curvopt.train._rl_premise import spearman
+from curvopt.train._rl_step import MASK_MODES
 from curvopt.train._rl_step import RLState
 from curvopt.train._rl_step import make_rl_step
 from curvopt.train._rl_step import rollout_batch
@@ -40,10 +46,13 @@ from curvopt.train._step import make_init_state
 from curvopt.train._step import make_train_step
 
 __all__ = (
+  'CAPO_TOKENS_DIR',
   'Checkpointer',
+  'MASK_MODES',
   'MetricWriter',
   'NonFiniteError',
   'OPTIMIZERS',
+  'PremiseResult',
   'Progress',
   'PromptStream',
   'RLResult',
@@ -55,6 +64,8 @@ __all__ = (
   'TrainState',
   'abstract_like',
   'batch_sharding',
+  'capo_premise_check',
+  'check_rl_config',
   'define_distributed_flags',
   'fsdp_shardings',
   'fsdp_spec',
@@ -75,6 +86,7 @@ __all__ = (
   'resolve_dtype',
   'restore_params',
   'rollout_batch',
+  'spearman',
   'train_lm',
   'train_rl',
   'train_sft',

@@ -42,8 +42,8 @@ def rollout_batch(prompts_NxP, prompt_mask_NxP, completions_NxL, completion_mask
   }
 
 
-def completion_logprobs(apply_fn: ApplyFn, params, batch):
-  """(logp [N, L], (hidden [N, L, H], entropy [N, L])) of the completion tokens.
+def completion_logits(apply_fn: ApplyFn, params, batch):
+  """(logits [N, L, V] float32, hidden [N, L, H]) at the positions producing the completion.
 
   The logits at position i produce token i + 1, so completion token t (at P + t) is read from
   position P + t - 1, and so is the hidden state CAPO needs.
@@ -53,13 +53,38 @@ def completion_logprobs(apply_fn: ApplyFn, params, batch):
   logits, hidden = apply_fn(
     params, batch['tokens'][:, :-1], batch['positions'][:, :-1], batch['attention_mask'][:, :-1]
   )
-  logits = logits[:, prompt_len - 1 :].astype(jnp.float32)
-  hidden = hidden[:, prompt_len - 1 :]
+  return logits[:, prompt_len - 1 :].astype(jnp.float32), hidden[:, prompt_len - 1 :]
+
+
+def completion_logprobs(apply_fn: ApplyFn, params, batch):
+  """(logp [N, L], (hidden [N, L, H], entropy [N, L])) of the completion tokens."""
+  logits, hidden = completion_logits(apply_fn, params, batch)
   logp_all = jax.nn.log_softmax(logits)
+  prompt_len = batch['tokens'].shape[1] - logits.shape[1]
   actions = batch['tokens'][:, prompt_len:]
   logp = jnp.take_along_axis(logp_all, actions[..., None], -1)[..., 0]
   entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
   return logp, (hidden, entropy)
+
+
+def probe_metrics(logits, start_logits, mask) -> dict[str, jax.Array]:
+  """How far the policy moved on a fixed probe batch, as means over its valid tokens.
+
+  'probe/entropy': the next-token entropy of `logits` (a flattening distribution raises it
+  long before greedy accuracy moves); 'probe/kl_to_start': KL(start || now) of the full
+  next-token distributions, `start_logits` being the starting policy's on the same batch.
+  """
+  weight = (jnp.asarray(mask) > 0).astype(jnp.float32)
+  total = jnp.maximum(weight.sum(), 1.0)
+  return {
+    'probe/entropy': jnp.sum(rl.categorical_entropy(logits) * weight) / total,
+    'probe/kl_to_start': jnp.sum(rl.categorical_kl(start_logits, logits) * weight) / total,
+  }
+
+
+# What the step does with the tokens: the plain loss, CAPO's mask, a random mask at a fixed rate,
+# or CAPO's stats computed, logged and returned per token without masking (calibration).
+MASK_MODES = ('off', 'capo', 'random', 'log')
 
 
 def make_rl_step(
@@ -71,18 +96,38 @@ def make_rl_step(
   loss_options: dict,
   capo_options: Optional[dict] = None,
   grad_clip_norm: Optional[float] = None,
+  mask_mode: Optional[str] = None,
+  random_rate: Optional[float] = None,
+  random_seed: int = 0,
 ):
   """Returns step(state, batch) -> (state, metrics), pure and ready for jax.jit.
 
   `batch`: the `rollout_batch` dict plus 'advantages' [N] and, for a KL penalty, 'ref_logp'
   [N, L]. One gradient step per rollout batch, so old_logp is the current policy's (the ratio
   is exactly 1 and the clip fractions 0, as in TRL with one iteration).
-  With `capo_options` (tau_H, tau_F, symmetric, top_k, b1, b2, eps, chunk_size) tokens whose
-  predicted objective / policy change is too large leave the loss, and the shadow Adam advances
-  on the kept ones. With `grad_clip_norm` (the clip inside `optimizer`) the metric
-  'grad_clipped' is 1.0 on steps whose gradient it scales down, else 0.0.
+  `mask_mode` (None: 'capo' with `capo_options`, else 'off'):
+    'capo': with `capo_options` (tau_H, tau_F, symmetric, top_k, b1, b2, eps, chunk_size)
+      tokens whose predicted objective / policy change is too large leave the loss, and the
+      shadow Adam advances on the kept ones;
+    'log': CAPO's stats and shadow as in 'capo', but no token leaves the loss; the metrics
+      say what the thresholds would mask, and metrics['capo_tokens'] holds the per-token
+      {'m_H', 'm_F'} [N, L] (pop it before averaging metrics);
+    'random': `rl.random_mask` drops `random_rate` of the tokens with A != 0, its key
+      folded from `random_seed` and the step count (so a resumed run draws the same);
+    'off': every completion token enters the loss.
+  Every masking mode logs the masked shares over A != 0 tokens by the sign of A. With
+  `grad_clip_norm` (the clip inside `optimizer`) the metric 'grad_clipped' is 1.0 on steps
+  whose gradient it scales down, else 0.0.
   """
-  use_capo = capo_options is not None
+  if mask_mode is None:
+    mask_mode = 'capo' if capo_options is not None else 'off'
+  if mask_mode not in MASK_MODES:
+    raise ValueError(f'unknown mask_mode {mask_mode!r}; valid: {list(MASK_MODES)}')
+  use_capo = mask_mode in ('capo', 'log')
+  if use_capo and capo_options is None:
+    raise ValueError(f'mask_mode {mask_mode!r} needs capo_options (thresholds, top_k, ...)')
+  if mask_mode == 'random' and (random_rate is None or not 0.0 <= random_rate <= 1.0):
+    raise ValueError(f"mask_mode 'random' needs random_rate in [0, 1], got {random_rate!r}")
   stats_options = dict(capo_options or {})
   mask_options = {
     k: stats_options.pop(k) for k in ('tau_H', 'tau_F', 'symmetric') if k in stats_options
@@ -98,6 +143,7 @@ def make_rl_step(
     metrics = {}
     shadow = state.shadow
     lr = learning_rate(state.step)
+    loss_mask = mask
     if use_capo:
       hidden = jax.lax.stop_gradient(hidden).astype(jnp.float32)
       head = jax.lax.stop_gradient(head_fn(state.params)).astype(jnp.float32)
@@ -109,10 +155,16 @@ def make_rl_step(
         hidden, head, actions, advantages, shadow, lr, token_set=token_set, **stats_options
       )
       keep = rl.capo_mask(m_h, m_f, **mask_options) & (mask > 0)
-      metrics.update(rl.capo_metrics(m_h, m_f, keep, mask))
+      metrics.update(rl.capo_metrics(m_h, m_f, keep, mask, advantages=advantages))
+      if mask_mode == 'capo':
+        loss_mask = keep.astype(jnp.float32)
+      else:
+        metrics['capo_tokens'] = {'m_H': m_h, 'm_F': m_f}
+    elif mask_mode == 'random':
+      key = jax.random.fold_in(jax.random.key(random_seed), state.step)
+      keep = rl.random_mask(key, mask, advantages, rate=random_rate)
+      metrics.update(rl.masked_shares(keep, mask, advantages))
       loss_mask = keep.astype(jnp.float32)
-    else:
-      loss_mask = mask
     old_logp = jax.lax.stop_gradient(logp)
 
     def loss_of_logp(lp):

@@ -81,3 +81,43 @@ class Rollout:
         rl.exact_match_reward([e['prompt'] for e in chunk], texts, [e['answer'] for e in chunk])
       )
     return float(np.mean(np.concatenate(correct)))
+
+  def sampled_accuracy(
+    self,
+    params,
+    examples: Sequence[Mapping[str, str]],
+    key: jax.Array,
+    *,
+    num_samples: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    max_rows: int = 256,
+  ) -> tuple[float, float]:
+    """(mean exact match, its standard error) of `num_samples` sampled completions a prompt.
+
+    What the policy does when it samples, as in training: greedy accuracy can stay put while
+    the sampling distribution flattens (or flip when it does). The standard error is over
+    prompts (the std of the per-prompt means over sqrt(prompts)), since samples of one prompt
+    are correlated. Prompt chunk c draws with fold_in(key, c): a fixed key gives the same
+    draws at every evaluation, so changes between evaluations are the policy's.
+    """
+    per_chunk = max(1, max_rows // num_samples)
+    per_prompt = []
+    for chunk_index, start in enumerate(range(0, len(examples), per_chunk)):
+      chunk = examples[start : start + per_chunk]
+      _, _, samples, texts = self(
+        params,
+        chunk,
+        jax.random.fold_in(key, chunk_index),
+        num_samples=num_samples,
+        temperature=temperature,
+        top_k=top_k,
+      )
+      index = np.asarray(samples.prompt_index)
+      correct = rl.exact_match_reward(
+        [chunk[i]['prompt'] for i in index], texts, [chunk[i]['answer'] for i in index]
+      )
+      per_prompt.append(np.asarray(correct, np.float64).reshape(len(chunk), num_samples))
+    means = np.concatenate(per_prompt).mean(axis=1)
+    se = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else float('nan')
+    return float(means.mean()), se

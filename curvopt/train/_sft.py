@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -54,9 +55,9 @@ def task_weights(tasks: Any) -> dict[str, float]:
     weights = {str(k): float(v) for k, v in dict(tasks).items()}
   if not weights:
     raise ValueError(f'data.tasks names no task: {tasks!r}')
-  unknown = sorted(set(weights) - set(data_lib.TASK_NAMES))
+  unknown = sorted(set(weights) - set(data_lib.ALL_TASKS))
   if unknown:
-    raise ValueError(f'unknown task(s) {unknown} in data.tasks; valid: {list(data_lib.TASK_NAMES)}')
+    raise ValueError(f'unknown task(s) {unknown} in data.tasks; valid: {list(data_lib.ALL_TASKS)}')
   return weights
 
 
@@ -144,6 +145,16 @@ class _Evaluator:
       name: self._rollout.accuracy(params, examples) for name, examples in self._examples.items()
     }
 
+  def sampled_accuracy(self, params, *, num_samples: int, top_k: int, seed: int):
+    """{task: (mean, standard error)} of sampled completions at temperature 1 (what an RL run
+    starting from these params first samples)."""
+    return {
+      name: self._rollout.sampled_accuracy(
+        params, examples, jax.random.key(seed), num_samples=num_samples, top_k=top_k
+      )
+      for name, examples in self._examples.items()
+    }
+
 
 def _device_batch(batch: dict, sharding) -> dict:
   # prompt_mask is for samplers; the step reads only these two.
@@ -223,6 +234,19 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> SftResult:
       scalars['accuracy/mean'] = float(np.mean(list(accuracy.values())))
       if len(accuracy) > 1:
         shown[5:] = [f'accuracy/{k}' for k in accuracy]
+      if config.eval.get('samples_per_prompt'):
+        sampled = evaluator.sampled_accuracy(
+          params,
+          num_samples=config.eval.samples_per_prompt,
+          top_k=config.eval.top_k,
+          seed=config.eval.seed,
+        )
+        for name, (mean, se) in sampled.items():
+          scalars[f'sampled_accuracy/{name}'] = mean
+          scalars[f'sampled_accuracy_se/{name}'] = se
+        scalars['sampled_accuracy/mean'] = float(np.mean([m for m, _ in sampled.values()]))
+        if 'sampled_accuracy/mean' not in shown:
+          shown.insert(4, 'sampled_accuracy/mean')
     scalars['wall_s'] = time.perf_counter() - started
     return scalars
 

@@ -103,13 +103,13 @@ def test_format_contract_and_lengths(task, examples):
       assert len((e['prompt'] + e['completion']).encode()) <= _MAX_BYTES[task], e
 
 
-def _check_arithmetic(e):
+def _check_arithmetic(e, num_ops=range(2, 5)):
   expression = re.fullmatch(r'Q: (.*)=\?\n', e['prompt']).group(1)
   assert re.fullmatch(r'[0-9+\-*()]+', expression)
   value = eval(expression)  # pylint: disable=eval-used
   assert e['answer'] == str(value)
   *steps, _ = e['completion'].split('\n')
-  assert 2 <= len(steps) <= 4 and len(steps) == len(re.findall(r'[+\-*]', expression))
+  assert len(steps) in num_ops and len(steps) == len(re.findall(r'[+\-*]', expression))
   for line in steps:
     lhs, rhs = line.split('=')
     assert re.fullmatch(r'\d+[+\-*]\d+', lhs) and eval(lhs) == int(rhs), line  # pylint: disable=eval-used
@@ -171,6 +171,46 @@ def test_kv_recall_asks_one_fixed_table_in_held_out_phrasings(examples):
   for country, _, held_out in table:
     assert seen['test', country] == set(held_out)  # every key is tested ...
     assert seen['train', country] == set(range(6)) - set(held_out)  # ... and learnable
+
+
+# ----------------------------------------------------------- arithmetic's difficulty knob
+
+
+def _num_ops(example):
+  return len(example['completion'].split('\n')) - 1  # one worked line per operation
+
+
+@pytest.mark.parametrize(
+  'min_ops, max_ops', [(2, 4), (1, 3), (1, 4), (2, 3), (3, 3), (3, 4), (4, 4)]
+)
+def test_arithmetic_difficulty_draws_its_operation_counts(min_ops, max_ops):
+  task = data.arithmetic_task(min_ops, max_ops)
+  assert task in data.ARITHMETIC_TASKS and task in data.ALL_TASKS
+  assert _task_generators.arithmetic_num_ops(task) == tuple(range(min_ops, max_ops + 1))
+  test = _task_generators.generate_split(task, 'test')
+  counts = collections.Counter(map(_num_ops, test))
+  assert set(counts) == set(range(min_ops, max_ops + 1)), counts
+  for e in test:
+    _check_arithmetic(e, num_ops=range(min_ops, max_ops + 1))
+    assert len((e['prompt'] + e['completion']).encode()) <= _MAX_BYTES['arithmetic'], e
+  train = {e['prompt'] for e in _task_generators.generate_split(task, 'train', 500)}
+  assert not train & {e['prompt'] for e in test}
+
+
+def test_the_default_difficulty_is_the_arithmetic_task(examples):
+  assert data.arithmetic_task(2, 4) == 'arithmetic' and data.ARITHMETIC_TASKS[0] == 'arithmetic'
+  mean_ops = {
+    task: np.mean([_num_ops(e) for e in _task_generators.generate_split(task, 'test')])
+    for task in ('arithmetic_ops1-3', 'arithmetic_ops2-3', 'arithmetic_ops3-4')
+  }
+  mean_ops['arithmetic'] = np.mean([_num_ops(e) for e in examples['arithmetic', 'test']])
+  order = ('arithmetic_ops1-3', 'arithmetic_ops2-3', 'arithmetic', 'arithmetic_ops3-4')
+  assert [mean_ops[t] for t in order] == sorted(mean_ops.values()), mean_ops
+  for bad in ((1, 2), (2, 2), (0, 3), (3, 5)):  # too few distinct prompts, or rows too long
+    with pytest.raises(ValueError, match=r'no arithmetic task with .* valid \(min_ops, max_ops\)'):
+      data.arithmetic_task(*bad)
+  with pytest.raises(ValueError, match="'reversal' is not an arithmetic task"):
+    _task_generators.arithmetic_num_ops('reversal')
 
 
 def test_unknown_task_or_split_raises(tasks_dir):

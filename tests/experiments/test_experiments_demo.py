@@ -29,7 +29,7 @@ def test_demo_smoke_writes_report_and_plot(tmp_path, mini_data_dir):
   assert '## LANTON' in report and '| layers_' in report
   assert '## RL with the CAPO mask' in report
   for variant in ('grpo_aggressive', 'capo_aggressive'):
-    assert f'| {variant} | 1 | 16 |' in report  # one seed, 2 steps x 8 completions
+    assert f'| {variant} | 1 | 32 |' in report  # one seed, 2 steps x 4 prompts x 4 completions
   assert '## Model merging: OTA + FFG' in report
   for model in ('base', 'linear', 'ota', 'ota_ffg_d0.3', 'ota_ffg_rank1_d0.3'):
     row = next(line for line in report.splitlines() if line.startswith(f'| {model} |'))

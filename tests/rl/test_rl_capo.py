@@ -266,6 +266,106 @@ def test_metrics():
   np.testing.assert_allclose(out['capo/m_F_q1'], 3.0)
 
 
+def _reference_signed_metrics(m_h, m_f, keep, mask, adv, levels):
+  """The sign-split summaries with numpy, token by token."""
+  out = {}
+  valid = mask != 0
+  tokens = [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if valid[b, t]]
+  masked = [bt for bt in tokens if not keep[bt]]
+  out['capo/masked_frac'] = len(masked) / len(tokens)
+  groups = {'nz': lambda a: a != 0, 'pos': lambda a: a > 0, 'neg': lambda a: a < 0}
+  for name, member in groups.items():
+    group = [bt for bt in tokens if member(adv[bt[0]])]
+    out[f'capo/{name}/tokens'] = len(group)
+    out[f'capo/{name}/masked_frac'] = (
+      sum(not keep[bt] for bt in group) / len(group) if group else np.nan
+    )
+    for stat_name, stat in (('abs_m_H', np.abs(m_h)), ('m_F', m_f)):
+      values = np.sort([stat[bt] for bt in group])
+      for level in levels:
+        out[f'capo/{name}/{stat_name}_q{level:g}'] = (
+          np.interp(level * (len(values) - 1), np.arange(len(values)), values) if group else np.nan
+        )
+  masked_nz = [bt for bt in masked if adv[bt[0]] != 0]
+  out['capo/masked_pos_share'] = (
+    sum(adv[bt[0]] > 0 for bt in masked_nz) / len(masked_nz) if masked_nz else np.nan
+  )
+  return out
+
+
+@pytest.mark.parametrize('seed, zero_neg', [(0, False), (1, False), (2, True)])
+def test_sign_split_metrics_match_reference(seed, zero_neg):
+  rng = np.random.default_rng(seed)
+  m_h = rng.normal(size=(6, 7)).astype(np.float32)
+  m_f = rng.exponential(size=(6, 7)).astype(np.float32)
+  keep = rng.uniform(size=(6, 7)) < 0.7
+  mask = rng.uniform(size=(6, 7)) < 0.8
+  adv = rng.normal(size=6).astype(np.float32)
+  adv[0], adv[1], adv[2] = 0.0, -abs(adv[1]), abs(adv[2])
+  mask[1:3, 0] = True  # both signs have a valid token
+  if zero_neg:  # an empty group: its shares and quantiles are NaN
+    adv = np.abs(adv)
+  levels = (0.0, 0.5, 0.9, 1.0)
+  got = jax.jit(lambda *a: rl.capo_metrics(*a[:4], advantages=a[4], quantiles=levels))(
+    m_h, m_f, keep, mask, adv
+  )
+  want = _reference_signed_metrics(m_h, m_f, keep, mask, adv, levels)
+  assert set(got) == set(want)
+  for name, value in want.items():
+    np.testing.assert_allclose(float(got[name]), value, rtol=1e-5, err_msg=name)
+  assert np.isnan(float(got['capo/neg/masked_frac'])) == zero_neg
+  shares = rl.masked_shares(keep, mask, adv)
+  assert set(shares) == {n for n in want if '_q' not in n}
+  for name, value in shares.items():
+    np.testing.assert_allclose(float(value), want[name], rtol=1e-6, err_msg=name)
+
+
+def test_sign_split_metrics_on_8_devices(mesh8):
+  rng = np.random.default_rng(3)
+  args = (
+    rng.normal(size=(8, 5)).astype(np.float32),
+    rng.exponential(size=(8, 5)).astype(np.float32),
+    rng.uniform(size=(8, 5)) < 0.7,
+    rng.uniform(size=(8, 5)) < 0.8,
+    rng.normal(size=8).astype(np.float32),
+  )
+  fn = jax.jit(lambda *a: rl.capo_metrics(*a[:4], advantages=a[4]))
+  want = fn(*args)
+  data = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec('data'))
+  got = fn(*(jax.device_put(x, data) for x in args))
+  for name in want:
+    np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-6, err_msg=name)
+
+
+def test_calibrated_thresholds_are_percentiles_over_nonzero_advantages():
+  rng = np.random.default_rng(0)
+  m_h = rng.normal(size=(50, 40))
+  m_f = rng.exponential(size=(50, 40))
+  adv = np.repeat(rng.normal(size=(50, 1)), 40, axis=1)
+  adv[:10] = 0.0
+  mask = rng.uniform(size=(50, 40)) < 0.9
+  # Huge stats on A = 0 or invalid tokens must not move the thresholds.
+  m_h[:10] = 1e9
+  m_f[~mask] = 1e9
+  out = rl.capo_thresholds(m_h, m_f, adv, mask=mask, percentile_H=97.5, percentile_F=99.0)
+  members = mask & (adv != 0)
+  abs_h, f = np.sort(np.abs(m_h[members])), np.sort(m_f[members])
+  n = members.sum()
+  assert out.tokens == n
+  assert np.mean(abs_h < out.tau_H) == pytest.approx(0.975, abs=1.5 / n)
+  assert np.mean(f < out.tau_F) == pytest.approx(0.99, abs=1.5 / n)
+  assert out.masked_share == pytest.approx(
+    np.mean(~((np.abs(m_h[members]) < out.tau_H) & (m_f[members] < out.tau_F)))
+  )
+  assert 0.025 <= out.masked_share <= 0.035 + 1.5 / n  # the union of the two tails
+  keep = rl.capo_mask(m_h, m_f, tau_H=out.tau_H, tau_F=out.tau_F)
+  assert np.mean(~np.asarray(keep)[members]) == pytest.approx(out.masked_share)
+  with pytest.raises(ValueError, match='no valid token with a nonzero advantage'):
+    rl.capo_thresholds(m_h, m_f, np.zeros_like(adv), percentile_H=90, percentile_F=90)
+  with pytest.raises(ValueError, match=r'percentile_F must be in \(0, 100\], got 0'):
+    rl.capo_thresholds(m_h, m_f, adv, percentile_H=90, percentile_F=0)
+
+
 @pytest.mark.parametrize(
   'call, error',
   [

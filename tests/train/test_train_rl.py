@@ -99,7 +99,7 @@ def test_update_forward_reads_the_sampled_tokens_log_probs(policy):
   assert np.all(np.asarray(entropy)[valid] > 0)
 
 
-def _step_fn(model, capo_options, tx):
+def _step_fn(model, capo_options, tx, **mode):
   head_fn = functools.partial(models.output_head, cfg=model.cfg)
   return train.make_rl_step(
     _apply_fn(model),
@@ -108,6 +108,7 @@ def _step_fn(model, capo_options, tx):
     learning_rate=lambda s: 1e-4,
     loss_options={'agg': 'seq-mean-token-mean'},
     capo_options=capo_options,
+    **mode,
   )
 
 
@@ -165,6 +166,126 @@ def test_rl_step(policy, capo_options, expect_update, expect_masked):
         float(metrics['capo/masked_frac']), 1 - mask[zero_adv].sum() / mask.sum(), rtol=1e-6
       )
       np.testing.assert_array_equal(np.asarray(state.shadow.mu), 0.0)  # kept g are all 0
+
+
+def test_log_and_random_modes(policy):
+  """'log' moves the policy exactly as plain GRPO and returns the stats; 'random' drops the
+  rounded share of the A != 0 tokens, the same on a rerun of the step."""
+  model, params = policy
+  samples, batch = _rollout(model, params)
+  batch['advantages'] = rl.group_advantages(jnp.arange(8, dtype=jnp.float32) % 3, 4)
+  tx = optax.sgd(1e-2)
+  results = {}
+  for name, mode in (
+    ('off', dict(mask_mode='off')),
+    ('log', dict(mask_mode='log')),
+    ('random', dict(mask_mode='random', random_rate=0.5, random_seed=3)),
+  ):
+    options = _CAPO if name == 'log' else None
+    step = jax.jit(_step_fn(model, options, tx, **mode))
+    results[name] = step(_state(params, tx), batch)
+    if name == 'random':
+      again = step(_state(params, tx), batch)
+      jax.tree.map(np.testing.assert_array_equal, again[0].params, results[name][0].params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
+    results['log'][0].params,
+    results['off'][0].params,
+  )
+  state, metrics = results['log']
+  assert int(state.shadow.count) == 1
+  m_f = np.asarray(metrics['capo_tokens']['m_F'])
+  assert m_f.shape == samples.mask.shape and (m_f >= 0).all()
+  zero_adv = np.asarray(batch['advantages']) == 0
+  assert (m_f[zero_adv] == 0).all() and (m_f[~zero_adv] > 0).any()
+  assert 'capo/nz/masked_frac' in metrics and 'capo/pos/m_F_q0.5' in metrics
+  metrics = results['random'][1]
+  valid = np.asarray(samples.mask) > 0
+  n = (valid & ~zero_adv[:, None]).sum()
+  np.testing.assert_allclose(float(metrics['capo/nz/masked_frac']), round(0.5 * n) / n)
+  moved = optax.global_norm(
+    jax.tree.map(jnp.subtract, results['random'][0].params, results['off'][0].params)
+  )
+  assert float(moved) > 0
+  with pytest.raises(ValueError, match="mask_mode 'log' needs capo_options"):
+    _step_fn(model, None, tx, mask_mode='log')
+  with pytest.raises(ValueError, match="unknown mask_mode 'mask'; valid"):
+    _step_fn(model, None, tx, mask_mode='mask')
+  with pytest.raises(ValueError, match="'random' needs random_rate in"):
+    _step_fn(model, None, tx, mask_mode='random')
+
+
+def test_shadow_adam_follows_the_optimizer_config():
+  from curvopt.train import _rl  # pylint: disable=g-import-not-at-top
+
+  config = _rl_config(**{'optimizer.b1': 0.8, 'optimizer.eps': 1e-6})
+  options = _rl._capo_options(config)
+  assert (options['b1'], options['b2'], options['eps']) == (0.8, 0.999, 1e-6)
+  config.capo.b2 = 0.999  # restating the optimizer's value is fine
+  assert _rl._capo_options(config)['b2'] == 0.999
+  config.capo.b1 = 0.9
+  with pytest.raises(ValueError, match=r'capo.b1=0.9 differs from optimizer.b1=0.8'):
+    _rl._capo_options(config)
+  for overrides, match in (
+    ({'capo.mode': 'mask'}, "unknown capo.mode 'mask'; valid"),
+    ({'capo.mode': 'random'}, "capo.mode 'random' needs capo.random_rate in"),
+    ({'capo.tau_F': None}, 'capo.tau_F is unset'),
+  ):
+    with pytest.raises(ValueError, match=match):
+      _rl._capo_options(_rl_config(**overrides))
+  assert _rl._capo_options(_rl_config(**{'capo.mode': 'off'})) is None
+
+
+def test_probe_metrics_match_numpy():
+  from curvopt.train import _rl_step  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  logits, start = rng.normal(size=(2, 2, 3, 7)) * 3
+  mask = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+  out = _rl_step.probe_metrics(logits, start, mask)
+
+  def probs(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  entropies, kls = [], []
+  for b, t in zip(*np.nonzero(mask)):
+    p, p0 = probs(logits[b, t]), probs(start[b, t])
+    entropies.append(-sum(x * np.log(x) for x in p))
+    kls.append(sum(a * np.log(a / c) for a, c in zip(p0, p)))
+  np.testing.assert_allclose(out['probe/entropy'], np.mean(entropies), rtol=1e-5)
+  np.testing.assert_allclose(out['probe/kl_to_start'], np.mean(kls), rtol=1e-5)
+
+
+class _ScriptedRollout(train.Rollout):
+  """Completions decided by (key, prompt, sample): the draws sampled_accuracy makes."""
+
+  def __init__(self):  # pylint: disable=super-init-not-called
+    self.keys = []
+
+  def __call__(self, params, examples, key, *, num_samples=1, temperature=1.0, top_k=0, top_p=1):
+    del params, temperature, top_k, top_p
+    self.keys.append(key)
+    index = np.repeat(np.arange(len(examples)), num_samples)
+    texts = [
+      f'#### {examples[i]["answer"] if (int(examples[i]["answer"]) + j) % 3 else "x"}'
+      for i, j in zip(index, np.tile(np.arange(num_samples), len(examples)))
+    ]
+    return None, None, rl.Samples(None, None, None, None, index), texts
+
+
+def test_sampled_accuracy_and_its_standard_error_over_prompts():
+  examples = [{'prompt': f'Q: {i}\n', 'answer': str(i)} for i in range(10)]
+  rollout = _ScriptedRollout()
+  mean, se = rollout.sampled_accuracy(None, examples, jax.random.key(7), num_samples=4, max_rows=12)
+  per_prompt = np.array([np.mean([(i + j) % 3 != 0 for j in range(4)]) for i in range(10)])
+  assert mean == pytest.approx(per_prompt.mean())
+  assert se == pytest.approx(per_prompt.std(ddof=1) / np.sqrt(10))
+  assert len(rollout.keys) == 4  # chunks of 3 prompts x 4 samples, each its own key
+  for c, key in enumerate(rollout.keys):
+    np.testing.assert_array_equal(
+      jax.random.key_data(key), jax.random.key_data(jax.random.fold_in(jax.random.key(7), c))
+    )
 
 
 def test_rl_step_on_8_devices_equals_one(policy):
@@ -233,6 +354,14 @@ def test_halt_and_resume_equals_an_uninterrupted_run(tmp_path, mini_data_dir):
     for key in ('reward', 'loss', 'grad_norm', 'capo/masked_frac'):
       assert resumed_m[step][key] == full_m[step][key], (step, key)
   assert any(full_m[s]['grad_norm'] > 0 for s in (1, 2, 3, 4))  # the policy really moved
+  # Evaluations (steps 0, 2, 4): greedy and sampled accuracy; the probe at every step.
+  for step in (0, 2, 4):
+    for key in ('eval_accuracy', 'eval_sampled_accuracy', 'eval_sampled_accuracy_se'):
+      assert key in full_m[step], (step, key)
+  assert full_m[0]['probe/kl_to_start'] == pytest.approx(0.0, abs=1e-6)
+  assert all(full_m[s]['probe/entropy'] > 0 for s in range(5))
+  assert full_m[4]['probe/kl_to_start'] > 0
+  assert resumed_m[4]['eval_sampled_accuracy'] == full_m[4]['eval_sampled_accuracy']
 
   with pytest.raises(ValueError, match='config.capo differs'):
     train.train_rl(
@@ -242,25 +371,52 @@ def test_halt_and_resume_equals_an_uninterrupted_run(tmp_path, mini_data_dir):
     )
 
 
-@pytest.mark.parametrize(
-  'arg',
-  [
-    'grpo_conservative',
-    'grpo_aggressive',
-    'drgrpo_aggressive',
-    'capo_aggressive',
-    'drcapo_aggressive',
-    'test',
-  ],
-)
+# variant -> its capo.mode
+_RL_VARIANTS = {
+  'grpo_conservative': 'off',
+  'grpo_aggressive': 'off',
+  'drgrpo_aggressive': 'off',
+  'capo_aggressive': 'capo',
+  'drcapo_aggressive': 'capo',
+  'capo_calibrated': 'capo',
+  'random_aggressive': 'random',
+  'capo_log': 'log',
+  'test': 'capo',
+}
+
+
+@pytest.mark.parametrize('arg', sorted(_RL_VARIANTS))
 def test_rl_configs(arg):
   config = train.load_config(os.path.join(_CONFIGS, 'rl.py'), arg)
   assert config.advantage in rl.ADVANTAGE_MODES and config.loss.agg in rl.AGG_MODES
-  assert config.capo.enabled == ('capo' in arg or arg == 'test')
-  if arg.endswith('aggressive'):
+  assert config.capo.mode == _RL_VARIANTS[arg]
+  # Warm-up over 10% of the steps, cosine to 0, in every regime; the head untied.
+  assert config.schedule.name == 'warmup_cosine' and config.schedule.final_fraction == 0.0
+  assert config.schedule.warmup_steps == config.total_steps // 10
+  config.total_steps = 300
+  assert config.schedule.warmup_steps == 30  # follows an overridden total_steps
+  assert config.model.tie_embeddings is False
+  assert config.eval_every <= 5 and config.eval.probe_every == 1 or arg == 'test'
+  assert config.eval.sampled_prompts * config.eval.samples_per_prompt >= 1024 or arg == 'test'
+  assert config.seed == (100 if arg == 'capo_log' else 0)
+  if 'aggressive' in arg or arg in ('capo_calibrated', 'capo_log'):
     conservative = train.load_config(os.path.join(_CONFIGS, 'rl.py'), 'grpo_conservative')
     assert config.optimizer.learning_rate == 5 * conservative.optimizer.learning_rate
     assert 12 * config.rollout.prompts_per_step == conservative.rollout.prompts_per_step
+    assert config.rollout.prompts_per_step * config.rollout.group_size == 32
+
+
+def test_the_schedule_warms_up_then_decays_to_zero():
+  config = train.load_config(os.path.join(_CONFIGS, 'rl.py'), 'grpo_aggressive')
+  optimizer = train.make_optimizer(config.optimizer, config.total_steps, config.schedule)
+  peak, warmup = config.optimizer.learning_rate, config.total_steps // 10
+  rates = np.array([float(optimizer.learning_rate(s)) for s in range(config.total_steps + 1)])
+  assert rates[0] == 0.0 and rates[warmup] == pytest.approx(peak)
+  np.testing.assert_allclose(rates[: warmup + 1], np.linspace(0, peak, warmup + 1), rtol=1e-5)
+  decay = np.arange(warmup, config.total_steps + 1)
+  want = 0.5 * peak * (1 + np.cos(np.pi * (decay - warmup) / (config.total_steps - warmup)))
+  np.testing.assert_allclose(rates[warmup:], want, rtol=1e-4, atol=1e-12)
+  assert rates[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_group_size_one_is_refused(tmp_path):

@@ -41,9 +41,9 @@ def sft_config(sft_data_dir):
 
 @pytest.fixture(scope='module')
 def straight_run(sft_config, tmp_path_factory):
-  """An uninterrupted test-variant run (sampling evaluation on); its workdir and result."""
+  """An uninterrupted test-variant run (greedy and sampled evaluation on); workdir, result."""
   workdir = str(tmp_path_factory.mktemp('straight'))
-  return workdir, train.train_sft(sft_config(), workdir)
+  return workdir, train.train_sft(sft_config(**{'eval.samples_per_prompt': 2}), workdir)
 
 
 def _final_state(workdir):
@@ -117,6 +117,10 @@ def test_run_lowers_the_completion_loss_and_logs_accuracy(straight_run):
     assert 0.0 <= last[f'accuracy/{task}'] <= 1.0
     assert result.accuracy[task] == last[f'accuracy/{task}']
   assert last['accuracy/mean'] == pytest.approx(np.mean(list(result.accuracy.values())))
+  sampled = [last[f'sampled_accuracy/{task}'] for task in ('arithmetic', 'reversal')]
+  assert all(0.0 <= a <= 1.0 for a in sampled)
+  assert last['sampled_accuracy/mean'] == pytest.approx(np.mean(sampled))
+  assert last['sampled_accuracy_se/arithmetic'] >= 0.0
 
 
 def test_halt_and_resume_equals_uninterrupted(sft_config, straight_run, tmp_path):
@@ -231,7 +235,9 @@ def test_resume_with_other_tasks_is_refused(sft_config, straight_run):
   assert train.Checkpointer(workdir).latest_step() == 8
 
 
-_VARIANTS = ('arithmetic', 'multitask', 'test') + tuple(f'expert_{t}' for t in data.TASK_NAMES)
+_VARIANTS = ('arithmetic', 'arithmetic_untied', 'multitask', 'test') + tuple(
+  f'expert_{t}' for t in data.TASK_NAMES
+)
 
 
 @pytest.mark.parametrize('arg', _VARIANTS)
@@ -240,6 +246,13 @@ def test_config_variants_fit_their_tasks(arg):
   weights = _sft.task_weights(config.data.tasks)
   eval_tasks = _sft.task_weights(config.eval.tasks or config.data.tasks)
   assert config.optimizer.name == 'adamw'
+  # The RL policy's head is separate from its embedding, like its pretrained LM's.
+  assert (config.model.tie_embeddings is False) == (arg == 'arithmetic_untied')
+  if arg == 'arithmetic_untied':
+    rl_config = train.load_config(os.path.join(REPO, 'configs', 'rl.py'), 'grpo_aggressive')
+    lm_config = train.load_config(os.path.join(REPO, 'configs', 'lm.py'), 'tiny_untied')
+    assert config.model.to_dict() == rl_config.model.to_dict() == lm_config.model.to_dict()
+    assert config.eval.num_prompts * config.eval.samples_per_prompt >= 1024
   if arg.startswith('expert_'):
     assert weights == {arg[len('expert_') :]: 1.0} and set(eval_tasks) == set(data.TASK_NAMES)
   if arg == 'multitask':
