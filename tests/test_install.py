@@ -50,15 +50,39 @@ def _requirement_names(requirements):
   }
 
 
-def _third_party_imports(package):
+def _third_party_imports(package, *, lazy=False):
+  """Third-party modules `package` imports at module level (lazy: only inside functions)."""
   names = set()
   for path in sorted((REPO / 'curvopt' / package).glob('*.py')):
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    inside = {
+      id(n)
+      for f in ast.walk(tree)
+      if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+      for n in ast.walk(f)
+    }
+    for node in ast.walk(tree):
+      if (id(node) in inside) != lazy:
+        continue
       if isinstance(node, ast.Import):
         names.update(alias.name.split('.')[0] for alias in node.names)
       elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
         names.add(node.module.split('.')[0])
   return {n for n in names if n not in sys.stdlib_module_names and n != 'curvopt'}
+
+
+# Optional readers a method or model package imports inside the function that needs them, each
+# from an extra (module -> distribution).
+OPTIONAL = {'torch': 'torch', 'transformers': 'transformers', 'yaml': 'pyyaml'}
+
+
+@pytest.mark.parametrize('package', ['optim', 'rl', 'merge', 'models'])
+def test_lazy_imports_are_optional_extras(package):
+  extras = set().union(*(_requirement_names(r) for r in _setup_kwargs()['extras_require'].values()))
+  lazy = _third_party_imports(package, lazy=True) - set(DISTRIBUTIONS)
+  unknown = lazy - set(OPTIONAL)
+  assert not unknown, f'curvopt/{package} imports {sorted(unknown)} lazily, in no extra'
+  assert {OPTIONAL[n] for n in lazy} <= extras, sorted(lazy)
 
 
 def test_fresh_import_of_the_method_packages_pulls_in_no_heavy_dependency():
