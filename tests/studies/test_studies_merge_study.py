@@ -196,6 +196,8 @@ def test_configs(arg):
     train.load_config(os.path.join(_CONFIGS, 'merge_study.py'), 'nope')
 
 
+# Slow (~130 s): the report, score and overlap tests above cover its parts.
+@pytest.mark.slow
 def test_smoke_study_end_to_end_and_resume(tmp_path, monkeypatch):
   config = train.load_config(os.path.join(_CONFIGS, 'merge_study.py'), 'smoke')
   workdir = str(tmp_path / 'study')

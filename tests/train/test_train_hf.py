@@ -92,6 +92,8 @@ def test_sft_steps_from_a_checkpoint_on_an_fsdp_mesh(tmp_path_factory, sft_data_
   _assert_started_from(_final_params(workdir), loaded, 2.5 * config.optimizer.learning_rate)
 
 
+# Slow (~45 s): the SFT test above covers init_from='hf:' through the trainers' shared setup.
+@pytest.mark.slow
 def test_rl_steps_from_an_untied_checkpoint(tmp_path_factory, sft_data_dir):
   hf_dir = _hf_dir(tmp_path_factory, 'mistral')
   config = _config(
