@@ -43,24 +43,17 @@ def _bins_and_values(values, prefix, *, stage):
   )
 
 
-class _MassSelect:
+class _MassSelect(_radix.Select):
   """`_radix.Select` for a mass target: the bins weigh their values, and
   the weight needed is known once stage 0 has summed them all."""
 
-  def __init__(self, mass: float):
+  def __init__(self, mass: float):  # pylint: disable=super-init-not-called
+    # Select's state, less the count bookkeeping: `done` and `value` read only these.
     self.stage = 0
     self.prefix = 0
     self.bits = None
     self._mass = mass
     self._need = 0.0
-
-  @property
-  def done(self) -> bool:
-    return self.bits is not None
-
-  @property
-  def value(self) -> np.float32:
-    return np.int32(self.bits).view(np.float32)
 
   def feed(self, sums: np.ndarray) -> None:
     if self.stage == 0:
