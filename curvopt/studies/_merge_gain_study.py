@@ -42,7 +42,6 @@ import numpy as np
 from curvopt import data as data_lib
 from curvopt import merge
 from curvopt import models as models_lib
-from curvopt import rl
 from curvopt import train
 from curvopt.studies import _merge_metrics as mm
 from curvopt.studies import _merge_study
@@ -152,25 +151,16 @@ class Backend:
       self._examples[task] = source[: min(ecfg.num_prompts, len(source))]
     examples = self._examples[task]
     k = ecfg.num_samples if sampled else 1
-    per_call = max(1, ecfg.batch_size // k)
     key = jax.random.fold_in(jax.random.key(ecfg.sample_seed), data_lib.TASK_NAMES.index(task))
-    counts = []
-    for i, start in enumerate(range(0, len(examples), per_call)):
-      chunk = examples[start : start + per_call]
-      _, _, _, texts = self._rollout(
-        params,
-        chunk,
-        jax.random.fold_in(key, i),
-        num_samples=k,
-        temperature=ecfg.temperature if sampled else 0.0,
-      )
-      right = rl.exact_match_reward(
-        [e['prompt'] for e in chunk for _ in range(k)],
-        texts,
-        [e['answer'] for e in chunk for _ in range(k)],
-      )
-      counts.append(right.reshape(len(chunk), k).sum(axis=1))
-    return np.concatenate(counts).astype(np.int64)
+    right = self._rollout.per_prompt_correct(
+      params,
+      examples,
+      key,
+      num_samples=k,
+      temperature=ecfg.temperature if sampled else 0.0,
+      max_rows=ecfg.batch_size,
+    )
+    return right.sum(axis=1).astype(np.int64)
 
 
 class _OutcomeCache:

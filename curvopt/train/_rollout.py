@@ -82,7 +82,7 @@ class Rollout:
       )
     return float(np.mean(np.concatenate(correct)))
 
-  def sampled_accuracy(
+  def per_prompt_correct(
     self,
     params,
     examples: Sequence[Mapping[str, str]],
@@ -92,14 +92,11 @@ class Rollout:
     temperature: float = 1.0,
     top_k: int = 0,
     max_rows: int = 256,
-  ) -> tuple[float, float]:
-    """(mean exact match, its standard error) of `num_samples` sampled completions a prompt.
+  ) -> np.ndarray:
+    """[prompts, num_samples] exact match (0 / 1) of sampled completions.
 
-    What the policy does when it samples, as in training: greedy accuracy can stay put while
-    the sampling distribution flattens (or flip when it does). The standard error is over
-    prompts (the std of the per-prompt means over sqrt(prompts)), since samples of one prompt
-    are correlated. Prompt chunk c draws with fold_in(key, c): a fixed key gives the same
-    draws at every evaluation, so changes between evaluations are the policy's.
+    Prompt chunk c (at most `max_rows` completions) draws with fold_in(key, c): a fixed key
+    gives the same draws at every call, so changes between calls are the policy's.
     """
     per_chunk = max(1, max_rows // num_samples)
     per_prompt = []
@@ -118,6 +115,34 @@ class Rollout:
         [chunk[i]['prompt'] for i in index], texts, [chunk[i]['answer'] for i in index]
       )
       per_prompt.append(np.asarray(correct, np.float64).reshape(len(chunk), num_samples))
-    means = np.concatenate(per_prompt).mean(axis=1)
+    return np.concatenate(per_prompt)
+
+  def sampled_accuracy(
+    self,
+    params,
+    examples: Sequence[Mapping[str, str]],
+    key: jax.Array,
+    *,
+    num_samples: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    max_rows: int = 256,
+  ) -> tuple[float, float]:
+    """(mean exact match, its standard error) of `num_samples` sampled completions a prompt.
+
+    What the policy does when it samples, as in training: greedy accuracy can stay put while
+    the sampling distribution flattens (or flip when it does). The standard error is over
+    prompts (the std of the per-prompt means over sqrt(prompts)), since samples of one prompt
+    are correlated. The draws are `per_prompt_correct`'s: the same at every evaluation.
+    """
+    means = self.per_prompt_correct(
+      params,
+      examples,
+      key,
+      num_samples=num_samples,
+      temperature=temperature,
+      top_k=top_k,
+      max_rows=max_rows,
+    ).mean(axis=1)
     se = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else float('nan')
     return float(means.mean()), se
