@@ -12,8 +12,9 @@ device's slice read on its own) and reports its peak resident memory (VmHWM) aga
 checkpoint's bytes. On CPU devices the loaded parameters themselves live in host memory, so the
 loader's own cost is the peak minus the resident set before loading minus the parameter bytes;
 on a GPU the parameters leave the host and the peak is that cost. The loader holds one slice of
-one tensor at a time, so the cost is bounded by the largest tensor (the embedding, 250 MiB at
-7B in bf16), not by the model: a 7B load (13.5 GB) peaks at the same cost as this one.
+one tensor at a time, so the cost follows the largest tensor (the embedding, 250 MiB at 7B in
+bf16) far more than the model: 0.59 GiB for 8 blocks (3.5 GiB), 0.96 GiB for all 32 (12.6 GiB;
+benchmarks/RESULTS.md).
 `--cpu_devices=8` splits the host into 8 CPU devices (the FSDP path) for a CPU-only machine.
 """
 
