@@ -47,7 +47,15 @@ class SftResult:
 
 
 def task_weights(tasks: Any) -> dict[str, float]:
-  """{task: weight} from a config's data.tasks (a dict, or a comma-separated str of names)."""
+  """{task: weight} from a config's data.tasks (a dict, or a comma-separated str of names).
+
+  A name is a synthetic task or 'jsonl:/path/to/dir' (data.jsonl_task_source's files).
+  """
+  if tasks is None:
+    raise ValueError(
+      'data.tasks is unset: name synthetic tasks (e.g. arithmetic,reversal) or a directory of '
+      'GSM8K-style train.jsonl / test.jsonl, --config.data.tasks=jsonl:/path/to/dir'
+    )
   if isinstance(tasks, str):
     names = [t.strip() for t in tasks.split(',') if t.strip()]
     weights = {name: 1.0 for name in names}
@@ -55,9 +63,14 @@ def task_weights(tasks: Any) -> dict[str, float]:
     weights = {str(k): float(v) for k, v in dict(tasks).items()}
   if not weights:
     raise ValueError(f'data.tasks names no task: {tasks!r}')
-  unknown = sorted(set(weights) - set(data_lib.ALL_TASKS))
+  unknown = sorted(
+    n for n in weights if n not in data_lib.ALL_TASKS and not n.startswith(data_lib.JSONL_PREFIX)
+  )
   if unknown:
-    raise ValueError(f'unknown task(s) {unknown} in data.tasks; valid: {list(data_lib.ALL_TASKS)}')
+    raise ValueError(
+      f'unknown task(s) {unknown} in data.tasks; valid: {list(data_lib.ALL_TASKS)} or '
+      f"'{data_lib.JSONL_PREFIX}/path/to/dir' (GSM8K-style train.jsonl / test.jsonl)"
+    )
   return weights
 
 
