@@ -19,6 +19,13 @@ Variants:
   capo_log            calibration: CAPO's stats logged per token, nothing masked, seed 100
                       (a seed no study run uses)
   test                seconds, from scratch
+  qwen2_5_0_5b_gsm8k  GRPO from a Hugging Face Qwen2.5-0.5B(-Instruct) directory on GSM8K-style
+  qwen2_5_1_5b_gsm8k  JSONL (data.jsonl_task_source: train.jsonl, test.jsonl), on a GPU / TPU mesh:
+                      bf16 compute, fp32 params and AdamW state, lr 1e-6, 128 prompts x 8 a
+                      step, 512 new tokens. The model and the data are the user's to name:
+  python experiments/train_rl.py --config=configs/rl.py:qwen2_5_0_5b_gsm8k --workdir=/ckpt/grpo \
+      --config.init_from=hf:/models/Qwen2.5-0.5B-Instruct --config.task.name=jsonl:/data/gsm8k
+  Memory and time per step: benchmarks/estimate_hf_memory.py (BUILD.md).
 """
 
 import os
@@ -45,7 +52,12 @@ _VARIANTS = (
   'random_aggressive',
   'capo_log',
   'test',
+  'qwen2_5_0_5b_gsm8k',
+  'qwen2_5_1_5b_gsm8k',
 )
+# GSM8K's train split (7,473 problems) three times over at 128 prompts a step.
+_GSM8K_PROMPTS = 128
+_GSM8K_STEPS = 175
 
 
 def get_config(arg: str = 'capo_aggressive') -> ml_collections.ConfigDict:
@@ -162,4 +174,42 @@ def get_config(arg: str = 'capo_aggressive') -> ml_collections.ConfigDict:
     config.checkpoint.async_save = False
     config.tensorboard = False
     config.mesh.num_devices = 1
+  if arg.endswith('_gsm8k'):
+    _hf_gsm8k(config)
   return config
+
+
+def _hf_gsm8k(config: ml_collections.ConfigDict) -> None:
+  """GRPO from a Hugging Face checkpoint on GSM8K-style JSONL (the *_gsm8k variants).
+
+  The two sizes share every setting: the checkpoint at init_from sets the shapes.
+  """
+  # The checkpoint's config.json is the model: no preset name, only numerics here. Left
+  # unset, the trainer refuses to start and asks for --config.init_from=hf:/path.
+  config.init_from = config_dict.placeholder(str)
+  config.model = ml_collections.ConfigDict()
+  config.model.name = config_dict.placeholder(str)
+  config.model.dtype = 'bfloat16'  # compute and KV cache
+  # AdamW at lr 1e-6 moves a weight by ~1e-6, far below bf16's resolution (2^-8 relative):
+  # bf16 parameters would drop most updates, so they and the moments stay fp32.
+  config.model.param_dtype = 'float32'
+  config.model.remat = True  # the update's activations at 1,024 x 832 tokens dominate memory
+  config.model.attention_impl = config_dict.placeholder(str)
+  config.model.max_len = 1024  # >= max_prompt_len + max_new_tokens
+  # 'jsonl:/dir' with dir/train.jsonl and dir/test.jsonl (GSM8K's files); left unset, the
+  # trainer refuses to start and says so.
+  config.task.name = config_dict.placeholder(str)
+  config.task.max_prompt_len = 320  # GSM8K questions in a Qwen chat turn: < 300 tokens
+  config.task.eval_prompts = 1319  # all of GSM8K's test split, greedy
+  config.total_steps = _GSM8K_STEPS
+  config.eval_every = 25
+  config.log_every = 1
+  config.eval.update(sampled_prompts=256, samples_per_prompt=4, probe_prompts=64, probe_every=0)
+  # The reference GRPO recipe: G = 8, lr 1e-6 with 10% warm-up and cosine decay to 0, no KL.
+  config.rollout.update(prompts_per_step=_GSM8K_PROMPTS, group_size=8, max_new_tokens=512)
+  config.optimizer.update(learning_rate=1e-6, weight_decay=0.0, grad_clip_norm=1.0)
+  config.loss.beta = 0.0
+  config.capo.mode = 'off'  # 'capo' adds the mask at the reference thresholds
+  config.checkpoint.every = 25
+  config.checkpoint.keep = 2
+  config.mesh.update(data=1, fsdp=-1, num_devices=None)  # FSDP over every device

@@ -21,6 +21,10 @@ Variants:
                    format), fine-tuned with AdamW (its checkpoint keeps Adam's nu); start it
                    from the multitask base with --config.init_from.
   test             seconds, for tests: a 2-layer d=32 decoder.
+  hf_gsm8k         a Hugging Face checkpoint (e.g. Qwen2.5-0.5B) fine-tuned on GSM8K-style
+                   JSONL before GRPO (configs/rl.py:qwen2_5_0_5b_gsm8k); both must be named:
+  python experiments/sft.py --config=configs/sft.py:hf_gsm8k --workdir=/ckpt/sft \
+      --config.init_from=hf:/models/Qwen2.5-0.5B --config.data.tasks=jsonl:/data/gsm8k
 """
 
 import os
@@ -31,7 +35,7 @@ from ml_collections import config_dict
 from curvopt import train
 
 TASK_NAMES = ('arithmetic', 'reversal', 'sorting', 'kv_recall', 'format')
-_VARIANTS = ('arithmetic', 'arithmetic_untied', 'multitask', 'test') + tuple(
+_VARIANTS = ('arithmetic', 'arithmetic_untied', 'multitask', 'test', 'hf_gsm8k') + tuple(
   f'expert_{t}' for t in TASK_NAMES
 )
 
@@ -57,7 +61,11 @@ def get_config(arg: str = 'arithmetic') -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.0
 
   config.data = ml_collections.ConfigDict()
-  config.data.tasks = ml_collections.ConfigDict({'arithmetic': 1.0})  # task -> mixture weight
+  if arg == 'hf_gsm8k':
+    # A str, so that --config.data.tasks=jsonl:/path/to/dir sets it; unset, the trainer says so.
+    config.data.tasks = config_dict.placeholder(str)
+  else:
+    config.data.tasks = ml_collections.ConfigDict({'arithmetic': 1.0})  # task -> mixture weight
   config.data.data_dir = config_dict.placeholder(str)  # default: $TFDS_DATA_DIR or <workdir>/tfds
   config.data.batch_size = 32
   config.data.seq_len = 64  # arithmetic examples are <= 61 tokens with BOS and EOS
@@ -107,6 +115,31 @@ def get_config(arg: str = 'arithmetic') -> ml_collections.ConfigDict:
     config.tensorboard = False
     config.mesh.num_devices = 1
     config.checkpoint.every = 4
+  elif arg == 'hf_gsm8k':
+    _hf_gsm8k(config)
   config.schedule.warmup_steps = max(2, config.total_steps // 20)
   config.checkpoint.every = min(config.checkpoint.every, config.total_steps)
   return config
+
+
+def _hf_gsm8k(config: ml_collections.ConfigDict) -> None:
+  """SFT of a Hugging Face checkpoint on GSM8K-style JSONL (the hf_gsm8k variant)."""
+  # The checkpoint's config.json is the model; left unset, the trainer asks for init_from.
+  config.init_from = config_dict.placeholder(str)
+  config.model = ml_collections.ConfigDict()
+  config.model.name = config_dict.placeholder(str)
+  config.model.dtype = 'bfloat16'
+  config.model.param_dtype = 'float32'  # updates of lr 1e-5 are below bf16's resolution
+  config.model.remat = True
+  config.model.max_len = 1024
+  config.data.batch_size = 64
+  config.data.seq_len = 768  # a GSM8K question and worked solution: < 600 Qwen tokens
+  config.total_steps = 350  # GSM8K's 7,473 training problems three times over
+  config.log_every = 10
+  config.eval_every = 50
+  config.optimizer.learning_rate = 1e-5
+  config.eval.num_prompts = 256
+  config.eval.max_prompt_len = 320
+  config.eval.max_new_tokens = 512
+  config.checkpoint.every = 50
+  config.mesh.update(data=1, fsdp=-1, num_devices=None)

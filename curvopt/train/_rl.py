@@ -308,6 +308,11 @@ class RLRun(NamedTuple):
 
 def check_rl_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError for an RL config train_rl would refuse (before any set-up)."""
+  if not config.task.name:
+    raise ValueError(
+      'config.task.name is unset: name a synthetic task (e.g. arithmetic) or a directory of '
+      'GSM8K-style train.jsonl / test.jsonl, --config.task.name=jsonl:/path/to/dir'
+    )
   roll = config.rollout
   if roll.group_size < 2 and config.advantage != 'none':
     raise ValueError(

@@ -137,6 +137,12 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   mesh = _sharding.make_mesh(**config.mesh)
   path = hf_dir(config)
   if path is None:
+    if config.model.get('name') is None:
+      # A config that leaves the model to a checkpoint (configs/rl.py:qwen2_5_0_5b_gsm8k).
+      raise ValueError(
+        "config.model.name is unset and config.init_from is not 'hf:/path': this config takes "
+        'its model from a Hugging Face checkpoint; set --config.init_from=hf:/path/to/model'
+      )
     model_cfg = model_config_from(config.model)
     tokenizer = data_lib.ByteTokenizer()
   else:

@@ -1,6 +1,7 @@
 """The trainers from a Hugging Face checkpoint (`init_from='hf:/path'`): SFT, RL and LM start
 from its params, read into their FSDP shards, with its tokenizer."""
 
+import json
 import os
 import shutil
 
@@ -111,6 +112,51 @@ def test_rl_steps_from_an_untied_checkpoint(tmp_path_factory, sft_data_dir):
   _, loaded = models.load_hf(hf_dir)
   # grad_clip_norm bounds the first steps' Adam updates by lr as well.
   _assert_started_from(_final_params(workdir), loaded, 2.5 * config.optimizer.learning_rate)
+
+
+def _write_gsm8k_jsonl(directory):
+  """A GSM8K-style train.jsonl / test.jsonl of short questions (the fixture tokenizer spends a
+  token a character)."""
+  splits = {'train': [(1, 2), (3, 4), (5, 6), (7, 8)], 'test': [(2, 2), (6, 3)]}
+  for split, pairs in splits.items():
+    with open(os.path.join(directory, f'{split}.jsonl'), 'w') as f:
+      for a, b in pairs:
+        answer = f'{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}'
+        f.write(json.dumps({'question': f'{a}+{b}?', 'answer': answer}) + '\n')
+  return str(directory)
+
+
+# Slow (~50 s): tests/data covers task_source('jsonl:...'), which is all the RL trainer calls,
+# and tests/train/test_train_sft.py trains on a JSONL task by default.
+@pytest.mark.slow
+def test_rl_steps_from_a_checkpoint_on_gsm8k_style_jsonl(tmp_path_factory):
+  hf_dir = _hf_dir(tmp_path_factory, 'qwen2')
+  jsonl_dir = _write_gsm8k_jsonl(tmp_path_factory.mktemp('gsm8k'))
+  config = _config(
+    'rl',
+    hf_dir,
+    total_steps=2,
+    **{
+      'task.name': f'jsonl:{jsonl_dir}',
+      'model.max_len': 128,
+      'task.eval_prompts': 2,
+      'eval.sampled_prompts': 2,
+      'capo.mode': 'off',
+    },
+  )
+  workdir = str(tmp_path_factory.mktemp('rl_gsm8k'))
+  # The exact-match reward of the configs: a random policy scores 0, so the advantages are
+  # 0 and the steps leave the params; the run reads, samples, rewards and checkpoints.
+  result = train.train_rl(config, workdir)
+  assert result.step == 2 and result.completions_seen == 2 * 4 * config.rollout.prompts_per_step
+  assert 0 <= result.reward <= 1 and 0 <= result.eval_accuracy <= 1
+  ckpt = train.Checkpointer(workdir)
+  assert ckpt.latest_step() == 2
+  _, stream = ckpt.restore(2)
+  ckpt.close()
+  assert stream == {'position': 2 * config.rollout.prompts_per_step}  # two epochs of 4 prompts
+  rows = [r for r in train.read_metrics(workdir) if 'reward' in r]
+  assert [r['step'] for r in rows] == [1, 2]
 
 
 def test_lm_setup_takes_the_checkpoint_and_its_tokenizer(tmp_path_factory):

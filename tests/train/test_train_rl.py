@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -404,6 +405,70 @@ def test_rl_configs(arg):
     assert config.optimizer.learning_rate == 5 * conservative.optimizer.learning_rate
     assert 12 * config.rollout.prompts_per_step == conservative.rollout.prompts_per_step
     assert config.rollout.prompts_per_step * config.rollout.group_size == 32
+
+
+# GRPO from a Hugging Face checkpoint on GSM8K-style JSONL; they differ only in the model.
+_GSM8K_VARIANTS = ('qwen2_5_0_5b_gsm8k', 'qwen2_5_1_5b_gsm8k')
+
+
+def test_every_rl_variant_is_tested():
+  with pytest.raises(ValueError, match='unknown configs/rl.py variant') as error:
+    train.load_config(os.path.join(_CONFIGS, 'rl.py'), 'nope')
+  valid = set(re.findall(r"'(\w+)'", str(error.value).split('valid:')[1]))
+  assert valid == set(_RL_VARIANTS) | set(_GSM8K_VARIANTS)
+
+
+@pytest.mark.parametrize('arg', _GSM8K_VARIANTS)
+def test_gsm8k_configs(arg):
+  config = train.load_config(os.path.join(_CONFIGS, 'rl.py'), arg)
+  # The user names the checkpoint and the data; the checkpoint sets the shapes.
+  assert config.init_from is None and config.task.name is None and config.model.name is None
+  assert set(config.model) == {'name', 'dtype', 'param_dtype', 'remat', 'attention_impl', 'max_len'}
+  assert (config.model.dtype, config.model.param_dtype, config.model.remat) == (
+    'bfloat16',
+    'float32',
+    True,
+  )
+  assert config.task.max_prompt_len + config.rollout.max_new_tokens <= config.model.max_len
+  # The reference GRPO recipe: G = 8, lr 1e-6, 10% warm-up then cosine to 0, 128 prompts.
+  roll = config.rollout
+  assert (roll.group_size, roll.prompts_per_step, roll.max_new_tokens) == (8, 128, 512)
+  assert config.optimizer.name == 'adamw' and config.optimizer.learning_rate == 1e-6
+  assert config.schedule.name == 'warmup_cosine' and config.schedule.final_fraction == 0.0
+  assert config.schedule.warmup_steps == config.total_steps // 10
+  assert config.advantage in rl.ADVANTAGE_MODES and config.loss.agg in rl.AGG_MODES
+  assert config.capo.mode == 'off' and config.loss.beta == 0.0
+  assert isinstance(config.total_steps, int) and config.total_steps * 128 >= 3 * 7473 - 128
+  assert (config.mesh.data, config.mesh.fsdp, config.mesh.num_devices) == (1, -1, None)
+  train.check_rl_config(_with(config, **{'task.name': 'jsonl:/data/gsm8k'}))
+
+
+def _with(config, **overrides):
+  config = config.copy_and_resolve_references()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+# (overrides of a gsm8k variant, error fragment): the placeholders left unset.
+_GSM8K_UNSET = [
+  ({}, r'config.task.name is unset: .*--config.task.name=jsonl:/path/to/dir'),
+  (
+    {'task.name': 'jsonl:/data/gsm8k'},
+    r"config.model.name is unset and config.init_from is not 'hf:/path'.*"
+    r'--config.init_from=hf:/path/to/model',
+  ),
+]
+
+
+@pytest.mark.parametrize('overrides,fragment', _GSM8K_UNSET)
+def test_gsm8k_configs_refuse_to_start_unset(overrides, fragment, tmp_path):
+  config = _with(
+    train.load_config(os.path.join(_CONFIGS, 'rl.py'), 'qwen2_5_0_5b_gsm8k'),
+    **overrides,
+    **{'mesh.num_devices': 1},
+  )
+  with pytest.raises(ValueError, match=fragment):
+    train.train_rl(config, str(tmp_path))
 
 
 def test_the_schedule_warms_up_then_decays_to_zero():

@@ -1,10 +1,12 @@
 """The SFT trainer: completion-only loss, resume exactness, 8 devices vs 1, Adam's nu in the
 checkpoint, init_from another run, and the accuracy evaluation."""
 
+import json
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -276,3 +278,34 @@ def test_config_variants_fit_their_tasks(arg):
 def test_unknown_config_variant_raises():
   with pytest.raises(ValueError, match='unknown configs/sft.py variant'):
     train.load_config(os.path.join(REPO, 'configs', 'sft.py'), 'expert_algebra')
+
+
+def _write_jsonl(directory, questions):
+  """GSM8K-style train.jsonl and test.jsonl of 'a+b' questions."""
+  for split, pairs in questions.items():
+    with open(os.path.join(directory, f'{split}.jsonl'), 'w') as f:
+      for a, b in pairs:
+        answer = f'{a}+{b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}'
+        f.write(json.dumps({'question': f'{a}+{b}?', 'answer': answer}) + '\n')
+
+
+def test_sft_on_a_jsonl_task(sft_config, tmp_path):
+  _write_jsonl(tmp_path, {'train': [(1, 2), (30, 4), (5, 60)], 'test': [(7, 8), (9, 10)]})
+  name = f'jsonl:{tmp_path}'
+  config = sft_config(total_steps=2, eval_every=2, **{'eval.num_prompts': 2})
+  config.data.tasks = ml_collections.ConfigDict({name: 1.0})
+  result = train.train_sft(config, str(tmp_path / 'run'))
+  assert result.step == 2 and np.isfinite(result.train_loss) and np.isfinite(result.eval_loss)
+  assert set(result.accuracy) == {name} and 0 <= result.accuracy[name] <= 1
+
+
+def test_hf_gsm8k_variant_names_its_data_and_model():
+  config = train.load_config(os.path.join(REPO, 'configs', 'sft.py'), 'hf_gsm8k')
+  assert config.init_from is None and config.model.name is None
+  assert (config.model.dtype, config.model.param_dtype) == ('bfloat16', 'float32')
+  assert config.data.seq_len <= config.model.max_len
+  assert config.eval.max_prompt_len + config.eval.max_new_tokens <= config.model.max_len
+  with pytest.raises(ValueError, match='data.tasks is unset: .*--config.data.tasks=jsonl:/'):
+    _sft.task_weights(config.data.tasks)
+  config.data.tasks = 'jsonl:/data/gsm8k'  # what --config.data.tasks=jsonl:/data/gsm8k sets
+  assert _sft.task_weights(config.data.tasks) == {'jsonl:/data/gsm8k': 1.0}
