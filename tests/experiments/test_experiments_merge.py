@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,10 +15,13 @@ import pytest
 from safetensors.numpy import save_file
 import yaml
 
+from curvopt import data
 from curvopt import merge
+from curvopt import models
 from curvopt import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.path.join(REPO, 'tests', 'fixtures', 'hf')
 SHAPES = {
   'model.embed_tokens.weight': (16, 8),
   'model.layers.0.mlp.up_proj.weight': (16, 8),
@@ -287,3 +291,59 @@ def test_ota_of_trainer_checkpoints(tmp_path):
   got = merge.SafetensorsReader(str(tmp_path / 'out')).read(order)
   for name in order:
     np.testing.assert_array_equal(got[name], np.asarray(want[name]), err_msg=name)
+
+
+def _bf16_hf_checkpoint(path, model_cfg, params):
+  models.save_hf(str(path), model_cfg, params, dtype='bfloat16')
+  for f in os.listdir(os.path.join(FIXTURES, 'tokenizer')):
+    shutil.copy(os.path.join(FIXTURES, 'tokenizer', f), path)
+  _, loaded = models.load_hf(str(path))  # fp32 holding the stored bf16 values exactly
+  return loaded
+
+
+def test_merge_binary_round_trips_a_hugging_face_model(tmp_path):
+  """A task-arithmetic merge of save_hf experts loads back with load_hf as numpy computes it."""
+  model_cfg, fixture = models.load_hf(os.path.join(FIXTURES, 'qwen2'))
+  rng = np.random.default_rng(3)
+  base = _bf16_hf_checkpoint(tmp_path / 'base', model_cfg, fixture)
+  experts = [
+    _bf16_hf_checkpoint(
+      tmp_path / f'e{t}',
+      model_cfg,
+      jax.tree.map(lambda p: p + 0.05 * rng.normal(size=p.shape).astype(np.float32), fixture),
+    )
+    for t in range(2)
+  ]
+  out = tmp_path / 'out'
+  done = _run_config(
+    os.path.join(REPO, 'configs', 'merge.py') + ':task_arithmetic',
+    f'--output={out}',
+    f'--config.base={tmp_path / "base"}',
+    f'--config.experts={tmp_path / "e0"},{tmp_path / "e1"}',
+    '--config.weights=1,0.5',
+    '--config.options.scale=0.75',
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  for name in ('config.json', 'tokenizer.json'):
+    assert (out / name).exists(), sorted(os.listdir(out))
+
+  got_cfg, got = models.load_hf(str(out))
+  assert got_cfg == model_cfg
+  base_tokenizer = data.HFTokenizer(str(tmp_path / 'base'))
+  assert data.HFTokenizer(str(out)).vocab_size == base_tokenizer.vocab_size
+
+  def reference(b, e0, e1):
+    # The merge kernel's fp32 operations in its order, acc = w0 (e0 - b) + w1 (e1 - b), then
+    # b + scale acc, rounded to the stored bf16: bit for bit what the binary writes.
+    b, e0, e1 = (np.asarray(x, np.float32) for x in (b, e0, e1))
+    acc = np.float32(0) + np.float32(1) * (e0 - b)
+    acc = acc + np.float32(0.5) * (e1 - b)
+    return (b + np.float32(0.75) * acc).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+  want = jax.tree.map(reference, base, *experts)
+  for (path, g), w, b in zip(
+    jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), jax.tree.leaves(base)
+  ):
+    g = np.asarray(g)
+    assert not np.array_equal(g, np.asarray(b)), path  # merged, not copied
+    np.testing.assert_array_equal(g, w, err_msg=str(path))
