@@ -2,7 +2,7 @@ r"""Memory and time of a GRPO step from a Hugging Face checkpoint: an estimate, 
 
   python benchmarks/estimate_hf_memory.py                  # Qwen2.5-0.5B and 1.5B, their configs
   python benchmarks/estimate_hf_memory.py --devices=32 --accelerator=h100
-  python benchmarks/estimate_hf_memory.py --prompts_per_step=32   # what 8 x H200 hold
+  python benchmarks/estimate_hf_memory.py --prompts_per_step=128  # the reference recipe's batch
   python benchmarks/estimate_hf_memory.py --config_json=/models/X/config.json \
       --rl_config=qwen2_5_1_5b_gsm8k
 
