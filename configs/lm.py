@@ -71,8 +71,9 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.optimizer.lanton_mapping = 'mean_ratio'  # or 'min_ratio', 'ones' (no adaptation)
   config.optimizer.lanton_nesterov = config_dict.placeholder(bool)  # None: False
   # The sign LMO moves every embedding / head entry by the full step: a smaller share of the
-  # schedule keeps it in line with the hidden matrices' spectral steps (1.0: the full schedule).
-  config.optimizer.lanton_embed_head_scale = 1.0
+  # schedule keeps it in line with the hidden matrices' spectral steps (1.0: the full schedule,
+  # optim.lanton's own default). 0.1 is the share every LANTON run of docs/lm_experiments.md used.
+  config.optimizer.lanton_embed_head_scale = 0.1
   # The noise estimate's second Newton-Schulz is LANTON's main cost: refresh it every k steps
   # and / or with fewer iterations (None: every step, the update's own ns_steps).
   config.optimizer.lanton_noise_every = config_dict.placeholder(int)
@@ -82,12 +83,12 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.optimizer.lanton_vector = config_dict.placeholder(str)
   config.optimizer.lanton_vector_scale = config_dict.placeholder(float)
   # Noise adaptation of dmuon_noise (D-Muon times optim.noise_adaptive's factors); lanton and
-  # lanton_mean read the options too (their mapping is lanton_mapping's). None keeps defaults.
-  config.optimizer.noise_mapping = config_dict.placeholder(str)  # None: 'mean_ratio'; or
-  # 'min_ratio', 'ones'
-  config.optimizer.noise_exponent = config_dict.placeholder(float)  # None: 0.5 (e.g. 0.25)
-  config.optimizer.noise_normaliser = config_dict.placeholder(str)  # mean_ratio: 'arithmetic'
-  # (None) or 'geometric'
+  # lanton_mean read the options too (their mapping is lanton_mapping's). dmuon_noise with every
+  # field None: mean_ratio, p = 1/4, geometric mean (optim.noise_adaptive's default, the best
+  # recipe of docs/lm_experiments.md); a named mapping starts from its own defaults.
+  config.optimizer.noise_mapping = config_dict.placeholder(str)  # 'mean_ratio', 'min_ratio', 'ones'
+  config.optimizer.noise_exponent = config_dict.placeholder(float)  # the ratio's power p
+  config.optimizer.noise_normaliser = config_dict.placeholder(str)  # 'arithmetic', 'geometric'
   config.optimizer.noise_s_min = config_dict.placeholder(float)  # mean_ratio's clip; None: 0.1
   config.optimizer.noise_s_max = config_dict.placeholder(float)  # None: 3.0
   # True: the scale-free variant, noise relative to the momentum's squared dual norm (None: False)

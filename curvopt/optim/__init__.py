@@ -29,8 +29,10 @@ from curvopt.optim._lmo import lmo
 from curvopt.optim._lmo import rownorm
 from curvopt.optim._lmo import sign
 from curvopt.optim._lmo import spectral
+from curvopt.optim._mapping import DEFAULT_NOISE_MAPPING_OPTIONS
 from curvopt.optim._mapping import MAPPING_NAMES
 from curvopt.optim._mapping import NORMALISERS
+from curvopt.optim._mapping import default_noise_mapping
 from curvopt.optim._mapping import mean_ratio
 from curvopt.optim._mapping import min_ratio
 from curvopt.optim._mapping import ones
@@ -44,6 +46,7 @@ from curvopt.optim._noise_adaptive import noise_adaptive
 from curvopt.optim._noise_adaptive import noise_adaptive_stats
 
 __all__ = (
+  'DEFAULT_NOISE_MAPPING_OPTIONS',
   'DEFAULT_NS_COEFFS',
   'EMBED_HEAD',
   'GROUPS',
@@ -62,6 +65,7 @@ __all__ = (
   'clip_by_global_norm',
   'colnorm',
   'default_dimension_numbers',
+  'default_noise_mapping',
   'dmuon',
   'lanton',
   'lanton_stats',

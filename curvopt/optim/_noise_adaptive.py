@@ -64,7 +64,7 @@ def _masked_like(tree, values: dict) -> Any:
 def noise_adaptive(
   inner: optax.GradientTransformation,
   *,
-  mapping: Union[str, _mapping.Mapping],
+  mapping: Union[None, str, _mapping.Mapping] = None,
   b2: float = 0.95,
   groups: _groups.LabelSpec = None,
   dual_norm: Union[None, Mapping[str, DualNormSpec], Callable[[str], DualNormSpec]] = None,
@@ -89,9 +89,11 @@ def noise_adaptive(
   Args:
     inner: any optax transformation; it gets the gradients (and the extra
       arguments but `noise_grads`) unchanged.
-    mapping: 'min_ratio', 'mean_ratio', 'ones' (s = 1: exactly `inner`'s
-      updates), a mapping with options (`min_ratio(exponent=0.25)`, ...) or a
-      callable h_N -> s_N over one group's leaves.
+    mapping: None (`default_noise_mapping()`: the geometric-mean fourth
+      root, the recipe of docs/lm_experiments.md's best result), 'min_ratio',
+      'mean_ratio', 'ones' (s = 1: exactly `inner`'s updates), a mapping with
+      options (`min_ratio(exponent=0.25)`, ...) or a callable h_N -> s_N over
+      one group's leaves.
     b2: decay of H.
     groups: group labels: None (`param_groups`: 'hidden', 'embed_head',
       'vector'), a callable params -> label tree, or a label tree (full or
@@ -137,7 +139,7 @@ def noise_adaptive(
     noise_every = 1
   if not isinstance(noise_every, int) or isinstance(noise_every, bool) or noise_every < 1:
     raise ValueError(f'noise_every must be a Python int >= 1 (None: 1), got {noise_every!r}')
-  map_fn = _mapping.as_mapping(mapping)
+  map_fn = _mapping.default_noise_mapping() if mapping is None else _mapping.as_mapping(mapping)
   _newton_schulz.check_options(newton_schulz)
   inner = optax.with_extra_args_support(inner)
 

@@ -59,14 +59,17 @@ _MAPPING_OPTIONS = {
 }
 
 
-def _noise_mapping(cfg, name):
-  """The mapping `name` with the options of the noise_* fields (None: the mapping's defaults).
+def _noise_mapping(cfg, name, *, defaults=None):
+  """The mapping `name` with the options of the noise_* fields (None: `defaults`' value, else
+  the mapping's default).
 
-  With every option field unset it is the name itself, so the optimizer builds its default.
+  With every option field unset and no defaults it is the name itself, so the optimizer builds
+  its default.
   """
   if name not in optim.MAPPING_NAMES:
     raise ValueError(f'unknown noise mapping {name!r}; valid: {list(optim.MAPPING_NAMES)}')
   given = {f: cfg.get(f) for f in _MAPPING_OPTIONS if cfg.get(f) is not None}
+  given = {**(defaults or {}), **given}
   for field in given:
     if name not in _MAPPING_OPTIONS[field]:
       raise ValueError(
@@ -105,10 +108,18 @@ def _lanton(cfg, lr, adam_lr, *, mapping=None):
 
 
 def _dmuon_noise(cfg, lr, adam_lr):
-  """D-Muon exactly as 'dmuon' builds it, times the noise factors of `optim.noise_adaptive`."""
+  """D-Muon exactly as 'dmuon' builds it, times the noise factors of `optim.noise_adaptive`.
+
+  Unset noise_* fields take `optim.noise_adaptive`'s default mapping (mean_ratio, p = 1/4,
+  geometric mean); a field that is set replaces that one option only.
+  """
+  name, defaults = cfg.get('noise_mapping'), {}
+  if name is None:
+    name = 'mean_ratio'
+    defaults = {f'noise_{k}': v for k, v in optim.DEFAULT_NOISE_MAPPING_OPTIONS.items()}
   return optim.noise_adaptive(
     _dmuon(cfg, lr, adam_lr),
-    mapping=_noise_mapping(cfg, cfg.get('noise_mapping') or 'mean_ratio'),
+    mapping=_noise_mapping(cfg, name, defaults=defaults),
     relative=bool(cfg.get('noise_relative')),
   )
 

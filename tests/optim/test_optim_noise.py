@@ -230,6 +230,28 @@ def _dmuon():
   return optim.dmuon(LR, newton_schulz=optim.NewtonSchulz(dtype='float32'))
 
 
+def test_noise_adaptive_defaults_to_the_geometric_fourth_root():
+  h = jnp.asarray(_H, jnp.float32)
+  chex.assert_trees_all_equal(
+    optim.default_noise_mapping()(h),
+    optim.mean_ratio(exponent=0.25, normaliser='geometric')(h),
+  )
+  np.testing.assert_allclose(
+    optim.default_noise_mapping()(h), _np_mean(_H, 0.25, 'geometric', 0.1, 3.0), rtol=2e-5
+  )
+  params = _random(0)
+  explicit = optim.noise_adaptive(
+    optax.sgd(LR), mapping=optim.default_noise_mapping(), newton_schulz=_SVD
+  )
+  default = optim.noise_adaptive(optax.sgd(LR), newton_schulz=_SVD)
+  s_explicit, s_default = explicit.init(params), default.init(params)
+  for t in range(3):
+    grads = _random(20 + t, scale=1.0 + t)
+    u_explicit, s_explicit = explicit.update(grads, s_explicit, params)
+    u_default, s_default = default.update(grads, s_default, params)
+    chex.assert_trees_all_equal(u_default, u_explicit)
+
+
 def test_ones_gives_exactly_dmuons_updates():
   params = _random(1)
   plain, wrapped = _dmuon(), optim.noise_adaptive(_dmuon(), mapping=optim.ones())

@@ -341,12 +341,23 @@ def test_dmuon_noise_with_ones_is_dmuon(clip):
   assert 'noise/clip_low/hidden' in stats and 'noise/h/norm/scale' not in stats
 
 
+_G4 = dict(exponent=0.25, normaliser='geometric')  # dmuon_noise's default mapping's options
+
+
 @pytest.mark.parametrize(
   'name, fields, kind, expected',
   [
-    ('dmuon_noise', {}, 'mean_ratio', None),
-    ('dmuon_noise', dict(noise_mapping='min_ratio', noise_exponent=0.25), 'min_ratio', None),
-    ('dmuon_noise', dict(noise_normaliser='geometric', noise_s_max=2.0), 'mean_ratio', (0.1, 2.0)),
+    ('dmuon_noise', {}, 'mean_ratio', _G4),
+    ('dmuon_noise', dict(noise_exponent=0.5), 'mean_ratio', dict(_G4, exponent=0.5)),
+    ('dmuon_noise', dict(noise_s_max=2.0), 'mean_ratio', dict(_G4, s_max=2.0)),
+    # A named mapping starts from its own defaults (built by name: no options passed).
+    ('dmuon_noise', dict(noise_mapping='mean_ratio'), 'mean_ratio', None),
+    (
+      'dmuon_noise',
+      dict(noise_mapping='min_ratio', noise_exponent=0.25),
+      'min_ratio',
+      dict(exponent=0.25),
+    ),
     ('lanton', dict(lanton_mapping='ones'), 'ones', None),
     ('lanton_mean', dict(noise_relative=True, lanton_nesterov=True), 'mean_ratio', None),
   ],
@@ -379,12 +390,10 @@ def test_noise_fields_reach_the_optimizers(name, fields, kind, expected, monkeyp
     assert seen['lanton']['relative'] == bool(fields.get('noise_relative'))
     if not any(k.startswith('noise_') and k != 'noise_relative' for k in fields):
       assert seen['lanton']['mapping'] == (fields.get('lanton_mapping') or 'mean_ratio')
-  elif 'mapping' in seen:
-    got_name, kw = seen['mapping']
-    assert got_name == kind
-    if expected is not None:
-      assert (kw.get('s_min', 0.1), kw['s_max']) == expected
-      assert kw['normaliser'] == 'geometric'
+  elif expected is None:
+    assert 'mapping' not in seen
+  else:
+    assert seen['mapping'] == (kind, expected)
 
 
 @pytest.mark.parametrize(
