@@ -33,7 +33,7 @@ _EXPERIMENTS = _TRAIN + ['matplotlib']
 _TORCH = ['torch']
 _TRANSFORMERS = _TORCH + ['transformers']
 # The test suite and the lint check that CI runs after it (.ci/run).
-_TEST = _EXPERIMENTS + _HF + ['pytest', 'hypothesis', 'chex>=0.1.90', 'ruff']
+_TEST = _EXPERIMENTS + _HF + ['pytest', 'pytest-xdist', 'hypothesis', 'chex>=0.1.90', 'ruff']
 
 setuptools.setup(
   name='curvopt',

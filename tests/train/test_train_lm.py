@@ -77,6 +77,9 @@ def test_golden_first_train_steps():
   np.testing.assert_allclose([float(m1['loss']), float(m2['loss'])], GOLDEN_FIRST_LOSSES, rtol=1e-5)
 
 
+# Slow: the SIGKILL restart below resumes the LM trainer exactly, and the SFT and RL trainers'
+# halt-and-resume tests cover the shared loop's halt_after_steps.
+@pytest.mark.slow
 def test_halt_and_resume_equals_uninterrupted(lm_test_config, tmp_path):
   straight = str(tmp_path / 'straight')
   result = train.train_lm(lm_test_config(), straight)
@@ -251,4 +254,5 @@ def test_lanton_run_logs_per_layer_learning_rate_scales(lm_test_config, tmp_path
   hidden = [v for k, v in scales.items() if '/layers_' in k]
   assert max(hidden) == pytest.approx(1.0, abs=1e-3)  # min_ratio: the least noisy layer gets 1
   assert last['lanton/clip_low/hidden'] == last['lanton/clip_high/hidden'] == 0.0  # no clip
-  assert last['grad_clipped'] in (0.0, 1.0)  # the config's grad_clip_norm is set
+  # The config's grad_clip_norm is set: the share of the logged window's steps it clipped.
+  assert last['grad_clipped'] in (0.0, 0.5, 1.0)  # log_every 2
